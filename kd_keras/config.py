@@ -1,0 +1,292 @@
+"""Experiment configuration: one TOML file, validated on load.
+
+Every key has a type, a default and, where it matters, a range or a list of choices. An unknown
+section or key, a wrong type or an out-of-range value raises `KDError` naming the key (and the
+valid keys or choices). Relative paths resolve against the config file's folder; paths given in
+`--set` overrides resolve against the current directory.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import tomllib
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from kd_keras.errors import KDError, write_text
+
+_WEIGHT_KEYWORDS = ("none", "imagenet")
+
+
+def _spec(default: Any = None, *, kind: Any, choices=None, lo=None, hi=None, path=False, **kw):
+    meta = {"kind": kind, "choices": choices, "lo": lo, "hi": hi, "path": path}
+    if isinstance(default, list):
+        return field(default_factory=lambda: list(default), metadata=meta, **kw)
+    return field(default=default, metadata=meta, **kw)
+
+
+@dataclass
+class RunConfig:
+    name: str | None = _spec(None, kind=str)
+    output_dir: str | None = _spec(None, kind=str, path=True)
+    seed: int = _spec(42, kind=int, lo=0)
+
+
+@dataclass
+class DataConfig:
+    source: str = _spec("medmnist", kind=str, choices=("medmnist", "folder", "csv", "cifar10"))
+    dataset: str = _spec("pneumoniamnist", kind=str)
+    path: str | None = _spec(None, kind=str, path=True)
+    medmnist_size: int = _spec(28, kind=int, choices=(28, 64, 128, 224))
+    classes: list[str] | None = _spec(None, kind=list)
+    image_size: int = _spec(64, kind=int, lo=8, hi=1024)
+    batch_size: int = _spec(32, kind=int, lo=1, hi=4096)
+    val_fraction: float = _spec(0.1, kind=float, lo=0.01, hi=0.5)
+    limit_train: int = _spec(0, kind=int, lo=0)
+    cache: bool = _spec(True, kind=bool)
+
+
+@dataclass
+class AugmentConfig:
+    random_resized_crop: bool = _spec(True, kind=bool)
+    crop_scale_min: float = _spec(0.6, kind=float, lo=0.05, hi=1.0)
+    horizontal_flip: bool = _spec(True, kind=bool)
+    color_jitter: float = _spec(0.2, kind=float, lo=0.0, hi=1.0)
+
+
+@dataclass
+class TeacherConfig:
+    arch: str = _spec("resnet50", kind=str, choices=("resnet50", "efficientnet_b3"))
+    weights: str = _spec("none", kind=str, path=True)
+    path: str | None = _spec(None, kind=str, path=True)
+    epochs: int | None = _spec(None, kind=int, lo=0)
+    learning_rate: float | None = _spec(None, kind=float, lo=0.0)
+
+
+@dataclass
+class StudentConfig:
+    arch: str = _spec("resnet18", kind=str, choices=("resnet18", "vit_small", "deit_small"))
+    weights: str = _spec("none", kind=str, path=True)
+    patch_size: int = _spec(16, kind=int, lo=1)
+    epochs: int | None = _spec(None, kind=int, lo=0)
+    learning_rate: float | None = _spec(None, kind=float, lo=0.0)
+
+
+@dataclass
+class DistillConfig:
+    alpha: float = _spec(0.5, kind=float, lo=0.0, hi=1.0)
+    temperature: float = _spec(4.0, kind=float, lo=1e-3, hi=100.0)
+    beta: float = _spec(1.0, kind=float, lo=0.0)
+    mode: str = _spec("soft", kind=str, choices=("soft", "hard"))
+    feature_norm: str = _spec("l2", kind=str, choices=("none", "l2"))
+
+
+@dataclass
+class TrainConfig:
+    stages: list[str] = _spec(["teacher", "distill", "scratch"], kind=list)
+    epochs: int = _spec(10, kind=int, lo=1)
+    optimizer: str = _spec("sgd", kind=str, choices=("sgd", "adam", "adamw"))
+    learning_rate: float = _spec(0.01, kind=float, lo=0.0, hi=10.0)
+    momentum: float = _spec(0.9, kind=float, lo=0.0, hi=1.0)
+    weight_decay: float = _spec(1e-4, kind=float, lo=0.0, hi=1.0)
+    schedule: str = _spec("cosine", kind=str, choices=("cosine", "constant"))
+    warmup_epochs: int = _spec(0, kind=int, lo=0)
+    monitor: str = _spec(
+        "val_balanced_accuracy",
+        kind=str,
+        choices=("val_balanced_accuracy", "val_accuracy", "val_auc", "val_macro_f1"),
+    )
+    class_weight: str = _spec("none", kind=str, choices=("none", "balanced"))
+    verbose: int = _spec(1, kind=int, lo=0, hi=2)
+
+
+@dataclass
+class EvalConfig:
+    split: str = _spec("test", kind=str, choices=("test", "val"))
+    threshold: str = _spec("argmax", kind=str, choices=("argmax", "val_balanced_accuracy"))
+
+
+@dataclass
+class ExportConfig:
+    dir: str | None = _spec(None, kind=str, path=True)
+    opset: int = _spec(17, kind=int, lo=13, hi=21)
+    tolerance: float = _spec(1e-4, kind=float, lo=0.0)
+    calibration_samples: int = _spec(256, kind=int, lo=1)
+
+
+@dataclass
+class Config:
+    run: RunConfig = field(default_factory=RunConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    augment: AugmentConfig = field(default_factory=AugmentConfig)
+    teacher: TeacherConfig = field(default_factory=TeacherConfig)
+    student: StudentConfig = field(default_factory=StudentConfig)
+    distill: DistillConfig = field(default_factory=DistillConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
+    export: ExportConfig = field(default_factory=ExportConfig)
+
+    @property
+    def run_dir(self) -> Path:
+        return Path(self.run.output_dir or "runs") / (self.run.name or "run")
+
+    def to_dict(self) -> dict[str, dict[str, Any]]:
+        return dataclasses.asdict(self)
+
+    def save(self, path: str | Path) -> Path:
+        return write_text(path, to_toml(self.to_dict()))
+
+
+STAGES = ("teacher", "distill", "scratch")
+SECTIONS: dict[str, type] = {f.name: f.default_factory for f in dataclasses.fields(Config)}
+
+# Smallest input each architecture accepts (its deepest feature map must stay at least 1x1).
+MIN_IMAGE_SIZE = {"resnet50": 32, "efficientnet_b3": 32, "resnet18": 32}
+
+
+def _check_value(section: str, f: dataclasses.Field, value: Any) -> Any:
+    key = f"{section}.{f.name}"
+    meta = f.metadata
+    kind = meta["kind"]
+    if kind is float and isinstance(value, int) and not isinstance(value, bool):
+        value = float(value)
+    if kind is list:
+        if not isinstance(value, list) or not all(isinstance(v, str) for v in value):
+            raise KDError(f"config key {key} must be a list of strings, got {value!r}")
+    elif not isinstance(value, kind) or (kind is int and isinstance(value, bool)):
+        raise KDError(f"config key {key} must be of type {kind.__name__}, got {value!r}")
+    if kind is float and not math.isfinite(value):
+        raise KDError(f"config key {key} must be a finite number, got {value!r}")
+    if meta["choices"] is not None and value not in meta["choices"]:
+        valid = ", ".join(repr(c) for c in meta["choices"])
+        raise KDError(f"config key {key} = {value!r} is not one of {valid}")
+    if meta["lo"] is not None and value < meta["lo"]:
+        raise KDError(f"config key {key} = {value!r} is below its minimum {meta['lo']}")
+    if meta["hi"] is not None and value > meta["hi"]:
+        raise KDError(f"config key {key} = {value!r} is above its maximum {meta['hi']}")
+    return value
+
+
+def _resolve_path(f: dataclasses.Field, value: Any, base: Path) -> Any:
+    if not f.metadata["path"] or value is None or value in _WEIGHT_KEYWORDS:
+        return value
+    p = Path(value).expanduser()
+    return str(p if p.is_absolute() else (base / p).resolve())
+
+
+def parse_override(text: str) -> tuple[str, str, Any]:
+    """Parse `section.key=value`; the value is read as TOML, else taken as a plain string."""
+    if "=" not in text or "." not in text.split("=", 1)[0]:
+        raise KDError(f"override {text!r} must look like section.key=value")
+    dotted, raw = text.split("=", 1)
+    section, key = dotted.strip().split(".", 1)
+    try:
+        value = tomllib.loads(f"v = {raw}")["v"]
+    except tomllib.TOMLDecodeError:
+        value = raw.strip()
+    return section, key, value
+
+
+def _check_known(section: str, key: str | None = None) -> None:
+    if section not in SECTIONS:
+        raise KDError(f"unknown config section [{section}]; valid sections: {', '.join(SECTIONS)}")
+    if key is not None:
+        valid = [f.name for f in dataclasses.fields(SECTIONS[section])]
+        if key not in valid:
+            raise KDError(
+                f"unknown config key {section}.{key}; valid keys in [{section}]: {', '.join(valid)}"
+            )
+
+
+def build_config(
+    raw: dict[str, Any],
+    base_dir: Path,
+    overrides: list[str] | None = None,
+    default_name: str | None = None,
+) -> Config:
+    """Validate a raw TOML dict (plus `section.key=value` overrides) into a `Config`."""
+    values: dict[str, dict[str, tuple[Any, Path]]] = {}
+    for section, body in raw.items():
+        _check_known(section)
+        if not isinstance(body, dict):
+            raise KDError(f"config section [{section}] must be a table, got {body!r}")
+        for key, value in body.items():
+            _check_known(section, key)
+            values.setdefault(section, {})[key] = (value, base_dir)
+    for text in overrides or []:
+        section, key, value = parse_override(text)
+        _check_known(section, key)
+        values.setdefault(section, {})[key] = (value, Path.cwd())
+
+    sections = {}
+    for name, cls in SECTIONS.items():
+        kwargs = {}
+        for f in dataclasses.fields(cls):
+            if f.name in values.get(name, {}):
+                value, base = values[name][f.name]
+                kwargs[f.name] = _resolve_path(f, _check_value(name, f, value), base)
+        sections[name] = cls(**kwargs)
+    cfg = Config(**sections)
+    if cfg.run.name is None:
+        cfg.run.name = default_name or "run"
+    _check_consistency(cfg)
+    return cfg
+
+
+def _check_consistency(cfg: Config) -> None:
+    for stage in cfg.train.stages:
+        if stage not in STAGES:
+            raise KDError(f"config key train.stages has unknown stage {stage!r}; valid: {STAGES}")
+    size = cfg.data.image_size
+    for section, arch in (("teacher", cfg.teacher.arch), ("student", cfg.student.arch)):
+        need = MIN_IMAGE_SIZE.get(arch)
+        if need and size < need:
+            raise KDError(
+                f"config key data.image_size = {size} is too small for {section} {arch} "
+                f"(needs at least {need})"
+            )
+    if cfg.student.arch in ("vit_small", "deit_small"):
+        p = cfg.student.patch_size
+        if size % p or size // p < 2:
+            raise KDError(
+                f"config key student.patch_size = {p} must divide data.image_size = {size} "
+                "into a grid of at least 2x2 patches"
+            )
+    if cfg.data.source in ("folder", "csv") and not cfg.data.path:
+        raise KDError(f"config key data.path is required when data.source = {cfg.data.source!r}")
+
+
+def load_config(path: str | Path, overrides: list[str] | None = None) -> Config:
+    """Read, validate and resolve a TOML config file."""
+    path = Path(path)
+    if not path.is_file():
+        raise KDError(f"config file not found: {path}")
+    try:
+        raw = tomllib.loads(path.read_text(encoding="utf-8"))
+    except (tomllib.TOMLDecodeError, UnicodeDecodeError) as err:
+        raise KDError(f"config file {path} is not valid TOML: {err}") from err
+    return build_config(raw, path.resolve().parent, overrides, default_name=path.stem)
+
+
+def _toml_value(value: Any) -> str:
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, (int, float)):
+        return repr(value)
+    if isinstance(value, str):
+        return '"' + value.replace("\\", "\\\\").replace('"', '\\"') + '"'
+    if isinstance(value, list):
+        return "[" + ", ".join(_toml_value(v) for v in value) + "]"
+    raise TypeError(f"cannot write {value!r} as TOML")
+
+
+def to_toml(data: dict[str, dict[str, Any]]) -> str:
+    """Write a two-level dict as TOML; `None` values are left out (TOML has no null)."""
+    lines = []
+    for section, body in data.items():
+        lines.append(f"[{section}]")
+        lines += [f"{k} = {_toml_value(v)}" for k, v in body.items() if v is not None]
+        lines.append("")
+    return "\n".join(lines)

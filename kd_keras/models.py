@@ -1,0 +1,330 @@
+"""Model registry: teachers and students as Keras functional models.
+
+Every model built here:
+- takes raw RGB pixels in [0, 255], float32, NHWC at the configured image size (scaling and
+  normalisation are layers inside the model, so saved and exported files need no preprocessing);
+- outputs class logits (layer `logits`);
+- has one named feature tap (`feature_tensor`) for feature matching, shaped (batch, h, w,
+  channels). Token students expose their patch tokens re-shaped to their grid, so one adapter
+  (1x1 conv + resize) serves every teacher/student pair. Taps are found by layer name, so they
+  survive `.keras` save/load.
+- DeiT students also carry `kd_cls_logits` (class token head, trained on labels) and
+  `kd_dist_logits` (distillation token head, trained on the teacher); `logits` is their mean.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from pathlib import Path
+
+import keras
+import numpy as np
+
+from kd_keras.errors import KDError
+
+CLS_LOGITS_LAYER = "kd_cls_logits"
+DIST_LOGITS_LAYER = "kd_dist_logits"
+
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+CAFFE_MEAN_BGR = (103.939, 116.779, 123.68)
+
+
+@keras.saving.register_keras_serializable(package="kd_keras")
+class ImagePreprocessing(keras.layers.Layer):
+    """Turns raw RGB pixels in [0, 255] into what a backbone expects.
+
+    Args:
+        mode: `"imagenet"` scales to [0, 1] and normalises with ImageNet mean/std (torch/timm and
+            keras-hub presets); `"caffe"` flips RGB to BGR and subtracts the ImageNet pixel mean
+            (keras.applications ResNet50 weights); `"none"` passes pixels through (models such as
+            keras.applications EfficientNet normalise internally).
+
+    Example:
+        >>> ImagePreprocessing("imagenet")(np.full((1, 4, 4, 3), 255.0)).shape
+        TensorShape([1, 4, 4, 3])
+    """
+
+    MODES = ("imagenet", "caffe", "none")
+
+    def __init__(self, mode: str = "imagenet", **kwargs):
+        super().__init__(**kwargs)
+        if mode not in self.MODES:
+            raise ValueError(f"mode must be one of {self.MODES}, got {mode!r}")
+        self.mode = mode
+
+    def call(self, x):
+        x = keras.ops.cast(x, "float32")
+        if self.mode == "imagenet":
+            mean = np.asarray(IMAGENET_MEAN, "float32")
+            std = np.asarray(IMAGENET_STD, "float32")
+            return (x / 255.0 - mean) / std
+        if self.mode == "caffe":
+            return keras.ops.flip(x, axis=-1) - np.asarray(CAFFE_MEAN_BGR, "float32")
+        return x
+
+    def get_config(self):
+        return {**super().get_config(), "mode": self.mode}
+
+
+@keras.saving.register_keras_serializable(package="kd_keras")
+class TokenSelect(keras.layers.Layer):
+    """Picks one token from a (batch, tokens, dim) sequence: (batch, dim)."""
+
+    def __init__(self, index: int = 0, **kwargs):
+        super().__init__(**kwargs)
+        self.index = index
+
+    def call(self, x):
+        return x[:, self.index]
+
+    def get_config(self):
+        return {**super().get_config(), "index": self.index}
+
+
+@keras.saving.register_keras_serializable(package="kd_keras")
+class TokenGrid(keras.layers.Layer):
+    """Drops the first `skip` (class/distillation) tokens and reshapes the patch tokens to their
+    spatial grid: (batch, skip + g*g, dim) -> (batch, g, g, dim)."""
+
+    def __init__(self, skip: int = 1, grid: int = 1, **kwargs):
+        super().__init__(**kwargs)
+        self.skip = skip
+        self.grid = grid
+
+    def call(self, x):
+        x = x[:, self.skip :]
+        return keras.ops.reshape(x, (-1, self.grid, self.grid, x.shape[-1]))
+
+    def get_config(self):
+        return {**super().get_config(), "skip": self.skip, "grid": self.grid}
+
+
+Builder = Callable[..., keras.Model]
+TEACHERS: dict[str, Builder] = {}
+STUDENTS: dict[str, Builder] = {}
+
+
+def _register(registry: dict[str, Builder], name: str):
+    def wrap(fn: Builder) -> Builder:
+        registry[name] = fn
+        return fn
+
+    return wrap
+
+
+def _lookup(registry: dict[str, Builder], kind: str, name: str) -> Builder:
+    if name not in registry:
+        raise KDError(f"unknown {kind} architecture {name!r}; valid: {', '.join(registry)}")
+    return registry[name]
+
+
+def _weights_failed(arch: str, weights: str, err: Exception, key: str) -> KDError:
+    reason = str(err).strip().splitlines()[0][:200] if str(err).strip() else type(err).__name__
+    if weights == "imagenet":
+        return KDError(
+            f"could not load ImageNet weights for {arch} ({reason}). Without internet, download "
+            f"them on a connected machine and set {key} to the local file or preset folder, "
+            f"or use {key} = \"none\" to train from scratch"
+        )
+    return KDError(f"could not load {key} = {weights!r} for {arch}: {reason}")
+
+
+def _check_weights_path(weights: str, key: str) -> None:
+    if weights not in ("none", "imagenet") and not Path(weights).exists():
+        raise KDError(f"{key} file not found: {weights}")
+
+
+def _classifier(inputs, pooled, num_classes: int, name: str, dropout: float = 0.2):
+    x = keras.layers.Dropout(dropout, name="head_dropout")(pooled) if dropout else pooled
+    logits = keras.layers.Dense(num_classes, name="logits")(x)
+    return keras.Model(inputs, logits, name=name)
+
+
+def _keras_application(app, arch, prep_mode, num_classes, image_size, weights):
+    _check_weights_path(weights, "teacher.weights")
+    inputs = keras.Input((image_size, image_size, 3), name="images")
+    x = ImagePreprocessing(prep_mode, name="preprocessing")(inputs)
+    try:
+        base = app(
+            include_top=False,
+            weights=None if weights == "none" else weights,
+            input_tensor=x,
+        )
+    except Exception as err:  # download or file errors surface as many types
+        raise _weights_failed(arch, weights, err, "teacher.weights") from err
+    pooled = keras.layers.GlobalAveragePooling2D(name="avg_pool")(base.output)
+    return _classifier(inputs, pooled, num_classes, name=arch)
+
+
+@_register(TEACHERS, "resnet50")
+def resnet50(num_classes: int, image_size: int, weights: str = "none", **_) -> keras.Model:
+    """ResNet50 (keras.applications, 23.6 M parameters with a 2-class head).
+
+    Feature tap: `conv4_block6_out`, stride 16, 1024 channels. Preprocessing: caffe-style, as the
+    keras.applications ImageNet weights expect.
+    """
+    return _keras_application(
+        keras.applications.ResNet50, "resnet50", "caffe",
+        num_classes, image_size, weights,
+    )  # fmt: skip
+
+
+@_register(TEACHERS, "efficientnet_b3")
+def efficientnet_b3(num_classes: int, image_size: int, weights: str = "none", **_) -> keras.Model:
+    """EfficientNetB3 (keras.applications, 10.8 M parameters with a 2-class head).
+
+    Feature tap: `block5e_add`, stride 16, 136 channels. The application rescales and normalises
+    [0, 255] pixels itself.
+    """
+    return _keras_application(
+        keras.applications.EfficientNetB3, "efficientnet_b3", "none",
+        num_classes, image_size, weights,
+    )  # fmt: skip
+
+
+def _hub_backbone(cls, preset: str, weights: str, arch: str, **config):
+    import keras_hub  # noqa: F401  (registers keras-hub layers for loading)
+
+    _check_weights_path(weights, "student.weights")
+    if weights == "none":
+        return cls(**config)
+    try:
+        return cls.from_preset(preset if weights == "imagenet" else weights)
+    except Exception as err:
+        raise _weights_failed(arch, weights, err, "student.weights") from err
+
+
+@_register(STUDENTS, "resnet18")
+def resnet18(num_classes: int, image_size: int, weights: str = "none", **_) -> keras.Model:
+    """ResNet18 (keras-hub `ResNetBackbone`, basic blocks [2, 2, 2, 2], 11.2 M parameters).
+
+    Feature tap: pyramid output P4, stride 16, 256 channels. ImageNet preset:
+    `resnet_18_imagenet`.
+    """
+    import keras_hub
+
+    backbone = _hub_backbone(
+        keras_hub.models.ResNetBackbone, "resnet_18_imagenet", weights, "resnet18",
+        input_conv_filters=[64], input_conv_kernel_sizes=[7],
+        stackwise_num_filters=[64, 128, 256, 512], stackwise_num_blocks=[2, 2, 2, 2],
+        stackwise_num_strides=[1, 2, 2, 2], block_type="basic_block",
+        image_shape=(None, None, 3),
+    )  # fmt: skip
+    taps = keras.Model(
+        backbone.inputs, [backbone.pyramid_outputs["P4"], backbone.output], name="resnet18_backbone"
+    )
+    inputs = keras.Input((image_size, image_size, 3), name="images")
+    x = ImagePreprocessing("imagenet", name="preprocessing")(inputs)
+    _, top = taps(x)
+    pooled = keras.layers.GlobalAveragePooling2D(name="avg_pool")(top)
+    return _classifier(inputs, pooled, num_classes, name="resnet18", dropout=0.0)
+
+
+VIT_SMALL = dict(num_layers=12, num_heads=6, hidden_dim=384, mlp_dim=1536)
+
+
+@_register(STUDENTS, "vit_small")
+def vit_small(
+    num_classes: int, image_size: int, weights: str = "none", patch_size: int = 16, **_
+) -> keras.Model:
+    """ViT-small (keras-hub `ViTBackbone`: width 384, depth 12, 6 heads, MLP 1536; 21.7 M).
+
+    `patch_size` is configurable so small images still make enough tokens (64 px / patch 8 =
+    64 tokens). Head on the class token. Feature tap: the patch tokens re-shaped to their
+    (image_size / patch_size) square grid, 384 channels.
+    """
+    import keras_hub
+
+    if weights == "imagenet":
+        raise KDError(
+            "keras-hub has no ImageNet preset for vit_small; use student.arch = \"deit_small\" "
+            "with student.weights = \"imagenet\", or a local preset folder"
+        )
+    backbone = _hub_backbone(
+        keras_hub.models.ViTBackbone, "", weights, "vit_small",
+        image_shape=(image_size, image_size, 3), patch_size=patch_size, **VIT_SMALL,
+        name="vit_backbone",
+    )  # fmt: skip
+    inputs = keras.Input((image_size, image_size, 3), name="images")
+    tokens = backbone(ImagePreprocessing("imagenet", name="preprocessing")(inputs))
+    pooled = TokenSelect(0, name="class_token")(tokens)
+    return _classifier(inputs, pooled, num_classes, name="vit_small", dropout=0.0)
+
+
+def load_model(path: str | Path, what: str = "model") -> keras.Model:
+    """Load a `.keras` file with a clear error when it is missing or unreadable."""
+    import keras_hub  # noqa: F401  (registers keras-hub layers)
+
+    path = Path(path)
+    if not path.is_file():
+        raise KDError(f"{what} file not found: {path}")
+    try:
+        return keras.saving.load_model(path, compile=False)
+    except Exception as err:
+        raise KDError(f"{what} file {path} could not be loaded: {err}") from err
+
+
+def build_teacher(arch: str, num_classes: int, image_size: int, weights: str = "none"):
+    return _lookup(TEACHERS, "teacher", arch)(num_classes, image_size, weights=weights)
+
+
+def build_student(
+    arch: str, num_classes: int, image_size: int, weights: str = "none", patch_size: int = 16
+):
+    return _lookup(STUDENTS, "student", arch)(
+        num_classes, image_size, weights=weights, patch_size=patch_size
+    )
+
+
+# Feature taps, tried in order: (layer name, output index of a nested model, leading tokens to
+# drop before re-shaping a token sequence to its grid; None = already a feature map).
+FEATURE_TAPS = (
+    ("conv4_block6_out", None, None),  # resnet50, stride 16
+    ("block5e_add", None, None),  # efficientnet_b3, stride 16
+    ("resnet18_backbone", 0, None),  # resnet18 P4, stride 16
+    ("vit_backbone", None, 1),  # vit_small: class token + patches
+    ("deit_backbone", None, 2),  # deit_small: class + distillation tokens + patches
+)
+
+
+def _graph_output(layer: keras.layers.Layer):
+    """The layer's output inside the enclosing model's graph (not a nested model's own)."""
+    nodes = layer._inbound_nodes
+    outputs = nodes[-1].output_tensors if nodes else layer.output
+    return outputs[0] if isinstance(outputs, (list, tuple)) and len(outputs) == 1 else outputs
+
+
+def feature_tensor(model: keras.Model):
+    """Symbolic feature map (batch, h, w, c) of `model` used for feature matching."""
+    names = {layer.name for layer in model.layers}
+    for name, index, skip in FEATURE_TAPS:
+        if name not in names:
+            continue
+        out = _graph_output(model.get_layer(name))
+        if index is not None:
+            out = out[index]
+        if skip is not None:
+            grid = int(round((out.shape[1] - skip) ** 0.5))
+            out = TokenGrid(skip=skip, grid=grid, name=f"{name}_grid")(out)
+        return out
+    raise KDError(
+        f"model {model.name!r} has no known feature tap (looked for "
+        f"{', '.join(t[0] for t in FEATURE_TAPS)}); set distill.beta = 0 to distil logits only"
+    )
+
+
+def feature_extractor(model: keras.Model) -> keras.Model:
+    """A model sharing `model`'s weights that returns [feature map, logits]."""
+    return keras.Model(model.input, [feature_tensor(model), model.output], name=f"{model.name}_fx")
+
+
+def has_layer(model: keras.Model, name: str) -> bool:
+    return any(layer.name == name for layer in model.layers)
+
+
+def image_size_of(model: keras.Model) -> int:
+    shape = model.inputs[0].shape
+    if shape[1] is None:
+        raise KDError(f"model {model.name!r} has no fixed input size")
+    return int(shape[1])

@@ -1,0 +1,393 @@
+"""Data sources and tf.data pipelines.
+
+Four sources, one result (`Splits`: train/val/test with class names):
+- `medmnist`: a MedMNIST `.npz` file (`data.path`; or `$KD_KERAS_DATA_DIR/<name>.npz`; or
+  downloaded with its published MD5 into the Keras cache on a machine with internet);
+- `folder`: `<path>/{train,val,test}/<class>/<image>` (the Kermany chest_xray layout);
+- `csv`: `<path>/<split>.csv` with `filename,label` rows, images in `<path>/<split>/`;
+- `cifar10`: `keras.datasets.cifar10` online, or a local copy of the python batches
+  (`data_batch_1..5`, `test_batch`), restricted to `data.classes`.
+
+Pipelines yield (float32 RGB pixels in [0, 255] at the model's input size, int32 label).
+Grey images are replicated to three channels. When a source has no validation split, a
+stratified one is carved from train with `data.val_fraction`.
+"""
+
+from __future__ import annotations
+
+import csv
+import os
+import pickle
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import tensorflow as tf
+
+from kd_keras.config import AugmentConfig, DataConfig
+from kd_keras.errors import KDError
+
+IMAGE_EXTENSIONS = (".jpeg", ".jpg", ".png", ".bmp", ".gif")
+SPLITS = ("train", "val", "test")
+
+# MedMNIST: class names and published checksums (medmnist.INFO) per image size.
+MEDMNIST = {
+    "pneumoniamnist": {
+        "classes": ["normal", "pneumonia"],
+        "md5": {
+            28: "28209eda62fecd6e6a2d98b1501bb15f",
+            64: "8f4eceb4ccffa70c672198ea285246c6",
+            128: "05b46931834c231683c68f40c47b2971",
+            224: "d6a3c71de1b945ea11211b03746c1fe1",
+        },
+    },
+}
+MEDMNIST_URL = "https://zenodo.org/records/10519652/files/{file}?download=1"
+CIFAR10_CLASSES = [
+    "airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship", "truck",
+]  # fmt: skip
+
+
+@dataclass
+class Split:
+    """Images (a uint8 array N x H x W [x C], or a list of image file paths) and int labels."""
+
+    images: np.ndarray | list[str]
+    labels: np.ndarray
+
+    def __len__(self) -> int:
+        return len(self.labels)
+
+    def subset(self, index: np.ndarray) -> Split:
+        images = (
+            self.images[index] if isinstance(self.images, np.ndarray)
+            else [self.images[i] for i in index]
+        )  # fmt: skip
+        return Split(images, self.labels[index])
+
+
+@dataclass
+class Splits:
+    class_names: list[str]
+    train: Split
+    val: Split
+    test: Split
+
+    @property
+    def num_classes(self) -> int:
+        return len(self.class_names)
+
+    def summary(self) -> dict[str, dict[str, int]]:
+        return {
+            name: {
+                c: int((split.labels == i).sum()) for i, c in enumerate(self.class_names)
+            }
+            for name, split in (("train", self.train), ("val", self.val), ("test", self.test))
+        }
+
+
+# ---------------------------------------------------------------- sources
+
+
+def medmnist_file_name(dataset: str, size: int) -> str:
+    return f"{dataset}.npz" if size == 28 else f"{dataset}_{size}.npz"
+
+
+def resolve_medmnist_path(dataset: str, size: int, path: str | None) -> Path:
+    """Local path, else `$KD_KERAS_DATA_DIR/<file>`, else a checksummed download."""
+    if path:
+        p = Path(path)
+        if not p.is_file():
+            raise KDError(f"data file not found: {p}")
+        return p
+    name = medmnist_file_name(dataset, size)
+    data_dir = os.environ.get("KD_KERAS_DATA_DIR")
+    if data_dir and (Path(data_dir) / name).is_file():
+        return Path(data_dir) / name
+    info = MEDMNIST.get(dataset)
+    if info is None:
+        raise KDError(
+            f"unknown MedMNIST dataset {dataset!r} for download (known: {', '.join(MEDMNIST)}); "
+            "set data.path to a local .npz file"
+        )
+    import keras
+
+    try:
+        return Path(
+            keras.utils.get_file(
+                name,
+                origin=MEDMNIST_URL.format(file=name),
+                file_hash=info["md5"][size],
+                hash_algorithm="md5",
+                cache_subdir="medmnist",
+            )
+        )
+    except Exception as err:
+        raise KDError(
+            f"could not download {name} ({str(err).splitlines()[0][:160]}); put the file in a "
+            "folder named by KD_KERAS_DATA_DIR or set data.path"
+        ) from err
+
+
+def load_npz(path: Path, class_names: list[str] | None) -> tuple[list[str], dict[str, Split]]:
+    try:
+        with np.load(path) as npz:
+            arrays = {k: npz[k] for k in npz.files}
+    except Exception as err:
+        raise KDError(f"data file {path} is not a readable .npz file: {err}") from err
+    splits = {}
+    for split in SPLITS:
+        if f"{split}_images" not in arrays:
+            if split == "val":
+                continue
+            raise KDError(f"data file {path} has no '{split}_images' array (MedMNIST layout)")
+        labels = arrays[f"{split}_labels"].reshape(-1).astype("int64")
+        splits[split] = Split(arrays[f"{split}_images"], labels)
+    n = int(max(s.labels.max() for s in splits.values())) + 1
+    return class_names or [f"class_{i}" for i in range(n)], splits
+
+
+def _list_images(folder: Path) -> list[str]:
+    return sorted(
+        str(p) for p in folder.rglob("*") if p.is_file() and p.suffix.lower() in IMAGE_EXTENSIONS
+    )
+
+
+def load_folder(root: Path, class_names: list[str] | None) -> tuple[list[str], dict[str, Split]]:
+    if not (root / "train").is_dir():
+        raise KDError(f"data folder {root} has no train/ sub-folder (expected train/<class>/...)")
+    if class_names is None:
+        class_names = sorted(p.name for p in (root / "train").iterdir() if p.is_dir())
+    if len(class_names) < 2:
+        raise KDError(f"data folder {root / 'train'} needs at least two class sub-folders")
+    splits = {}
+    for split in SPLITS:
+        if not (root / split).is_dir():
+            continue
+        paths, labels = [], []
+        for i, name in enumerate(class_names):
+            files = _list_images(root / split / name)
+            paths += files
+            labels += [i] * len(files)
+        if not paths:
+            raise KDError(f"data folder {root / split} holds no images in {class_names}")
+        splits[split] = Split(paths, np.asarray(labels, "int64"))
+    return class_names, splits
+
+
+def load_csv(root: Path, class_names: list[str] | None) -> tuple[list[str], dict[str, Split]]:
+    rows: dict[str, list[tuple[str, str]]] = {}
+    for split in SPLITS:
+        table = root / f"{split}.csv"
+        if not table.is_file():
+            continue
+        with table.open(newline="", encoding="utf-8") as fh:
+            reader = csv.DictReader(fh)
+            if not reader.fieldnames or not {"filename", "label"} <= set(reader.fieldnames):
+                raise KDError(f"{table} must have a header with columns filename,label")
+            rows[split] = [(r["filename"], r["label"].strip()) for r in reader]
+    if "train" not in rows or "test" not in rows:
+        raise KDError(f"data folder {root} needs train.csv and test.csv (filename,label rows)")
+    raw = sorted({label for split in rows.values() for _, label in split})
+    if class_names is None:
+        numeric = all(label.lstrip("-").isdigit() for label in raw)
+        class_names = [str(v) for v in sorted(int(x) for x in raw)] if numeric else raw
+    index = {name: i for i, name in enumerate(class_names)}
+    splits = {}
+    for split, items in rows.items():
+        paths, labels = [], []
+        for filename, label in items:
+            if label not in index:
+                raise KDError(f"{root / (split + '.csv')}: label {label!r} not in {class_names}")
+            path = root / split / filename
+            if not path.is_file():
+                raise KDError(f"image listed in {split}.csv not found: {path}")
+            paths.append(str(path))
+            labels.append(index[label])
+        splits[split] = Split(paths, np.asarray(labels, "int64"))
+    return class_names, splits
+
+
+def _read_cifar_batch(path: Path) -> tuple[np.ndarray, np.ndarray]:
+    try:
+        with path.open("rb") as fh:
+            batch = pickle.load(fh, encoding="bytes")
+        images = np.asarray(batch[b"data"], "uint8").reshape(-1, 3, 32, 32).transpose(0, 2, 3, 1)
+        return images, np.asarray(batch[b"labels"], "int64")
+    except Exception as err:
+        raise KDError(f"CIFAR-10 batch {path} is not readable: {err}") from err
+
+
+def load_cifar10(path: str | None, classes: list[str] | None):
+    classes = classes or CIFAR10_CLASSES
+    unknown = [c for c in classes if c not in CIFAR10_CLASSES]
+    if unknown:
+        raise KDError(f"data.classes has unknown CIFAR-10 classes {unknown}; valid: {CIFAR10_CLASSES}")
+    if path:
+        root = Path(path)
+        files = [root / f"data_batch_{i}" for i in range(1, 6)]
+        missing = [str(f) for f in files + [root / "test_batch"] if not f.is_file()]
+        if missing:
+            raise KDError(f"CIFAR-10 python batches not found: {', '.join(missing)}")
+        parts = [_read_cifar_batch(f) for f in files]
+        x_train = np.concatenate([p[0] for p in parts])
+        y_train = np.concatenate([p[1] for p in parts])
+        x_test, y_test = _read_cifar_batch(root / "test_batch")
+    else:
+        import keras
+
+        try:
+            (x_train, y_train), (x_test, y_test) = keras.datasets.cifar10.load_data()
+        except Exception as err:
+            raise KDError(
+                "could not download CIFAR-10 (no internet?); download cifar-10-python.tar.gz on a "
+                "connected machine, unpack it and set data.path to the folder holding "
+                "data_batch_1..5 and test_batch"
+            ) from err
+    keep = [CIFAR10_CLASSES.index(c) for c in classes]
+    remap = {old: new for new, old in enumerate(keep)}
+    splits = {}
+    for split, x, y in (("train", x_train, y_train), ("test", x_test, y_test)):
+        y = y.reshape(-1)
+        mask = np.isin(y, keep)
+        splits[split] = Split(x[mask], np.asarray([remap[v] for v in y[mask]], "int64"))
+    return list(classes), splits
+
+
+def stratified_subset(labels: np.ndarray, n: int, seed: int) -> np.ndarray:
+    """Indices of a class-stratified random subset of size `n` (sorted)."""
+    from sklearn.model_selection import train_test_split
+
+    if n >= len(labels):
+        return np.arange(len(labels))
+    index, _ = train_test_split(
+        np.arange(len(labels)), train_size=n, stratify=labels, random_state=seed
+    )
+    return np.sort(index)
+
+
+def load_splits(cfg: DataConfig, seed: int = 0) -> Splits:
+    """Load the configured source into train/val/test splits."""
+    if cfg.source == "medmnist":
+        path = resolve_medmnist_path(cfg.dataset, cfg.medmnist_size, cfg.path)
+        known = MEDMNIST.get(cfg.dataset, {}).get("classes")
+        names, splits = load_npz(path, cfg.classes or known)
+    elif cfg.source == "folder":
+        root = Path(cfg.path)
+        if not root.is_dir():
+            raise KDError(f"data folder not found: {root}")
+        names, splits = load_folder(root, cfg.classes)
+    elif cfg.source == "csv":
+        root = Path(cfg.path)
+        if not root.is_dir():
+            raise KDError(f"data folder not found: {root}")
+        names, splits = load_csv(root, cfg.classes)
+    else:
+        names, splits = load_cifar10(cfg.path, cfg.classes)
+
+    for split in splits.values():
+        if len(split) and split.labels.max() >= len(names):
+            raise KDError(f"labels go up to {split.labels.max()} but only {len(names)} class names")
+    train = splits["train"]
+    if "val" not in splits:
+        from sklearn.model_selection import train_test_split
+
+        tr, va = train_test_split(
+            np.arange(len(train)), test_size=cfg.val_fraction, stratify=train.labels,
+            random_state=seed,
+        )  # fmt: skip
+        splits["val"] = train.subset(np.sort(va))
+        train = train.subset(np.sort(tr))
+    if cfg.limit_train:
+        train = train.subset(stratified_subset(train.labels, cfg.limit_train, seed))
+    return Splits(names, train, splits["val"], splits["test"])
+
+
+# ---------------------------------------------------------------- pipelines
+
+
+def _decode_file(path: tf.Tensor) -> tf.Tensor:
+    data = tf.io.read_file(path)
+    return tf.io.decode_image(data, channels=3, expand_animations=False)
+
+
+def _to_rgb(image: tf.Tensor) -> tf.Tensor:
+    if image.shape.rank == 2:
+        image = image[..., tf.newaxis]
+    if image.shape[-1] == 1:
+        image = tf.image.grayscale_to_rgb(image)
+    return image
+
+
+def random_resized_crop(image, size: int, scale_min: float, seed=None) -> tf.Tensor:
+    """Crop a random region (area in [scale_min, 1], aspect 3/4..4/3) and resize to `size`."""
+    begin, crop, _ = tf.image.sample_distorted_bounding_box(
+        tf.shape(image),
+        bounding_boxes=tf.constant([[[0.0, 0.0, 1.0, 1.0]]]),
+        area_range=(scale_min, 1.0),
+        aspect_ratio_range=(3 / 4, 4 / 3),
+        min_object_covered=0.0,
+        max_attempts=10,
+        use_image_if_no_bounding_boxes=True,
+    )
+    image = tf.slice(image, begin, crop)
+    return tf.image.resize(image, (size, size))
+
+
+def batch_augmenter(aug: AugmentConfig, seed: int):
+    """Batch-level augmentation (flip, brightness, contrast) as Keras layers, or None."""
+    import keras
+
+    layers = []
+    if aug.horizontal_flip:
+        layers.append(keras.layers.RandomFlip("horizontal", seed=seed))
+    if aug.color_jitter > 0:
+        layers.append(keras.layers.RandomBrightness(aug.color_jitter, (0, 255), seed=seed))
+        layers.append(keras.layers.RandomContrast(aug.color_jitter, (0, 255), seed=seed))
+    return keras.layers.Pipeline(layers) if layers else None
+
+
+def make_dataset(
+    split: Split,
+    image_size: int,
+    batch_size: int,
+    *,
+    training: bool = False,
+    augment: AugmentConfig | None = None,
+    seed: int = 0,
+    cache: bool = True,
+    labels: bool = True,
+) -> tf.data.Dataset:
+    """Batches of (images, labels), or images only with `labels=False`.
+
+    Training pipelines shuffle every epoch and apply `augment`; evaluation pipelines keep order.
+    """
+    files = not isinstance(split.images, np.ndarray)
+    ds = tf.data.Dataset.from_tensor_slices((split.images, split.labels.astype("int32")))
+
+    def load(image, label):
+        image = _decode_file(image) if files else _to_rgb(image)
+        image = tf.image.resize(tf.cast(image, tf.float32), (image_size, image_size))
+        return tf.clip_by_value(image, 0.0, 255.0), label
+
+    ds = ds.map(load, num_parallel_calls=tf.data.AUTOTUNE)
+    if cache:
+        ds = ds.cache()
+    if training:
+        ds = ds.shuffle(min(len(split), 10_000), seed=seed, reshuffle_each_iteration=True)
+        if augment is not None and augment.random_resized_crop:
+            ds = ds.map(
+                lambda x, y: (random_resized_crop(x, image_size, augment.crop_scale_min), y),
+                num_parallel_calls=tf.data.AUTOTUNE,
+            )
+    ds = ds.batch(batch_size)
+    if training and augment is not None:
+        augmenter = batch_augmenter(augment, seed)
+        if augmenter is not None:
+            ds = ds.map(
+                lambda x, y: (tf.clip_by_value(augmenter(x, training=True), 0.0, 255.0), y),
+                num_parallel_calls=tf.data.AUTOTUNE,
+            )
+    if not labels:
+        ds = ds.map(lambda x, y: x)
+    return ds.prefetch(tf.data.AUTOTUNE)

@@ -116,3 +116,111 @@ def save_confusion(run_dir: Path, model_name: str, result: dict, class_names: li
                {"class_names": class_names, "matrix": result["confusion_matrix"]})  # fmt: skip
     save_confusion_matrix(run_dir / f"confusion_{model_name}.png", result["confusion_matrix"],
                           class_names, f"{model_name} (test)")  # fmt: skip
+
+
+def predict_probs(model, images_ds) -> np.ndarray:
+    """Class probabilities of `model` (logits out) over a dataset of image batches."""
+    return softmax(np.asarray(model.predict(images_ds, verbose=0), dtype="float64"))
+
+
+def model_summary_row(name: str, entry: dict, class_names: list[str]) -> str:
+    t = entry["test"]
+    recalls = " | ".join(f"{t['per_class'][c]['recall']:.3f}" for c in class_names)
+    auc = f"{t['roc_auc']:.3f}" if t["roc_auc"] is not None else "n/a"
+    return (
+        f"| {name} | {entry['arch']} | {entry['params'] / 1e6:.1f} M | {entry['size_mb']:.1f} | "
+        f"{t['accuracy']:.3f} | {t['balanced_accuracy']:.3f} | {recalls} | {t['macro_f1']:.3f} | "
+        f"{auc} |"
+    )
+
+
+def report_markdown(report: dict) -> str:
+    names = report["class_names"]
+    lines = [
+        f"# Run `{report['run']}`: test split ({report['test_size']} images)",
+        "",
+        f"Image size {report['image_size']} px. Decision rule: {report['decision_rule']}.",
+        "",
+        "| model | arch | params | size (MB) | accuracy | balanced acc. | "
+        + " | ".join(f"recall {c}" for c in names)
+        + " | macro F1 | ROC AUC |",
+        "|---|---|---|---|---|---|" + "---|" * len(names) + "---|---|",
+    ]
+    lines += [model_summary_row(n, e, names) for n, e in report["models"].items()]
+    lines.append("")
+    for name, entry in report["models"].items():
+        if entry.get("train_seconds") is not None:
+            lines.append(
+                f"- {name}: trained {entry['train_seconds'] / 60:.1f} min, best epoch "
+                f"{entry['best_epoch']} of {entry['epochs']} (selected on validation)"
+            )
+    return "\n".join(lines) + "\n"
+
+
+def evaluate_run(run_dir: str | Path, splits=None) -> dict:
+    """(Re)compute validation and test metrics of every model saved in a run folder and write
+    `report.json`, `report.md` and confusion matrices (JSON and PNG)."""
+    from kd_keras.config import load_config
+    from kd_keras.data import load_splits, make_dataset
+    from kd_keras.errors import KDError, read_json, write_text
+    from kd_keras.models import load_model
+    from kd_keras.train import MODEL_FILES
+
+    run_dir = Path(run_dir)
+    if not (run_dir / "config.toml").is_file():
+        raise KDError(f"{run_dir} is not a run folder (no config.toml)")
+    cfg = load_config(run_dir / "config.toml")
+    splits = splits or load_splits(cfg.data, seed=cfg.run.seed)
+    size, batch = cfg.data.image_size, cfg.data.batch_size
+    val_ds = make_dataset(splits.val, size, batch, labels=False)
+    test_split = splits.test if cfg.eval.split == "test" else splits.val
+    test_ds = make_dataset(test_split, size, batch, labels=False)
+    log_path = run_dir / "train_log.json"
+    log = read_json(log_path) if log_path.is_file() else {}
+    stage_of = {"teacher": "teacher", "student": "distill", "student_scratch": "scratch"}
+    tune = cfg.eval.threshold != "argmax" and splits.num_classes == 2
+
+    models = {}
+    for name, file in MODEL_FILES.items():
+        if not (run_dir / file).is_file():
+            continue
+        model = load_model(run_dir / file, name)
+        val_probs = predict_probs(model, val_ds)
+        threshold = choose_threshold(splits.val.labels, val_probs) if tune else None
+        test = classification_metrics(
+            test_split.labels, predict_probs(model, test_ds), splits.class_names, threshold
+        )
+        stage = log.get(stage_of[name], {})
+        models[name] = {
+            "file": file,
+            "arch": model.name,
+            "params": int(model.count_params()),
+            "size_mb": (run_dir / file).stat().st_size / 1e6,
+            "threshold": threshold,
+            "val": classification_metrics(
+                splits.val.labels, val_probs, splits.class_names, threshold
+            ),
+            "test": test,
+            "train_seconds": stage.get("seconds"),
+            "best_epoch": stage.get("best_epoch"),
+            "epochs": stage.get("epochs"),
+        }
+        save_confusion(run_dir, name, test, splits.class_names)
+    if not models:
+        raise KDError(f"run {run_dir} holds no trained model ({', '.join(MODEL_FILES.values())})")
+    report = {
+        "run": cfg.run.name,
+        "class_names": splits.class_names,
+        "image_size": size,
+        "split": cfg.eval.split,
+        "test_size": len(test_split),
+        "decision_rule": (
+            "binary threshold on P(class 1) chosen on validation (max balanced accuracy)"
+            if tune else "argmax"
+        ),  # fmt: skip
+        "data": splits.summary(),
+        "models": models,
+    }
+    write_json(run_dir / "report.json", report)
+    write_text(run_dir / "report.md", report_markdown(report))
+    return report

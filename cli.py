@@ -1,0 +1,82 @@
+"""kd_keras command line: `distill`, `evaluate`, `export`, `benchmark`.
+
+A thin shim over library functions; user mistakes print one line and exit with status 2.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+from pathlib import Path
+from typing import Annotated
+
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+
+import typer  # noqa: E402
+
+app = typer.Typer(
+    add_completion=False,
+    no_args_is_help=True,
+    help="Knowledge distillation of image classifiers with Keras 3.",
+)
+
+
+def _fail(message: str) -> None:
+    typer.echo(f"error: {message}", err=True)
+    raise typer.Exit(2)
+
+
+@app.command()
+def distill(
+    config: Annotated[Path, typer.Option("--config", "-c", help="TOML experiment config.")],
+    set_: Annotated[
+        list[str] | None,
+        typer.Option("--set", help="Override a config value: section.key=value (repeatable)."),
+    ] = None,
+    stages: Annotated[
+        str | None,
+        typer.Option(help="Comma-separated subset of teacher,distill,scratch (default: config)."),
+    ] = None,
+) -> None:
+    """Fine-tune the teacher, distil the student, train the baseline, evaluate all three."""
+    from kd_keras.config import STAGES, load_config
+    from kd_keras.evaluate import report_markdown
+    from kd_keras.train import run_distill
+
+    cfg = load_config(config, set_ or [])
+    chosen = None
+    if stages:
+        chosen = [s.strip() for s in stages.split(",") if s.strip()]
+        bad = [s for s in chosen if s not in STAGES]
+        if bad:
+            _fail(f"unknown stage(s) {bad}; valid: {', '.join(STAGES)}")
+    report = run_distill(cfg, chosen)
+    typer.echo("\n" + report_markdown(report))
+    typer.echo(f"run folder: {cfg.run_dir}")
+
+
+@app.command()
+def evaluate(
+    run: Annotated[Path, typer.Option("--run", help="Run folder (holds config.toml).")],
+) -> None:
+    """Recompute the test metrics of a run from its saved models."""
+    from kd_keras.evaluate import evaluate_run, report_markdown
+
+    typer.echo(report_markdown(evaluate_run(run)))
+
+
+def main() -> None:
+    from kd_keras.errors import KDError
+
+    try:
+        app()
+    except KDError as err:
+        typer.echo(f"error: {err}", err=True)
+        sys.exit(2)
+    except KeyboardInterrupt:
+        typer.echo("interrupted", err=True)
+        sys.exit(130)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,259 @@
+"""Training stages of a run: teacher fine-tuning, distillation, and the no-distillation baseline.
+
+All three use the same engine (`Distiller`), optimiser recipe and best-epoch selection on the
+validation split; only the loss weights differ. Artefacts go to the run folder:
+
+    config.toml            the resolved config
+    teacher.keras          fine-tuned (or copied from teacher.path)
+    student.keras          distilled student
+    student_scratch.keras  same student, same init, trained on labels only
+    history_<stage>.csv    per-epoch training metrics and validation metrics
+    train_log.json         wall-clock time and best epoch per stage
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import keras
+import numpy as np
+
+from kd_keras.config import Config, TrainConfig
+from kd_keras.data import Splits, load_splits, make_dataset
+from kd_keras.distiller import Distiller
+from kd_keras.errors import KDError, atomic_write, read_json, write_json, write_text
+from kd_keras.evaluate import classification_metrics, predict_probs
+from kd_keras.models import build_student, build_teacher, load_model
+
+MODEL_FILES = {
+    "teacher": "teacher.keras",
+    "student": "student.keras",
+    "student_scratch": "student_scratch.keras",
+}
+
+
+def save_model(model: keras.Model, path: Path) -> Path:
+    """Save a model as `.keras` atomically (no optimizer state: the deployable artefact)."""
+    return atomic_write(path, lambda tmp: model.save(tmp))
+
+
+def make_optimizer(tc: TrainConfig, learning_rate: float, epochs: int, steps_per_epoch: int):
+    total = max(1, epochs * steps_per_epoch)
+    warmup = min(tc.warmup_epochs * steps_per_epoch, total - 1)
+    if tc.schedule == "cosine":
+        lr = keras.optimizers.schedules.CosineDecay(
+            initial_learning_rate=0.0 if warmup else learning_rate,
+            decay_steps=total - warmup,
+            warmup_target=learning_rate if warmup else None,
+            warmup_steps=warmup,
+        )
+    else:
+        lr = learning_rate
+    if tc.optimizer == "sgd":
+        return keras.optimizers.SGD(lr, momentum=tc.momentum, weight_decay=tc.weight_decay or None)
+    if tc.optimizer == "adam":
+        return keras.optimizers.Adam(lr, weight_decay=tc.weight_decay or None)
+    return keras.optimizers.AdamW(lr, weight_decay=tc.weight_decay)
+
+
+def class_weights(labels: np.ndarray, num_classes: int) -> dict[int, float]:
+    """'balanced' weights n / (k * n_c), as in scikit-learn."""
+    counts = np.bincount(labels, minlength=num_classes).astype("float64")
+    return {c: float(len(labels) / (num_classes * counts[c])) if counts[c] else 0.0
+            for c in range(num_classes)}  # fmt: skip
+
+
+class SelectBest(keras.callbacks.Callback):
+    """Evaluates the trained classifier on the validation split after every epoch, adds
+    `val_accuracy`, `val_balanced_accuracy`, `val_macro_f1`, `val_auc` to the epoch logs, keeps
+    the weights of the best epoch by `monitor`, and restores them when training ends."""
+
+    def __init__(self, classifier: keras.Model, val_ds, y_val, class_names, monitor: str):
+        super().__init__()
+        self.classifier = classifier
+        self.val_ds = val_ds
+        self.y_val = y_val
+        self.class_names = class_names
+        self.monitor = monitor
+        self.best_score = -np.inf
+        self.best_epoch = -1
+        self.best_weights = None
+
+    def on_epoch_end(self, epoch, logs=None):
+        m = classification_metrics(
+            self.y_val, predict_probs(self.classifier, self.val_ds), self.class_names
+        )
+        values = {
+            "val_accuracy": m["accuracy"],
+            "val_balanced_accuracy": m["balanced_accuracy"],
+            "val_macro_f1": m["macro_f1"],
+            "val_auc": m["roc_auc"] if m["roc_auc"] is not None else float("nan"),
+        }
+        if logs is not None:
+            logs.update(values)
+        score = values[self.monitor]
+        if score > self.best_score:
+            self.best_score, self.best_epoch = score, epoch
+            self.best_weights = [w.copy() for w in self.classifier.get_weights()]
+        print(
+            f"  val: balanced_accuracy {values['val_balanced_accuracy']:.4f}  "
+            f"auc {values['val_auc']:.4f}  (best {self.monitor} {self.best_score:.4f} "
+            f"at epoch {self.best_epoch + 1})"
+        )
+
+    def on_train_end(self, logs=None):
+        if self.best_weights is not None:
+            self.classifier.set_weights(self.best_weights)
+
+
+class HistoryCSV(keras.callbacks.Callback):
+    """Per-epoch logs written as CSV (atomically, rewritten each epoch)."""
+
+    def __init__(self, path: Path):
+        super().__init__()
+        self.path = path
+        self.rows: list[dict] = []
+
+    def on_epoch_end(self, epoch, logs=None):
+        row = {"epoch": epoch + 1}
+        row.update({k: float(v) for k, v in (logs or {}).items() if np.ndim(v) == 0})
+        self.rows.append(row)
+        buf = io.StringIO()
+        keys = list(dict.fromkeys(k for r in self.rows for k in r))
+        writer = csv.DictWriter(buf, fieldnames=keys)
+        writer.writeheader()
+        writer.writerows(self.rows)
+        write_text(self.path, buf.getvalue())
+
+
+@dataclass
+class StageResult:
+    seconds: float
+    best_epoch: int
+    best_score: float
+    epochs: int
+
+
+def fit_stage(
+    cfg: Config,
+    splits: Splits,
+    stage: str,
+    classifier: keras.Model,
+    teacher: keras.Model | None,
+    epochs: int,
+    learning_rate: float,
+    run_dir: Path,
+) -> StageResult:
+    """Train `classifier` in place (best validation epoch restored) for one stage."""
+    dc = cfg.distill
+    if stage == "distill":
+        alpha, beta = dc.alpha, dc.beta
+    else:
+        alpha, beta, teacher = 1.0, 0.0, None
+    model = Distiller(
+        classifier, teacher, alpha=alpha, temperature=dc.temperature, beta=beta, mode=dc.mode,
+        feature_norm=dc.feature_norm, name=f"{stage}_trainer",
+    )  # fmt: skip
+    size, batch = cfg.data.image_size, cfg.data.batch_size
+    seed = cfg.run.seed
+    train_ds = make_dataset(
+        splits.train, size, batch, training=True, augment=cfg.augment, seed=seed,
+        cache=cfg.data.cache,
+    )  # fmt: skip
+    val_ds = make_dataset(splits.val, size, batch, cache=cfg.data.cache, labels=False)
+    steps = int(np.ceil(len(splits.train) / batch))
+    model.compile(optimizer=make_optimizer(cfg.train, learning_rate, epochs, steps))
+    select = SelectBest(classifier, val_ds, splits.val.labels, splits.class_names, cfg.train.monitor)
+    weights = (
+        class_weights(splits.train.labels, splits.num_classes)
+        if cfg.train.class_weight == "balanced" else None
+    )  # fmt: skip
+    print(f"\n== stage {stage}: {classifier.name}, {classifier.count_params():,} parameters, "
+          f"{epochs} epochs, lr {learning_rate}, alpha {alpha}, beta {beta}" +
+          (f", T {dc.temperature}, {dc.mode}" if stage == "distill" else ""))  # fmt: skip
+    start = time.perf_counter()
+    model.fit(
+        train_ds, epochs=epochs, class_weight=weights, verbose=cfg.train.verbose,
+        callbacks=[select, HistoryCSV(run_dir / f"history_{stage}.csv")],
+    )  # fmt: skip
+    return StageResult(time.perf_counter() - start, select.best_epoch + 1, select.best_score, epochs)
+
+
+def _stage_setting(value, default):
+    return default if value is None else value
+
+
+def run_distill(cfg: Config, stages: list[str] | None = None) -> dict:
+    """Run the configured stages, then evaluate every model of the run on the test split."""
+    from kd_keras.evaluate import evaluate_run
+
+    stages = stages or cfg.train.stages
+    run_dir = cfg.run_dir
+    run_dir.mkdir(parents=True, exist_ok=True)
+    cfg.save(run_dir / "config.toml")
+    log_path = run_dir / "train_log.json"
+    log = read_json(log_path) if log_path.is_file() else {}
+
+    splits = load_splits(cfg.data, seed=cfg.run.seed)
+    print(f"data: {cfg.data.source} {cfg.data.dataset if cfg.data.source == 'medmnist' else ''} "
+          f"classes {splits.class_names}; counts {splits.summary()}")  # fmt: skip
+    n, size = splits.num_classes, cfg.data.image_size
+    tc = cfg.train
+
+    def record(stage: str, result: StageResult):
+        log[stage] = result.__dict__
+        write_json(log_path, log)
+
+    teacher_file = run_dir / MODEL_FILES["teacher"]
+    teacher = None
+    if cfg.teacher.path:
+        teacher = load_model(cfg.teacher.path, "teacher.path")
+        _check_classifier(teacher, n, size, "teacher.path")
+        save_model(teacher, teacher_file)
+    elif "teacher" in stages:
+        keras.utils.set_random_seed(cfg.run.seed)
+        teacher = build_teacher(cfg.teacher.arch, n, size, cfg.teacher.weights)
+        result = fit_stage(
+            cfg, splits, "teacher", teacher, None,
+            _stage_setting(cfg.teacher.epochs, tc.epochs),
+            _stage_setting(cfg.teacher.learning_rate, tc.learning_rate), run_dir,
+        )  # fmt: skip
+        save_model(teacher, teacher_file)
+        record("teacher", result)
+
+    for stage, name in (("distill", "student"), ("scratch", "student_scratch")):
+        if stage not in stages:
+            continue
+        if stage == "distill" and teacher is None:
+            if not teacher_file.is_file():
+                raise KDError(
+                    f"stage distill needs a teacher: none in {run_dir} and teacher.path is not "
+                    "set; add the teacher stage or set teacher.path"
+                )
+            teacher = load_model(teacher_file, "teacher")
+        keras.utils.set_random_seed(cfg.run.seed)  # same initial student for both stages
+        student = build_student(
+            cfg.student.arch, n, size, cfg.student.weights, cfg.student.patch_size
+        )
+        result = fit_stage(
+            cfg, splits, stage, student, teacher,
+            _stage_setting(cfg.student.epochs, tc.epochs),
+            _stage_setting(cfg.student.learning_rate, tc.learning_rate), run_dir,
+        )  # fmt: skip
+        save_model(student, run_dir / MODEL_FILES[name])
+        record(stage, result)
+
+    return evaluate_run(run_dir, splits=splits)
+
+
+def _check_classifier(model: keras.Model, num_classes: int, image_size: int, key: str) -> None:
+    out = model.output.shape[-1]
+    if out != num_classes:
+        raise KDError(f"{key} model outputs {out} classes but the data has {num_classes}")
+    in_size = model.inputs[0].shape[1]
+    if in_size is not None and in_size != image_size:
+        raise KDError(f"{key} model takes {in_size} px images but data.image_size = {image_size}")

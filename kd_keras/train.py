@@ -177,7 +177,7 @@ def fit_stage(
           (f", T {dc.temperature}, {dc.mode}" if stage == "distill" else ""))  # fmt: skip
     start = time.perf_counter()
     model.fit(
-        train_ds, epochs=epochs, class_weight=weights, verbose=cfg.train.verbose,
+        train_ds, epochs=epochs, class_weight=weights, verbose=cfg.train.verbose, shuffle=False,
         callbacks=[select, HistoryCSV(run_dir / f"history_{stage}.csv")],
     )  # fmt: skip
     return StageResult(time.perf_counter() - start, select.best_epoch + 1, select.best_score, epochs)

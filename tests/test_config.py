@@ -1,0 +1,103 @@
+from pathlib import Path
+
+import pytest
+
+from kd_keras.config import build_config, load_config, parse_override, to_toml
+from kd_keras.errors import KDError
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def write(tmp_path, text: str) -> Path:
+    path = tmp_path / "exp.toml"
+    path.write_text(text)
+    return path
+
+
+def test_defaults_and_name_from_file(tmp_path):
+    cfg = load_config(write(tmp_path, ""))
+    assert cfg.run.name == "exp"
+    assert cfg.run_dir == Path("runs") / "exp"
+    assert cfg.distill.alpha == 0.5 and cfg.train.stages == ["teacher", "distill", "scratch"]
+
+
+def test_unknown_key_names_key_and_valid_keys(tmp_path):
+    with pytest.raises(KDError) as err:
+        load_config(write(tmp_path, "[distill]\ntemprature = 3\n"))
+    msg = str(err.value)
+    assert "distill.temprature" in msg and "temperature" in msg and "alpha" in msg
+
+
+def test_unknown_section(tmp_path):
+    with pytest.raises(KDError, match=r"\[optim\].*valid sections: run, data"):
+        load_config(write(tmp_path, "[optim]\nlr = 1\n"))
+
+
+@pytest.mark.parametrize(
+    "text, key",
+    [
+        ("[distill]\ntemperature = -1.0", "distill.temperature"),
+        ("[distill]\nalpha = 1.5", "distill.alpha"),
+        ("[distill]\nalpha = \"high\"", "distill.alpha"),
+        ("[data]\nimage_size = 16", "data.image_size"),
+        ("[data]\nbatch_size = true", "data.batch_size"),
+        ("[distill]\nmode = \"medium\"", "distill.mode"),
+        ("[train]\nstages = [\"teacher\", \"finetune\"]", "train.stages"),
+        ("[student]\narch = \"vit_small\"\npatch_size = 7\n[data]\nimage_size = 32", "student.patch_size"),
+    ],
+)
+def test_bad_values_name_the_key(tmp_path, text, key):
+    with pytest.raises(KDError, match=key.replace(".", r"\.")):
+        load_config(write(tmp_path, text))
+
+
+def test_image_size_too_small_for_model_names_model(tmp_path):
+    with pytest.raises(KDError, match="too small for teacher resnet50"):
+        load_config(write(tmp_path, "[data]\nimage_size = 28\n"))
+
+
+def test_invalid_toml_and_missing_file(tmp_path):
+    with pytest.raises(KDError, match="not valid TOML"):
+        load_config(write(tmp_path, "[data\n"))
+    with pytest.raises(KDError, match="config file not found"):
+        load_config(tmp_path / "nope.toml")
+
+
+def test_relative_paths_resolve_against_config_file(tmp_path):
+    (tmp_path / "sub").mkdir()
+    path = tmp_path / "sub" / "exp.toml"
+    path.write_text('[data]\npath = "../data/x.npz"\n[teacher]\nweights = "imagenet"\n')
+    cfg = load_config(path)
+    assert cfg.data.path == str((tmp_path / "data" / "x.npz").resolve())
+    assert cfg.teacher.weights == "imagenet"
+
+
+def test_overrides_are_typed_and_validated(tmp_path):
+    cfg = load_config(write(tmp_path, ""), ["distill.temperature=2", "train.stages=[\"distill\"]",
+                                            "run.name=abc"])
+    assert cfg.distill.temperature == 2.0 and isinstance(cfg.distill.temperature, float)
+    assert cfg.train.stages == ["distill"] and cfg.run.name == "abc"
+    with pytest.raises(KDError, match="distill.beta"):
+        load_config(write(tmp_path, ""), ["distill.beta=-1"])
+    with pytest.raises(KDError, match="section.key=value"):
+        parse_override("temperature=2")
+
+
+def test_saved_config_round_trips(tmp_path):
+    cfg = load_config(write(tmp_path, "[distill]\nalpha = 0.3\n"), ["data.image_size=48"])
+    saved = cfg.save(tmp_path / "run" / "config.toml")
+    again = load_config(saved)
+    assert again.to_dict() == cfg.to_dict()
+    assert "None" not in to_toml(cfg.to_dict())
+
+
+def test_shipped_configs_load():
+    configs = sorted((ROOT / "configs").glob("*.toml"))
+    assert configs, "no configs shipped"
+    for path in configs:
+        load_config(path)
+
+
+def test_build_config_rejects_non_table():
+    with pytest.raises(KDError, match=r"\[data\] must be a table"):
+        build_config({"data": 3}, Path("."))

@@ -1,0 +1,117 @@
+import pickle
+
+import numpy as np
+import pytest
+from conftest import write_images
+
+from kd_keras.config import AugmentConfig, DataConfig
+from kd_keras.data import load_splits, make_dataset, resolve_medmnist_path, stratified_subset
+from kd_keras.errors import KDError
+
+
+def first_batch(split, size=32, **kw):
+    x, y = next(iter(make_dataset(split, size, 8, **kw)))
+    return x.numpy(), y.numpy()
+
+
+def test_real_pneumoniamnist(real_npz):
+    splits = load_splits(DataConfig(path=str(real_npz)))
+    assert splits.class_names == ["normal", "pneumonia"]
+    assert splits.summary() == {
+        "train": {"normal": 1214, "pneumonia": 3494},
+        "val": {"normal": 135, "pneumonia": 389},
+        "test": {"normal": 234, "pneumonia": 390},
+    }
+    x, y = first_batch(splits.test, size=40)
+    assert x.shape == (8, 40, 40, 3) and x.dtype == np.float32
+    assert 0 <= x.min() and x.max() <= 255
+    np.testing.assert_array_equal(x[..., 0], x[..., 2])  # grey replicated to RGB
+    np.testing.assert_array_equal(y, splits.test.labels[:8])  # evaluation keeps order
+
+
+def test_npz_found_through_env_var(real_npz, monkeypatch):
+    monkeypatch.setenv("KD_KERAS_DATA_DIR", str(real_npz.parent))
+    assert resolve_medmnist_path("pneumoniamnist", 28, None) == real_npz
+
+
+def test_val_split_carved_stratified_and_limit(tiny_npz):
+    splits = load_splits(DataConfig(path=str(tiny_npz), val_fraction=0.25), seed=1)
+    assert len(splits.train) == 30 and len(splits.val) == 10
+    assert np.bincount(splits.val.labels).tolist() == [3, 7]
+    again = load_splits(DataConfig(path=str(tiny_npz), val_fraction=0.25), seed=1)
+    np.testing.assert_array_equal(splits.val.images, again.val.images)
+    limited = load_splits(DataConfig(path=str(tiny_npz), val_fraction=0.25, limit_train=10))
+    assert len(limited.train) == 10 and set(limited.train.labels) == {0, 1}
+    assert len(stratified_subset(np.array([0, 1] * 5), 4, 0)) == 4
+
+
+def test_missing_and_corrupt_npz(tmp_path):
+    with pytest.raises(KDError, match="data file not found: .*nope.npz"):
+        load_splits(DataConfig(path=str(tmp_path / "nope.npz")))
+    bad = tmp_path / "bad.npz"
+    bad.write_bytes(b"not a zip")
+    with pytest.raises(KDError, match="bad.npz is not a readable .npz"):
+        load_splits(DataConfig(path=str(bad)))
+
+
+def test_image_folders_kermany_layout(tmp_path):
+    root = tmp_path / "chest_xray"
+    for split, n in (("train", 6), ("val", 2), ("test", 3)):
+        write_images(root / split / "NORMAL", n)
+        write_images(root / split / "PNEUMONIA", n + 1, mode="RGB", ext=".png")
+    splits = load_splits(DataConfig(source="folder", path=str(root)))
+    assert splits.class_names == ["NORMAL", "PNEUMONIA"]
+    assert splits.summary()["test"] == {"NORMAL": 3, "PNEUMONIA": 4}
+    x, y = first_batch(splits.train, size=36, training=True, augment=AugmentConfig())
+    assert x.shape[1:] == (36, 36, 3) and x.min() >= 0 and x.max() <= 255
+
+
+def test_csv_layout_with_names_and_missing_image(tmp_path):
+    root = tmp_path / "dataset"
+    for split in ("train", "test"):
+        names = write_images(root / split, 6, mode="RGB")
+        rows = [f"{n},{i % 2}" for i, n in enumerate(names)]
+        (root / f"{split}.csv").write_text("filename,label\n" + "\n".join(rows) + "\n")
+    splits = load_splits(DataConfig(source="csv", path=str(root), val_fraction=0.34))
+    assert splits.class_names == ["0", "1"] and len(splits.test) == 6
+    assert len(splits.train) + len(splits.val) == 6
+    x, _ = first_batch(splits.test)
+    assert x.shape[1:] == (32, 32, 3)
+    (root / "test.csv").write_text("filename,label\nghost.png,1\n")
+    with pytest.raises(KDError, match="ghost.png"):
+        load_splits(DataConfig(source="csv", path=str(root)))
+
+
+def write_cifar(root, n_per_batch=30):
+    rng = np.random.default_rng(0)
+    root.mkdir(parents=True, exist_ok=True)
+    for name in [f"data_batch_{i}" for i in range(1, 6)] + ["test_batch"]:
+        batch = {
+            b"data": rng.integers(0, 255, (n_per_batch, 3072), dtype=np.uint8),
+            b"labels": [i % 10 for i in range(n_per_batch)],
+        }
+        with open(root / name, "wb") as fh:
+            pickle.dump(batch, fh)
+
+
+def test_cifar10_local_batches_with_class_subset(tmp_path):
+    write_cifar(tmp_path / "cifar")
+    cfg = DataConfig(source="cifar10", path=str(tmp_path / "cifar"),
+                     classes=["airplane", "automobile", "bird"])  # fmt: skip
+    splits = load_splits(cfg)
+    assert splits.class_names == ["airplane", "automobile", "bird"]
+    assert len(splits.test) == 9 and set(splits.test.labels) == {0, 1, 2}
+    assert len(splits.train) + len(splits.val) == 45
+    with pytest.raises(KDError, match="python batches not found"):
+        load_splits(DataConfig(source="cifar10", path=str(tmp_path / "nothing")))
+    with pytest.raises(KDError, match="unknown CIFAR-10 classes"):
+        load_splits(DataConfig(source="cifar10", path=str(tmp_path / "cifar"), classes=["cow"]))
+
+
+def test_augmentation_changes_training_batches_only(tiny_npz):
+    split = load_splits(DataConfig(path=str(tiny_npz))).test
+    a, _ = first_batch(split)
+    b, _ = first_batch(split)
+    np.testing.assert_array_equal(a, b)
+    aug, _ = first_batch(split, training=True, augment=AugmentConfig(), seed=3)
+    assert not np.array_equal(np.sort(a.ravel()), np.sort(aug.ravel()))

@@ -40,9 +40,8 @@ def distill(
 ) -> None:
     """Fine-tune the teacher, distil the student, train the baseline, evaluate all three."""
     from kd_keras.config import STAGES, load_config
-    from kd_keras.evaluate import report_markdown
-    from kd_keras.train import run_distill
 
+    # validate everything the user typed before TensorFlow loads (and logs)
     cfg = load_config(config, set_ or [])
     chosen = None
     if stages:
@@ -50,6 +49,10 @@ def distill(
         bad = [s for s in chosen if s not in STAGES]
         if bad:
             _fail(f"unknown stage(s) {bad}; valid: {', '.join(STAGES)}")
+
+    from kd_keras.evaluate import report_markdown
+    from kd_keras.train import run_distill
+
     report = run_distill(cfg, chosen)
     typer.echo("\n" + report_markdown(report))
     typer.echo(f"run folder: {cfg.run_dir}")

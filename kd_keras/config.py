@@ -99,6 +99,9 @@ class TrainConfig:
         choices=("val_balanced_accuracy", "val_accuracy", "val_auc", "val_macro_f1"),
     )
     class_weight: str = _spec("none", kind=str, choices=("none", "balanced"))
+    weight_distillation: bool = _spec(True, kind=bool)
+    balanced_sampling: bool = _spec(False, kind=bool)
+    logit_adjustment: float = _spec(0.0, kind=float, lo=0.0, hi=10.0)
     verbose: int = _spec(1, kind=int, lo=0, hi=2)
 
 
@@ -106,6 +109,10 @@ class TrainConfig:
 class EvalConfig:
     split: str = _spec("test", kind=str, choices=("test", "val"))
     threshold: str = _spec("argmax", kind=str, choices=("argmax", "val_balanced_accuracy"))
+    seed_subset: bool = _spec(True, kind=bool)
+    subset_minority: int = _spec(21, kind=int, lo=1)
+    subset_majority: int = _spec(279, kind=int, lo=1)
+    subset_seed: int = _spec(0, kind=int, lo=0)
 
 
 @dataclass

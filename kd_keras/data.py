@@ -79,9 +79,7 @@ class Splits:
 
     def summary(self) -> dict[str, dict[str, int]]:
         return {
-            name: {
-                c: int((split.labels == i).sum()) for i, c in enumerate(self.class_names)
-            }
+            name: {c: int((split.labels == i).sum()) for i, c in enumerate(self.class_names)}
             for name, split in (("train", self.train), ("val", self.val), ("test", self.test))
         }
 
@@ -222,7 +220,9 @@ def load_cifar10(path: str | None, classes: list[str] | None):
     classes = classes or CIFAR10_CLASSES
     unknown = [c for c in classes if c not in CIFAR10_CLASSES]
     if unknown:
-        raise KDError(f"data.classes has unknown CIFAR-10 classes {unknown}; valid: {CIFAR10_CLASSES}")
+        raise KDError(
+            f"data.classes has unknown CIFAR-10 classes {unknown}; valid: {CIFAR10_CLASSES}"
+        )
     if path:
         root = Path(path)
         files = [root / f"data_batch_{i}" for i in range(1, 6)]
@@ -357,24 +357,42 @@ def make_dataset(
     seed: int = 0,
     cache: bool = True,
     labels: bool = True,
+    balanced: bool = False,
 ) -> tf.data.Dataset:
     """Batches of (images, labels), or images only with `labels=False`.
 
     Training pipelines shuffle every epoch and apply `augment`; evaluation pipelines keep order.
+    With `balanced=True` (training only) every class is drawn with equal probability from an
+    endless stream: pass `steps_per_epoch` to `fit`.
     """
     files = not isinstance(split.images, np.ndarray)
-    ds = tf.data.Dataset.from_tensor_slices((split.images, split.labels.astype("int32")))
 
     def load(image, label):
         image = _decode_file(image) if files else _to_rgb(image)
         image = tf.image.resize(tf.cast(image, tf.float32), (image_size, image_size))
         return tf.clip_by_value(image, 0.0, 255.0), label
 
-    ds = ds.map(load, num_parallel_calls=tf.data.AUTOTUNE)
-    if cache:
-        ds = ds.cache()
-    if training:
+    def source(part: Split) -> tf.data.Dataset:
+        ds = tf.data.Dataset.from_tensor_slices((part.images, part.labels.astype("int32")))
+        ds = ds.map(load, num_parallel_calls=tf.data.AUTOTUNE)
+        return ds.cache() if cache else ds
+
+    if training and balanced:
+        classes = np.unique(split.labels)
+        streams = [
+            source(split.subset(np.flatnonzero(split.labels == c)))
+            .shuffle(10_000, seed=seed + int(c), reshuffle_each_iteration=True)
+            .repeat()
+            for c in classes
+        ]
+        ds = tf.data.Dataset.sample_from_datasets(
+            streams, weights=[1.0 / len(classes)] * len(classes), seed=seed
+        )
+    else:
+        ds = source(split)
+    if training and not balanced:
         ds = ds.shuffle(min(len(split), 10_000), seed=seed, reshuffle_each_iteration=True)
+    if training:
         if augment is not None and augment.random_resized_crop:
             ds = ds.map(
                 lambda x, y: (random_resized_crop(x, image_size, augment.crop_scale_min), y),

@@ -66,6 +66,9 @@ class Distiller(keras.Model):
         mode: "soft" (T^2 KL on tempered probabilities) or "hard" (CE on teacher argmax).
         feature_norm: "l2" or "none"; see `losses.feature_l2`.
         weight_distillation: apply sample weights to the KD and feature terms as well.
+        logit_adjustment: per-class offsets added to the student's logits in the CE term only
+            (Menon et al., 2021, "Long-tail learning via logit adjustment": tau * log prior),
+            so the saved model's plain logits are corrected for the training class prior.
 
     Example:
         >>> d = Distiller(student, teacher, alpha=0.5, temperature=4.0, beta=1.0)
@@ -83,6 +86,7 @@ class Distiller(keras.Model):
         mode: str = "soft",
         feature_norm: str = "l2",
         weight_distillation: bool = True,
+        logit_adjustment: list[float] | None = None,
         **kwargs,
     ):
         super().__init__(**kwargs)
@@ -97,7 +101,9 @@ class Distiller(keras.Model):
         if feature_norm not in FEATURE_NORMS:
             raise ValueError(f"feature_norm must be one of {FEATURE_NORMS}, got {feature_norm!r}")
         if teacher is None and (alpha < 1.0 or beta > 0.0):
-            raise ValueError(f"a teacher is needed when alpha < 1 or beta > 0 (alpha={alpha}, beta={beta})")
+            raise ValueError(
+                f"a teacher is needed when alpha < 1 or beta > 0 (alpha={alpha}, beta={beta})"
+            )
         self.student = student
         self.teacher = teacher
         self.alpha = float(alpha)
@@ -106,6 +112,9 @@ class Distiller(keras.Model):
         self.mode = mode
         self.feature_norm = feature_norm
         self.weight_distillation = bool(weight_distillation)
+        self.logit_adjustment = (
+            [float(v) for v in logit_adjustment] if logit_adjustment is not None else None
+        )
         self.uses_teacher = teacher is not None and (alpha < 1.0 or beta > 0.0)
 
         # Student graph: [feature?, logits for the label term, logits for the teacher term].
@@ -152,6 +161,8 @@ class Distiller(keras.Model):
         """The loss and its weighted terms for one batch (tensors; scalar each)."""
         ce_logits, kd_logits = student_out[0], student_out[1]
         kd_weight = sample_weight if self.weight_distillation else None
+        if self.logit_adjustment is not None:
+            ce_logits = ce_logits + ops.convert_to_tensor(self.logit_adjustment, "float32")
         ce = losses.weighted_mean(losses.cross_entropy(y, ce_logits), sample_weight)
         total = self.alpha * ce
         terms = {"ce": ce}
@@ -218,6 +229,7 @@ class Distiller(keras.Model):
             "mode": self.mode,
             "feature_norm": self.feature_norm,
             "weight_distillation": self.weight_distillation,
+            "logit_adjustment": self.logit_adjustment,
         }
 
     @classmethod

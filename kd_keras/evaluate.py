@@ -84,6 +84,38 @@ def choose_threshold(y_val: np.ndarray, probs_val: np.ndarray) -> float:
     return best
 
 
+def seed_subset_indices(
+    labels: np.ndarray, minority: int, n_minority: int, n_majority: int, seed: int
+) -> np.ndarray:
+    """A reproducible binary subset with seed 000's imbalance (default 21 minority vs 279
+    majority images), drawn without replacement with a fixed seed; sorted indices."""
+    rng = np.random.default_rng(seed)
+    picked = []
+    for cls, n in ((minority, n_minority), (1 - minority, n_majority)):
+        pool = np.flatnonzero(labels == cls)
+        if len(pool) < n:
+            from kd_keras.errors import KDError
+
+            raise KDError(f"the test split has only {len(pool)} images of class {cls}, "
+                          f"{n} needed for the imbalanced subset")  # fmt: skip
+        picked.append(rng.choice(pool, size=n, replace=False))
+    return np.sort(np.concatenate(picked))
+
+
+def seed_table(report: dict, key: str = "test_subset") -> str:
+    """Seed 000's table format: one column per model, one row per metric."""
+    names = report["class_names"]
+    models = {n: e[key] for n, e in report["models"].items() if key in e}
+    rows = [("accuracy", lambda m: m["accuracy"]),
+            ("balanced accuracy", lambda m: m["balanced_accuracy"])]  # fmt: skip
+    rows += [(f"recall {c}", lambda m, c=c: m["per_class"][c]["recall"]) for c in names]
+    rows += [("macro F1", lambda m: m["macro_f1"])]
+    lines = ["| metric | " + " | ".join(models) + " |", "|---|" + "---|" * len(models)]
+    lines += [f"| {label} | " + " | ".join(f"{get(m):.3f}" for m in models.values()) + " |"
+              for label, get in rows]  # fmt: skip
+    return "\n".join(lines)
+
+
 def save_confusion_matrix(path: str | Path, matrix: list[list[int]], class_names: list[str],
                           title: str) -> Path:  # fmt: skip
     """Confusion matrix as a PNG (rows: true class, columns: predicted class)."""
@@ -148,6 +180,16 @@ def report_markdown(report: dict) -> str:
     ]
     lines += [model_summary_row(n, e, names) for n, e in report["models"].items()]
     lines.append("")
+    if "subset" in report:
+        sub = report["subset"]
+        lines += [
+            f"## Imbalanced test subset ({sub['minority']} {names[sub['minority_class']]} vs "
+            f"{sub['majority']} {names[1 - sub['minority_class']]}, seed {sub['seed']}: "
+            "seed 000's ratio)",
+            "",
+            seed_table(report),
+            "",
+        ]
     for name, entry in report["models"].items():
         if entry.get("train_seconds") is not None:
             lines.append(
@@ -179,6 +221,11 @@ def evaluate_run(run_dir: str | Path, splits=None) -> dict:
     log = read_json(log_path) if log_path.is_file() else {}
     stage_of = {"teacher": "teacher", "student": "distill", "student_scratch": "scratch"}
     tune = cfg.eval.threshold != "argmax" and splits.num_classes == 2
+    subset = None
+    if cfg.eval.seed_subset and splits.num_classes == 2:
+        minority = int(np.argmin(np.bincount(splits.train.labels, minlength=2)))
+        subset = seed_subset_indices(test_split.labels, minority, cfg.eval.subset_minority,
+                                     cfg.eval.subset_majority, cfg.eval.subset_seed)  # fmt: skip
 
     models = {}
     for name, file in MODEL_FILES.items():
@@ -187,9 +234,8 @@ def evaluate_run(run_dir: str | Path, splits=None) -> dict:
         model = load_model(run_dir / file, name)
         val_probs = predict_probs(model, val_ds)
         threshold = choose_threshold(splits.val.labels, val_probs) if tune else None
-        test = classification_metrics(
-            test_split.labels, predict_probs(model, test_ds), splits.class_names, threshold
-        )
+        test_probs = predict_probs(model, test_ds)
+        test = classification_metrics(test_split.labels, test_probs, splits.class_names, threshold)
         stage = log.get(stage_of[name], {})
         models[name] = {
             "file": file,
@@ -201,6 +247,18 @@ def evaluate_run(run_dir: str | Path, splits=None) -> dict:
                 splits.val.labels, val_probs, splits.class_names, threshold
             ),
             "test": test,
+            **(
+                {
+                    "test_subset": classification_metrics(
+                        test_split.labels[subset],
+                        test_probs[subset],
+                        splits.class_names,
+                        threshold,
+                    )
+                }
+                if subset is not None
+                else {}
+            ),  # fmt: skip
             "train_seconds": stage.get("seconds"),
             "best_epoch": stage.get("best_epoch"),
             "epochs": stage.get("epochs"),
@@ -216,11 +274,18 @@ def evaluate_run(run_dir: str | Path, splits=None) -> dict:
         "test_size": len(test_split),
         "decision_rule": (
             "binary threshold on P(class 1) chosen on validation (max balanced accuracy)"
-            if tune else "argmax"
+            if tune
+            else "argmax"
         ),  # fmt: skip
         "data": splits.summary(),
         "models": models,
     }
+    if subset is not None:
+        report["subset"] = {
+            "minority_class": minority, "minority": cfg.eval.subset_minority,
+            "majority": cfg.eval.subset_majority, "seed": cfg.eval.subset_seed,
+            "indices": subset.tolist(),
+        }  # fmt: skip
     write_json(run_dir / "report.json", report)
     write_text(run_dir / "report.md", report_markdown(report))
     return report

@@ -8,9 +8,11 @@
   of the CE term as T changes.
 - KD, hard (Touvron et al., 2021, "Training data-efficient image transformers", DeiT):
   CE(argmax t, s), the teacher's decision used as a label.
-- FEAT (Romero et al., 2015, "FitNets"): mean squared error between the teacher's feature map
-  and the student's projected to the same shape, optionally after L2-normalising each
-  position's channel vector (`norm="l2"`, which makes beta independent of feature scale).
+- FEAT (Romero et al., 2015, "FitNets"): with `norm="none"`, the mean squared error between the
+  teacher's feature map and the student's projected to the same shape; with `norm="l2"`, the
+  squared distance between L2-normalised channel vectors, averaged over positions
+  (in [0, 4]; independent of the features' scale and channel count, so beta transfers between
+  teacher architectures).
 """
 
 from __future__ import annotations
@@ -38,12 +40,15 @@ def hard_kd(teacher_logits, student_logits):
 
 
 def feature_l2(teacher_feature, student_feature, norm: str = "l2"):
-    """Per-sample mean squared difference of two (batch, h, w, c) feature maps."""
+    """Per-sample feature distance of two (batch, h, w, c) maps (see the module docstring)."""
+    teacher_feature = ops.cast(teacher_feature, "float32")
+    student_feature = ops.cast(student_feature, "float32")
     if norm == "l2":
-        teacher_feature = _l2_normalize(teacher_feature)
-        student_feature = _l2_normalize(student_feature)
-    diff = ops.square(ops.cast(teacher_feature, "float32") - ops.cast(student_feature, "float32"))
-    return ops.mean(ops.reshape(diff, (ops.shape(diff)[0], -1)), axis=-1)
+        diff = ops.square(_l2_normalize(teacher_feature) - _l2_normalize(student_feature))
+        per_position = ops.sum(diff, axis=-1)
+    else:
+        per_position = ops.mean(ops.square(teacher_feature - student_feature), axis=-1)
+    return ops.mean(ops.reshape(per_position, (ops.shape(per_position)[0], -1)), axis=-1)
 
 
 def _l2_normalize(x, eps: float = 1e-6):

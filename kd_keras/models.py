@@ -125,7 +125,7 @@ def _weights_failed(arch: str, weights: str, err: Exception, key: str) -> KDErro
         return KDError(
             f"could not load ImageNet weights for {arch} ({reason}). Without internet, download "
             f"them on a connected machine and set {key} to the local file or preset folder, "
-            f"or use {key} = \"none\" to train from scratch"
+            f'or use {key} = "none" to train from scratch'
         )
     return KDError(f"could not load {key} = {weights!r} for {arch}: {reason}")
 
@@ -189,8 +189,10 @@ def _hub_backbone(cls, preset: str, weights: str, arch: str, **config):
     _check_weights_path(weights, "student.weights")
     if weights == "none":
         return cls(**config)
+    # keep our layer name on presets too: feature taps find the backbone by name
+    named = {"name": config["name"]} if "name" in config else {}
     try:
-        return cls.from_preset(preset if weights == "imagenet" else weights)
+        return cls.from_preset(preset if weights == "imagenet" else weights, **named)
     except Exception as err:
         raise _weights_failed(arch, weights, err, "student.weights") from err
 
@@ -231,15 +233,16 @@ def vit_small(
     """ViT-small (keras-hub `ViTBackbone`: width 384, depth 12, 6 heads, MLP 1536; 21.7 M).
 
     `patch_size` is configurable so small images still make enough tokens (64 px / patch 8 =
-    64 tokens). Head on the class token. Feature tap: the patch tokens re-shaped to their
-    (image_size / patch_size) square grid, 384 channels.
+    64 tokens). Head on the class token. Feature tap: the patch tokens (class token dropped)
+    re-shaped to their (image_size / patch_size) square grid, 384 channels, so CNN-to-token
+    feature matching compares spatial maps, with no pooling.
     """
     import keras_hub
 
     if weights == "imagenet":
         raise KDError(
-            "keras-hub has no ImageNet preset for vit_small; use student.arch = \"deit_small\" "
-            "with student.weights = \"imagenet\", or a local preset folder"
+            'keras-hub has no ImageNet preset for vit_small; use student.arch = "deit_small" '
+            'with student.weights = "imagenet", or a local preset folder'
         )
     backbone = _hub_backbone(
         keras_hub.models.ViTBackbone, "", weights, "vit_small",
@@ -250,6 +253,60 @@ def vit_small(
     tokens = backbone(ImagePreprocessing("imagenet", name="preprocessing")(inputs))
     pooled = TokenSelect(0, name="class_token")(tokens)
     return _classifier(inputs, pooled, num_classes, name="vit_small", dropout=0.0)
+
+
+DEIT_SMALL = dict(num_layers=12, num_heads=6, hidden_dim=384, intermediate_dim=1536)
+DEIT_SMALL_PRESET = "deit_small_distilled_patch16_224_imagenet"
+
+
+@_register(STUDENTS, "deit_small")
+def deit_small(
+    num_classes: int, image_size: int, weights: str = "none", patch_size: int = 16, **_
+) -> keras.Model:
+    """DeiT-small with a distillation token (keras-hub `DeiTBackbone`: width 384, depth 12,
+    6 heads, MLP 1536; 21.7 M parameters).
+
+    The backbone's sequence is [class token, distillation token, patches]. Two heads: Dense
+    `kd_cls_logits` on the class token (trained on labels) and Dense `kd_dist_logits` on the
+    distillation token (trained on the teacher, soft or hard); the output `logits` is their
+    mean, as in DeiT at inference. Feature tap: the patch tokens (both leading tokens dropped)
+    re-shaped to their (image_size / patch_size) square grid, 384 channels, so CNN-to-token
+    feature matching compares spatial maps, with no pooling.
+
+    `weights = "imagenet"` loads the keras-hub preset `deit_small_distilled_patch16_224_imagenet`
+    (224 px, patch 16 only: its position embeddings fix the grid); a local preset folder must
+    match `image_size` and `patch_size` likewise.
+    """
+    import keras_hub
+
+    if weights == "imagenet" and (image_size, patch_size) != (224, 16):
+        raise KDError(
+            f"the ImageNet DeiT-small preset needs data.image_size = 224 and "
+            f"student.patch_size = 16 (got {image_size} and {patch_size}); use "
+            'student.weights = "none" at other sizes'
+        )
+    backbone = _hub_backbone(
+        keras_hub.models.DeiTBackbone, DEIT_SMALL_PRESET, weights, "deit_small",
+        image_shape=(image_size, image_size, 3), patch_size=patch_size, **DEIT_SMALL,
+        name="deit_backbone",
+    )  # fmt: skip
+    got = (tuple(backbone.image_shape[:2]), tuple(backbone.patch_size))
+    if got != ((image_size, image_size), (patch_size, patch_size)):
+        raise KDError(
+            f"student.weights = {weights!r} is a DeiT for {got[0][0]} px images with patch "
+            f"{got[1][0]}, but data.image_size = {image_size} and student.patch_size = "
+            f"{patch_size}"
+        )
+    inputs = keras.Input((image_size, image_size, 3), name="images")
+    tokens = backbone(ImagePreprocessing("imagenet", name="preprocessing")(inputs))
+    cls_logits = keras.layers.Dense(num_classes, name=CLS_LOGITS_LAYER)(
+        TokenSelect(0, name="class_token")(tokens)
+    )
+    dist_logits = keras.layers.Dense(num_classes, name=DIST_LOGITS_LAYER)(
+        TokenSelect(1, name="distillation_token")(tokens)
+    )
+    logits = keras.layers.Average(name="logits")([cls_logits, dist_logits])
+    return keras.Model(inputs, logits, name="deit_small")
 
 
 def load_model(path: str | Path, what: str = "model") -> keras.Model:

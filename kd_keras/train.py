@@ -154,33 +154,43 @@ def fit_stage(
         alpha, beta = dc.alpha, dc.beta
     else:
         alpha, beta, teacher = 1.0, 0.0, None
+    tc = cfg.train
+    adjustment = None
+    if tc.logit_adjustment > 0:
+        prior = np.bincount(splits.train.labels, minlength=splits.num_classes) / len(splits.train)
+        adjustment = (tc.logit_adjustment * np.log(np.maximum(prior, 1e-12))).tolist()
     model = Distiller(
         classifier, teacher, alpha=alpha, temperature=dc.temperature, beta=beta, mode=dc.mode,
-        feature_norm=dc.feature_norm, name=f"{stage}_trainer",
+        feature_norm=dc.feature_norm, weight_distillation=tc.weight_distillation,
+        logit_adjustment=adjustment, name=f"{stage}_trainer",
     )  # fmt: skip
     size, batch = cfg.data.image_size, cfg.data.batch_size
     seed = cfg.run.seed
     train_ds = make_dataset(
         splits.train, size, batch, training=True, augment=cfg.augment, seed=seed,
-        cache=cfg.data.cache,
+        cache=cfg.data.cache, balanced=tc.balanced_sampling,
     )  # fmt: skip
     val_ds = make_dataset(splits.val, size, batch, cache=cfg.data.cache, labels=False)
     steps = int(np.ceil(len(splits.train) / batch))
-    model.compile(optimizer=make_optimizer(cfg.train, learning_rate, epochs, steps))
-    select = SelectBest(classifier, val_ds, splits.val.labels, splits.class_names, cfg.train.monitor)
+    model.compile(optimizer=make_optimizer(tc, learning_rate, epochs, steps))
+    select = SelectBest(classifier, val_ds, splits.val.labels, splits.class_names, tc.monitor)
     weights = (
         class_weights(splits.train.labels, splits.num_classes)
-        if cfg.train.class_weight == "balanced" else None
+        if tc.class_weight == "balanced" else None
     )  # fmt: skip
     print(f"\n== stage {stage}: {classifier.name}, {classifier.count_params():,} parameters, "
           f"{epochs} epochs, lr {learning_rate}, alpha {alpha}, beta {beta}" +
           (f", T {dc.temperature}, {dc.mode}" if stage == "distill" else ""))  # fmt: skip
     start = time.perf_counter()
     model.fit(
-        train_ds, epochs=epochs, class_weight=weights, verbose=cfg.train.verbose, shuffle=False,
+        train_ds, epochs=epochs, steps_per_epoch=steps if tc.balanced_sampling else None,
+        class_weight=weights,
+        verbose=tc.verbose, shuffle=False,
         callbacks=[select, HistoryCSV(run_dir / f"history_{stage}.csv")],
     )  # fmt: skip
-    return StageResult(time.perf_counter() - start, select.best_epoch + 1, select.best_score, epochs)
+    return StageResult(
+        time.perf_counter() - start, select.best_epoch + 1, select.best_score, epochs
+    )
 
 
 def _stage_setting(value, default):

@@ -38,12 +38,15 @@ def test_unknown_section(tmp_path):
     [
         ("[distill]\ntemperature = -1.0", "distill.temperature"),
         ("[distill]\nalpha = 1.5", "distill.alpha"),
-        ("[distill]\nalpha = \"high\"", "distill.alpha"),
+        ('[distill]\nalpha = "high"', "distill.alpha"),
         ("[data]\nimage_size = 16", "data.image_size"),
         ("[data]\nbatch_size = true", "data.batch_size"),
-        ("[distill]\nmode = \"medium\"", "distill.mode"),
-        ("[train]\nstages = [\"teacher\", \"finetune\"]", "train.stages"),
-        ("[student]\narch = \"vit_small\"\npatch_size = 7\n[data]\nimage_size = 32", "student.patch_size"),
+        ('[distill]\nmode = "medium"', "distill.mode"),
+        ('[train]\nstages = ["teacher", "finetune"]', "train.stages"),
+        (
+            '[student]\narch = "vit_small"\npatch_size = 7\n[data]\nimage_size = 32',
+            "student.patch_size",
+        ),
     ],
 )
 def test_bad_values_name_the_key(tmp_path, text, key):
@@ -73,8 +76,9 @@ def test_relative_paths_resolve_against_config_file(tmp_path):
 
 
 def test_overrides_are_typed_and_validated(tmp_path):
-    cfg = load_config(write(tmp_path, ""), ["distill.temperature=2", "train.stages=[\"distill\"]",
-                                            "run.name=abc"])
+    cfg = load_config(
+        write(tmp_path, ""), ["distill.temperature=2", 'train.stages=["distill"]', "run.name=abc"]
+    )
     assert cfg.distill.temperature == 2.0 and isinstance(cfg.distill.temperature, float)
     assert cfg.train.stages == ["distill"] and cfg.run.name == "abc"
     with pytest.raises(KDError, match="distill.beta"):

@@ -1,0 +1,640 @@
+"""Export trained models to ONNX (FP32 and INT8) and check every file against its Keras model.
+
+One call, `export_run`, turns a run folder into deployable files under `export/<run name>/`:
+
+- `<model>.onnx`: FP32, converted with tf2onnx from an explicit input signature (Keras's own ONNX
+  export fails on EfficientNet and ViT). Input `images`: float32 RGB pixels in [0, 255], NHWC, at
+  the trained size, any batch. Outputs `logits` and `probabilities` (softmax of the logits).
+  Metadata (`metadata_props`) carry the class names, image size, input range, decision threshold,
+  source run and kd_keras version, so a file explains itself without the run folder.
+- `<model>.int8.onnx` (with `int8=True`): ONNX Runtime quantization. Convolution-dominated graphs
+  (ResNet, EfficientNet) get static QDQ quantization, per-channel, calibrated on
+  `export.calibration_samples` images from the TRAIN split (dynamic quantization made conv nets
+  slower than FP32 here). Attention-dominated graphs (ViT, DeiT) get dynamic quantization of their
+  MatMul/Gemm weights (about 2x faster than FP32 on ViT-small; no calibration). The choice is read
+  from the ONNX graph itself (`quantization_method`), not from model names, so a new architecture
+  needs no list to be updated.
+- `export.json`: per file, the parity check and the test-split metrics.
+
+Parity: ONNX Runtime and Keras run on the same real images (the whole test split by default);
+the FP32 file passes when the largest absolute logit difference is within the tolerance
+(`export.tolerance`, 1e-4). A file that fails is deleted and `KDError` is raised: a file that
+disagrees with its model must never look like a finished export. INT8 files are expected to
+differ; their test metrics are reported next to the FP32 ones instead.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import importlib.metadata
+import json
+import logging
+import os
+import tempfile
+import time
+from collections import Counter
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from kd_keras.config import Config, load_config
+from kd_keras.errors import KDError, atomic_write, read_json, write_json
+
+FORMATS = ("onnx",)
+MODEL_NAMES = ("student", "teacher", "student_scratch")
+INPUT_NAME = "images"
+LOGITS = "logits"
+PROBABILITIES = "probabilities"
+INPUT_DESCRIPTION = "0-255 RGB NHWC"
+SOFTMAX_NODE = "kd_keras_probabilities"
+
+
+def kd_keras_version() -> str:
+    try:
+        return importlib.metadata.version("kd_keras")
+    except importlib.metadata.PackageNotFoundError:
+        return "unknown"
+
+
+# ---------------------------------------------------------------- run folders
+
+
+def find_run(run: str | os.PathLike | None = None, runs_dir: str | os.PathLike = "runs") -> Path:
+    """The run folder `run`, or the most recently modified run (folder with config.toml) under
+    `runs_dir`. "Modified" is the newest file inside, so re-training a run makes it the latest."""
+    if run is not None:
+        path = Path(run)
+        if not path.is_dir():
+            raise KDError(f"run folder not found: {path}")
+        if not (path / "config.toml").is_file():
+            raise KDError(f"{path} is not a run folder (it has no config.toml)")
+        return path
+    root = Path(runs_dir)
+    runs = [p for p in root.iterdir() if (p / "config.toml").is_file()] if root.is_dir() else []
+    if not runs:
+        raise KDError(
+            f"no run found under {root}/ — train one with "
+            "`python cli.py distill --config configs/xray.toml` or pass --run"
+        )
+
+    def newest(folder: Path) -> float:
+        return max([folder.stat().st_mtime] + [f.stat().st_mtime for f in folder.iterdir()])
+
+    return max(runs, key=newest)
+
+
+@dataclass
+class Run:
+    """What export and benchmark need from a run folder."""
+
+    path: Path
+    cfg: Config
+    report: dict = field(default_factory=dict)
+
+    @property
+    def name(self) -> str:
+        return self.path.resolve().name
+
+    def model_file(self, name: str) -> Path | None:
+        """`<run>/<name>.keras`, or for the teacher the configured `teacher.path` file."""
+        path = self.path / f"{name}.keras"
+        if path.is_file():
+            return path
+        if name == "teacher" and self.cfg.teacher.path and Path(self.cfg.teacher.path).is_file():
+            return Path(self.cfg.teacher.path)
+        return None
+
+    def arch(self, name: str) -> str:
+        return self.cfg.teacher.arch if name == "teacher" else self.cfg.student.arch
+
+    def threshold(self, name: str) -> float | None:
+        value = self.report.get("models", {}).get(name, {}).get("threshold")
+        return None if value is None else float(value)
+
+    def export_dir(self, out_dir: str | os.PathLike | None = None) -> Path:
+        return Path(out_dir or self.cfg.export.dir or "export") / self.name
+
+
+def load_run(run_dir: str | os.PathLike | None) -> Run:
+    path = find_run(run_dir)
+    cfg = load_config(path / "config.toml")
+    report = read_json(path / "report.json") if (path / "report.json").is_file() else {}
+    return Run(path, cfg, report)
+
+
+def check_writable_dir(path: Path) -> Path:
+    """Create `path` and prove a file can be written there, before any slow work starts."""
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+        with tempfile.TemporaryFile(dir=path):
+            pass
+    except OSError as err:
+        raise KDError(f"output folder {path} is not writable: {err.strerror or err}") from err
+    return path
+
+
+# ---------------------------------------------------------------- conversion
+
+
+def _erfc_as_one_minus_erf(ctx, node, name, args):
+    """tf2onnx 1.17 has no handler for Erfc, which TensorFlow's exact GELU (ViT, DeiT) lowers
+    to; ONNX has Erf, and erfc(x) = 1 - erf(x)."""
+    from tf2onnx import utils
+
+    node.type = "Erf"
+    dtype = utils.map_onnx_to_numpy_type(ctx.get_dtype(node.output[0]))
+    one = ctx.make_const(utils.make_name(f"{name}/one"), np.array(1, dtype))
+    ctx.insert_new_node_on_output(
+        "Sub", node.output[0], name=utils.make_name(f"{name}/one_minus"),
+        inputs=[one.output[0], node.output[0]],
+    )  # fmt: skip
+    return node
+
+
+CUSTOM_OP_HANDLERS = {"Erfc": (_erfc_as_one_minus_erf, [])}
+
+
+@contextlib.contextmanager
+def _quiet_loggers(*names: str):
+    loggers = [logging.getLogger(n or None) for n in names]  # "" is the root logger
+    levels = [lg.level for lg in loggers]
+    for lg in loggers:
+        lg.setLevel(logging.ERROR)
+    try:
+        yield
+    finally:
+        for lg, level in zip(loggers, levels, strict=True):
+            lg.setLevel(level)
+
+
+def _set_metadata(model_proto, metadata: dict[str, Any]) -> None:
+    props = {p.key: p.value for p in model_proto.metadata_props}
+    for key, value in metadata.items():
+        if value is not None:
+            props[key] = value if isinstance(value, str) else json.dumps(value)
+    del model_proto.metadata_props[:]
+    for key, value in props.items():
+        entry = model_proto.metadata_props.add()
+        entry.key, entry.value = key, value
+
+
+def _finish_graph(model_proto) -> None:
+    """Name the single output `logits`, add `probabilities`, call the batch dimension `batch`."""
+    import onnx
+
+    graph = model_proto.graph
+    if len(graph.output) != 1:
+        names = [o.name for o in graph.output]
+        raise KDError(f"expected a model with one logits output, the ONNX graph has {names}")
+    old = graph.output[0].name
+    if old != LOGITS:
+        for node in graph.node:
+            node.output[:] = [LOGITS if o == old else o for o in node.output]
+            node.input[:] = [LOGITS if i == old else i for i in node.input]
+        graph.output[0].name = LOGITS
+    for value in (graph.input[0], graph.output[0]):
+        dim = value.type.tensor_type.shape.dim[0]
+        dim.ClearField("dim_value")
+        dim.dim_param = "batch"
+    graph.node.append(
+        onnx.helper.make_node("Softmax", [LOGITS], [PROBABILITIES], axis=-1, name=SOFTMAX_NODE)
+    )
+    probs = graph.output.add()
+    probs.CopyFrom(graph.output[0])
+    probs.name = PROBABILITIES
+
+
+def to_onnx(
+    model,
+    path: str | os.PathLike,
+    opset: int = 17,
+    metadata: dict[str, Any] | None = None,
+) -> Path:
+    """Convert a Keras model (input `images`, output logits) to an ONNX file, written atomically.
+
+    The input signature has a free batch dimension and the model's fixed image size.
+    """
+    import onnx
+    import tensorflow as tf
+    import tf2onnx
+
+    from kd_keras.models import image_size_of
+
+    size = image_size_of(model)
+    spec = (tf.TensorSpec((None, size, size, 3), tf.float32, name=INPUT_NAME),)
+    with _quiet_loggers("tf2onnx", "tensorflow"):
+        try:
+            model_proto, _ = tf2onnx.convert.from_keras(
+                model, input_signature=spec, opset=opset, custom_op_handlers=CUSTOM_OP_HANDLERS
+            )
+        except Exception as err:
+            raise KDError(f"tf2onnx could not convert {model.name!r}: {err}") from err
+    _finish_graph(model_proto)
+    _set_metadata(model_proto, metadata or {})
+    onnx.checker.check_model(model_proto)
+    return atomic_write(path, lambda tmp: onnx.save(model_proto, str(tmp)))
+
+
+def read_metadata(path: str | os.PathLike) -> dict[str, str]:
+    import onnx
+
+    model = onnx.load(str(path), load_external_data=False)
+    return {p.key: p.value for p in model.metadata_props}
+
+
+def model_metadata(
+    class_names: list[str],
+    image_size: int,
+    threshold: float | None = None,
+    **extra: Any,
+) -> dict[str, Any]:
+    """The metadata_props every exported file carries."""
+    rule = (
+        f"class 1 if probabilities[:, 1] >= {threshold} else class 0"
+        if threshold is not None
+        else "argmax(logits)"
+    )
+    return {
+        "class_names": json.dumps(class_names),
+        "image_size": str(image_size),
+        "input": f"{INPUT_NAME}: float32 [batch, {image_size}, {image_size}, 3]",
+        "input_range": INPUT_DESCRIPTION,
+        "outputs": f"{LOGITS}: float32 [batch, {len(class_names)}]; {PROBABILITIES}: softmax",
+        "decision_threshold": None if threshold is None else str(threshold),
+        "decision_rule": rule,
+        "kd_keras_version": kd_keras_version(),
+        **{k: str(v) for k, v in extra.items() if v is not None},
+    }
+
+
+# ---------------------------------------------------------------- inference
+
+
+def providers() -> list[str]:
+    """CUDA when onnxruntime-gpu sees a GPU, always with the CPU as fallback."""
+    import onnxruntime as ort
+
+    available = ort.get_available_providers()
+    return [p for p in ("CUDAExecutionProvider", "CPUExecutionProvider") if p in available]
+
+
+def onnx_session(path: str | os.PathLike, threads: int | None = None):
+    import onnxruntime as ort
+
+    options = ort.SessionOptions()
+    options.log_severity_level = 3
+    if threads:
+        options.intra_op_num_threads = threads
+    try:
+        return ort.InferenceSession(str(path), options, providers=providers())
+    except Exception as err:
+        raise KDError(f"ONNX Runtime could not load {path}: {str(err).splitlines()[0]}") from err
+
+
+def onnx_predictor(session) -> Callable[[np.ndarray], np.ndarray]:
+    return lambda x: session.run([LOGITS], {INPUT_NAME: np.asarray(x, "float32")})[0]
+
+
+def keras_predictor(model) -> Callable[[np.ndarray], np.ndarray]:
+    """Logits from a `tf.function`-compiled forward pass (no per-call `predict` overhead)."""
+    import tensorflow as tf
+
+    forward = tf.function(lambda x: model(x, training=False), reduce_retracing=True)
+    return lambda x: np.asarray(forward(tf.convert_to_tensor(x, tf.float32)))
+
+
+def predict(fn: Callable[[np.ndarray], np.ndarray], batches: Iterable) -> np.ndarray:
+    return np.concatenate([fn(np.asarray(batch)) for batch in batches])
+
+
+def output_shapes(session) -> list[dict[str, Any]]:
+    return [
+        {"name": o.name, "shape": [d if isinstance(d, int) else str(d) for d in o.shape]}
+        for o in session.get_outputs()
+    ]
+
+
+def compare_logits(reference: np.ndarray, candidate: np.ndarray) -> dict[str, Any]:
+    diff = np.abs(reference - candidate)
+    return {
+        "n": int(len(reference)),
+        "max_abs_diff": float(diff.max()) if np.isfinite(diff).all() else float("inf"),
+        "argmax_agreement": float((reference.argmax(1) == candidate.argmax(1)).mean()),
+    }
+
+
+def check_parity(
+    keras_logits: np.ndarray, onnx_logits: np.ndarray, tolerance: float, session=None
+) -> dict[str, Any]:
+    """PASS when every logit is within `tolerance` of Keras's (absolute difference)."""
+    result = compare_logits(keras_logits, onnx_logits)
+    result["tolerance"] = tolerance
+    result["passed"] = bool(result["max_abs_diff"] <= tolerance)
+    result["status"] = "PASS" if result["passed"] else "FAIL"
+    if session is not None:
+        result["outputs"] = output_shapes(session)
+    return result
+
+
+# ---------------------------------------------------------------- INT8
+
+
+def quantization_method(onnx_path: str | os.PathLike) -> str:
+    """`"dynamic"` for attention-dominated graphs (more MatMul/Gemm than Conv nodes: ViT and
+    DeiT have four per block and a single patch-embedding Conv), `"static"` otherwise (CNNs have
+    one Conv per layer and a single classifier MatMul)."""
+    import onnx
+
+    ops = Counter(n.op_type for n in onnx.load(str(onnx_path)).graph.node)
+    return "dynamic" if ops["MatMul"] + ops["Gemm"] > ops["Conv"] else "static"
+
+
+class _Batches:
+    """onnxruntime CalibrationDataReader over numpy batches."""
+
+    def __init__(self, batches: Iterable):
+        self._batches = iter(batches)
+
+    def get_next(self):
+        batch = next(self._batches, None)
+        return None if batch is None else {INPUT_NAME: np.asarray(batch, "float32")}
+
+    def rewind(self):  # part of the reader interface; one pass is all calibration needs
+        pass
+
+
+def quantize(
+    fp32_path: str | os.PathLike,
+    int8_path: str | os.PathLike,
+    method: str | None = None,
+    calibration: Iterable | None = None,
+    metadata: dict[str, Any] | None = None,
+) -> dict[str, Any]:
+    """Quantize an FP32 ONNX file to INT8 (written atomically); returns how it was done.
+
+    `calibration` (batches of [0, 255] images) is required for the static method. The ONNX
+    Runtime tools run inside a temporary working folder: pre-processing leaves large temporary
+    files in the current directory on transformer graphs.
+    """
+    import onnx
+    from onnxruntime.quantization import QuantFormat, quantize_dynamic, quantize_static
+    from onnxruntime.quantization.shape_inference import quant_pre_process
+
+    fp32_path = Path(fp32_path).resolve()
+    method = method or quantization_method(fp32_path)
+    if method not in ("static", "dynamic"):
+        raise KDError(f"unknown quantization method {method!r}; valid: static, dynamic")
+    info: dict[str, Any] = {"method": method}
+    with tempfile.TemporaryDirectory(prefix="kd_keras_int8_") as tmp, contextlib.chdir(tmp):
+        pre = Path(tmp) / "preprocessed.onnx"
+        out = Path(tmp) / "int8.onnx"
+        with _quiet_loggers("", "onnxruntime"):
+            # symbolic shape inference fails on the ViT graph; ONNX shape inference still runs
+            quant_pre_process(str(fp32_path), str(pre), skip_symbolic_shape=method == "dynamic")
+            if method == "static":
+                if calibration is None:
+                    raise KDError("static INT8 quantization needs calibration images")
+                reader = _Batches(calibration)
+                quantize_static(
+                    str(pre), str(out), reader, quant_format=QuantFormat.QDQ, per_channel=True,
+                    nodes_to_exclude=[SOFTMAX_NODE],
+                )  # fmt: skip
+                info.update(format="QDQ", per_channel=True, weights="int8", activations="int8")
+            else:
+                quantize_dynamic(str(pre), str(out), op_types_to_quantize=["MatMul", "Gemm"])
+                info.update(format="dynamic", ops=["MatMul", "Gemm"], weights="int8")
+        model = onnx.load(str(out))
+        _set_metadata(model, {**(metadata or {}), "quantization": json.dumps(info)})
+        atomic_write(int8_path, lambda tmp_path: onnx.save(model, str(tmp_path)))
+    return info
+
+
+# ---------------------------------------------------------------- export_run
+
+
+def _size_mb(path: Path) -> float:
+    return round(path.stat().st_size / 1e6, 3)
+
+
+def _short_metrics(metrics: dict) -> dict:
+    return {k: metrics.get(k) for k in ("accuracy", "balanced_accuracy", "macro_f1", "roc_auc")}
+
+
+def export_run(
+    run_dir: str | os.PathLike | None = None,
+    out_dir: str | os.PathLike | None = None,
+    models: Iterable[str] = ("student", "teacher"),
+    int8: bool = False,
+    tolerance: float | None = None,
+    limit: int | None = None,
+    fmt: str = "onnx",
+    quiet: bool = False,
+) -> dict[str, Any]:
+    """Export a run's models to `<out_dir>/<run name>/` and check each file; returns export.json.
+
+    Args:
+        run_dir: run folder; None picks the most recent run under `runs/`.
+        out_dir: parent folder of the per-run export folder (default `export.dir`, else
+            `export`).
+        models: which of the run's models to export. The student is required; another model
+            missing from the run is skipped with a note.
+        int8: also write `<model>.int8.onnx` (see module docstring for the method).
+        tolerance: parity tolerance on logits (default `export.tolerance`).
+        limit: check on the first `limit` test images only (default: the whole test split).
+        fmt: export format; only `"onnx"` exists today.
+        quiet: do not print progress and the summary table.
+    """
+    if fmt not in FORMATS:
+        raise KDError(f"unknown export format {fmt!r}; valid: {', '.join(FORMATS)}")
+    models = tuple(models)
+    unknown = [m for m in models if m not in MODEL_NAMES]
+    if unknown:
+        raise KDError(f"unknown model {unknown[0]!r} to export; valid: {', '.join(MODEL_NAMES)}")
+    run = load_run(run_dir)
+    tolerance = run.cfg.export.tolerance if tolerance is None else float(tolerance)
+    if tolerance < 0:
+        raise KDError(f"tolerance must be >= 0, got {tolerance}")
+    sources: dict[str, Path] = {}
+    skipped: dict[str, str] = {}
+    for name in models:
+        path = run.model_file(name)
+        if path is None and name == "student":
+            raise KDError(f"run {run.path} has no student.keras — train the student first")
+        if path is None:
+            skipped[name] = f"run has no {name}.keras"
+        else:
+            sources[name] = path
+    out = check_writable_dir(run.export_dir(out_dir))
+    say = _printer(quiet)
+
+    from kd_keras.data import load_splits
+    from kd_keras.models import image_size_of, load_model
+
+    splits = load_splits(run.cfg.data, seed=run.cfg.run.seed)
+    class_names = run.report.get("class_names") or splits.class_names
+    test = splits.test.subset(np.arange(min(limit, len(splits.test)))) if limit else splits.test
+    result: dict[str, Any] = {
+        "run": str(run.path.resolve()),
+        "format": fmt,
+        "opset": run.cfg.export.opset,
+        "tolerance": tolerance,
+        "split": "test",
+        "n_images": len(test),
+        "class_names": class_names,
+        "kd_keras_version": kd_keras_version(),
+        "artefacts": {},
+        "skipped": skipped,
+    }
+    for name, source in sources.items():
+        model = load_model(source, f"{name} model")
+        result["image_size"] = image_size_of(model)
+        result["artefacts"].update(
+            _export_model(run, name, model, source, out, test, splits.train, class_names,
+                          tolerance, int8, say)
+        )  # fmt: skip
+        del model
+    result["created"] = time.strftime("%Y-%m-%dT%H:%M:%S%z")
+    write_json(out / "export.json", result)
+    result["export_dir"] = str(out)
+    if not quiet:
+        print_summary(result)
+    return result
+
+
+def _export_model(
+    run: Run, name: str, model, source: Path, out: Path, test, train, class_names: list[str],
+    tolerance: float, int8: bool, say: Callable[[str], None],
+) -> dict[str, dict[str, Any]]:  # fmt: skip
+    """`<name>.onnx` checked against Keras on `test` (+ `<name>.int8.onnx`): export.json entries."""
+    from kd_keras.data import make_dataset, stratified_subset
+    from kd_keras.evaluate import classification_metrics, softmax
+    from kd_keras.models import image_size_of
+
+    size, arch, threshold = image_size_of(model), model.name, run.threshold(name)
+    params = int(model.count_params())
+    meta = model_metadata(
+        class_names, size, threshold, model=name, architecture=arch,
+        source_run=str(run.path.resolve()), source_file=source.name,
+    )  # fmt: skip
+    test_batches = make_dataset(test, size, run.cfg.data.batch_size, labels=False, cache=False)
+
+    def metrics(logits: np.ndarray) -> dict:
+        return classification_metrics(test.labels, softmax(logits), class_names, threshold)
+
+    onnx_path = out / f"{name}.onnx"
+    say(f"[bold]{name}[/]: converting {source.name} ({arch}, {size} px) to ONNX …")
+    keras_logits = predict(keras_predictor(model), test_batches)
+    to_onnx(model, onnx_path, run.cfg.export.opset, {**meta, "precision": "float32"})
+    try:
+        session = onnx_session(onnx_path)
+        onnx_logits = predict(onnx_predictor(session), test_batches)
+        parity = check_parity(keras_logits, onnx_logits, tolerance, session)
+    except BaseException:
+        onnx_path.unlink(missing_ok=True)
+        raise
+    if not parity["passed"]:
+        onnx_path.unlink(missing_ok=True)
+        raise KDError(
+            f"{name} ONNX parity check FAILED: max |logit difference| "
+            f"{parity['max_abs_diff']:.3g} > tolerance {tolerance:g} on {parity['n']} test "
+            f"images; {onnx_path} was deleted"
+        )
+    entries = {
+        name: {
+            "file": onnx_path.name, "source": str(source), "architecture": arch,
+            "params": params, "size_mb": _size_mb(onnx_path), "threshold": threshold,
+            "parity": parity, "metrics": metrics(onnx_logits),
+        }
+    }  # fmt: skip
+    if not int8:
+        return entries
+    int8_path = out / f"{name}.int8.onnx"
+    method = quantization_method(onnx_path)
+    say(f"[bold]{name}[/]: quantizing to INT8 ({method}) …")
+    n_cal = run.cfg.export.calibration_samples
+    calib = train.subset(stratified_subset(train.labels, n_cal, run.cfg.run.seed))
+    info = quantize(
+        onnx_path, int8_path, method,
+        calibration=make_dataset(calib, size, 32, labels=False, cache=False),
+        metadata={**meta, "precision": "int8"},
+    )  # fmt: skip
+    if method == "static":
+        info.update(calibration_split="train", calibration_samples=len(calib))
+    int8_logits = predict(onnx_predictor(onnx_session(int8_path)), test_batches)
+    entries[f"{name}.int8"] = {
+        "file": int8_path.name, "source": onnx_path.name, "architecture": arch,
+        "params": params, "size_mb": _size_mb(int8_path), "threshold": threshold,
+        "quantization": info, "vs_keras": compare_logits(keras_logits, int8_logits),
+        "metrics": metrics(int8_logits),
+    }  # fmt: skip
+    return entries
+
+
+def console(stderr: bool = False):
+    """A rich console; 120 columns when output is not a terminal (logs, CI, pipes)."""
+    import sys
+
+    from rich.console import Console
+
+    stream = sys.stderr if stderr else sys.stdout
+    return Console(stderr=stderr, width=None if stream.isatty() else 120)
+
+
+def _printer(quiet: bool) -> Callable[[str], None]:
+    if quiet:
+        return lambda text: None
+    err = console(stderr=True)
+    return lambda text: err.print(text)
+
+
+def _fmt(value: float | None, digits: int = 3) -> str:
+    return "—" if value is None else f"{value:.{digits}f}"
+
+
+def summary_table(result: dict[str, Any]):
+    """A rich table: one row per exported file, its parity check and test metrics."""
+    from rich.table import Table
+
+    run = Path(result["run"]).name
+    table = Table(title=f"ONNX export of run {run} ({result['n_images']} test images)")
+    for col in ("file", "max |Δ logit|", "argmax agree", "check", "MB", "bal. acc", "AUC"):
+        table.add_column(col, justify="left" if col == "file" else "right")
+    for entry in result["artefacts"].values():
+        metrics = entry["metrics"]
+        if "parity" in entry:
+            check = entry["parity"]
+            status = "[green]PASS[/]" if check["passed"] else "[red]FAIL[/]"
+        else:
+            check = entry["vs_keras"]
+            status = f"int8 {entry['quantization']['method']}"
+        table.add_row(
+            entry["file"], f"{check['max_abs_diff']:.1e}", f"{check['argmax_agreement']:.1%}",
+            status, f"{entry['size_mb']:.1f}", _fmt(metrics["balanced_accuracy"]),
+            _fmt(metrics["roc_auc"]),
+        )  # fmt: skip
+    return table
+
+
+def summary_notes(result: dict[str, Any]) -> list[str]:
+    """Lines printed under the table: tolerance, outputs, skipped models, where files went."""
+    lines = [f"check: FP32 logits vs Keras, PASS when max |Δ| ≤ {result['tolerance']:g}; "
+             "int8 rows show their difference and metrics (no pass/fail)"]  # fmt: skip
+    first = next((e for e in result["artefacts"].values() if "parity" in e), None)
+    if first:
+        outputs = ", ".join(f"{o['name']} {o['shape']}" for o in first["parity"]["outputs"])
+        lines.append(
+            f"input: images [batch, H, W, 3] float32 {INPUT_DESCRIPTION}; outputs: {outputs}"
+        )
+    lines += [f"skipped {name}: {reason}" for name, reason in result.get("skipped", {}).items()]
+    lines.append(f"written to {result.get('export_dir', '')}")
+    return lines
+
+
+def print_summary(result: dict[str, Any]) -> None:
+    out = console()
+    out.print(summary_table(result))
+    for line in summary_notes(result):
+        out.print(line, highlight=False, markup=False)

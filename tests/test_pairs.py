@@ -1,0 +1,175 @@
+"""Every teacher/student pair distils, and the DeiT student's two heads do what DeiT says.
+
+Models are built once per module (32 px, patch 8 for token students: a 4x4 grid) and shared by
+the cases; each case compares weights just before and after its own step.
+"""
+
+import time
+
+import keras
+import numpy as np
+import pytest
+
+from kd_keras import losses, models
+from kd_keras.distiller import Distiller
+from kd_keras.errors import KDError
+
+SIZE, PATCH, CLASSES = 32, 8, 3
+RNG = np.random.default_rng(0)
+X = RNG.uniform(0, 255, (4, SIZE, SIZE, 3)).astype("float32")
+Y = np.array([0, 1, 2, 1])
+
+TEACHERS = ["resnet50", "efficientnet_b3"]
+STUDENTS = ["resnet18", "vit_small", "deit_small"]
+# teacher tap at 32 px (stride 16): 2x2; students: resnet18 P4 2x2, token grids 4x4
+TEACHER_FEATURES = {"resnet50": (2, 2, 1024), "efficientnet_b3": (2, 2, 136)}
+STUDENT_FEATURES = {"resnet18": (2, 2, 256), "vit_small": (4, 4, 384), "deit_small": (4, 4, 384)}
+
+
+@pytest.fixture(scope="module")
+def zoo():
+    """One instance of every registered model, built lazily and shared by the module."""
+    built = {}
+
+    def get(arch):
+        if arch not in built:
+            keras.utils.set_random_seed(len(built))
+            if arch in models.TEACHERS:
+                built[arch] = models.build_teacher(arch, CLASSES, SIZE)
+            else:
+                built[arch] = models.build_student(arch, CLASSES, SIZE, patch_size=PATCH)
+        return built[arch]
+
+    return get
+
+
+def test_every_architecture_is_registered():
+    assert list(models.TEACHERS) == TEACHERS
+    assert list(models.STUDENTS) == STUDENTS
+
+
+@pytest.mark.parametrize("beta", [0.0, 1.0], ids=["logits", "features"])
+@pytest.mark.parametrize("mode", ["soft", "hard"])
+@pytest.mark.parametrize("student_arch", STUDENTS)
+@pytest.mark.parametrize("teacher_arch", TEACHERS)
+def test_pair_distils_one_batch(zoo, teacher_arch, student_arch, mode, beta):
+    teacher, student = zoo(teacher_arch), zoo(student_arch)
+    d = Distiller(student, teacher, alpha=0.5, temperature=4.0, beta=beta, mode=mode)
+    if beta:
+        t_shape = tuple(models.feature_tensor(teacher).shape[1:])
+        s_shape = tuple(models.feature_tensor(student).shape[1:])
+        assert t_shape == TEACHER_FEATURES[teacher_arch]
+        assert s_shape == STUDENT_FEATURES[student_arch]
+        projected = d.adapter(np.zeros((1, *s_shape), "float32"))
+        assert tuple(projected.shape[1:]) == t_shape, "adapter maps the student onto the teacher"
+    d.compile(optimizer=keras.optimizers.SGD(0.01, momentum=0.9))
+    t_before = [w.copy() for w in teacher.get_weights()]
+    s_before = [w.copy() for w in student.get_weights()]
+    logs = d.train_on_batch(X, Y, return_dict=True)
+    expected = {"loss", "ce", "kd", "accuracy"} | ({"feat"} if beta else set())
+    assert set(logs) == expected
+    assert all(np.isfinite(v) for v in logs.values()), logs
+    assert all(np.array_equal(a, b) for a, b in zip(t_before, teacher.get_weights()))
+    s_after = student.get_weights()
+    assert any(not np.array_equal(a, b) for a, b in zip(s_before, s_after))
+
+
+# ---------------------------------------------------------------- DeiT
+
+
+def head_outputs(student):
+    return keras.Model(
+        student.input,
+        [
+            student.get_layer(models.CLS_LOGITS_LAYER).output,
+            student.get_layer(models.DIST_LOGITS_LAYER).output,
+            student.output,
+        ],
+    )
+
+
+def test_deit_output_is_the_mean_of_its_two_heads(zoo):
+    deit = zoo("deit_small")
+    backbone = deit.get_layer("deit_backbone")
+    assert (backbone.hidden_dim, backbone.num_layers, backbone.num_heads) == (384, 12, 6)
+    assert backbone.intermediate_dim == 1536
+    assert tuple(backbone.output.shape[1:]) == (2 + (SIZE // PATCH) ** 2, 384)
+    cls, dist, out = (np.asarray(t) for t in head_outputs(deit)(X))
+    assert not np.allclose(cls, dist), "two independent heads"
+    np.testing.assert_allclose(out, (cls + dist) / 2, rtol=1e-6, atol=1e-6)
+
+
+@pytest.mark.parametrize("mode", ["soft", "hard"])
+def test_deit_class_head_learns_labels_and_dist_head_the_teacher(zoo, mode):
+    teacher, deit = zoo("resnet50"), zoo("deit_small")
+    d = Distiller(deit, teacher, alpha=0.4, temperature=2.0, beta=0.0, mode=mode)
+    terms = {k: float(v) for k, v in
+             d.compute_terms(Y, d._student_graph(X), d._teacher_forward(X)).items()}  # fmt: skip
+    cls, dist, _ = (np.asarray(t) for t in head_outputs(deit)(X))
+    t_logits = np.asarray(teacher(X, training=False))
+    ce = float(np.mean(losses.cross_entropy(Y, cls)))
+    if mode == "hard":
+        kd = float(np.mean(losses.cross_entropy(t_logits.argmax(axis=1), dist)))
+    else:
+        kd = float(np.mean(losses.soft_kd(t_logits, dist, 2.0)))
+    assert terms["ce"] == pytest.approx(ce, rel=1e-4)
+    assert terms["kd"] == pytest.approx(kd, rel=1e-4)
+    assert terms["loss"] == pytest.approx(0.4 * ce + 0.6 * kd, rel=1e-4)
+    # the label term reaches only the class head, the teacher term only the distillation head
+    cls_head, dist_head = models.CLS_LOGITS_LAYER, models.DIST_LOGITS_LAYER
+    for alpha, moved, kept in ((0.0, dist_head, cls_head), (1.0, cls_head, dist_head)):
+        d = Distiller(deit, teacher, alpha=alpha, beta=0.0, mode=mode)
+        d.compile(optimizer=keras.optimizers.SGD(0.01))
+        before = {n: [w.copy() for w in deit.get_layer(n).get_weights()] for n in (moved, kept)}
+        d.train_on_batch(X, Y)
+        after = {n: deit.get_layer(n).get_weights() for n in (moved, kept)}
+        assert not np.array_equal(before[moved][0], after[moved][0]), f"alpha={alpha}: {moved}"
+        assert all(np.array_equal(a, b) for a, b in zip(before[kept], after[kept])), kept
+
+
+def test_deit_saves_and_loads_with_identical_outputs_and_feature_tap(zoo, tmp_path):
+    deit = zoo("deit_small")
+    path = tmp_path / "deit.keras"
+    deit.save(path)
+    loaded = models.load_model(path)
+    np.testing.assert_array_equal(loaded.predict(X, verbose=0), deit.predict(X, verbose=0))
+    assert models.has_layer(loaded, models.CLS_LOGITS_LAYER)
+    assert models.has_layer(loaded, models.DIST_LOGITS_LAYER)
+    f1, _ = models.feature_extractor(deit)(X)
+    f2, _ = models.feature_extractor(loaded)(X)
+    assert tuple(f2.shape) == (4, SIZE // PATCH, SIZE // PATCH, 384)
+    np.testing.assert_array_equal(np.asarray(f2), np.asarray(f1))
+    # the tap is the patch tokens in grid order: row r, column c = token 2 + r * grid + c
+    tokens = np.asarray(keras.Model(deit.input, deit.get_layer("deit_backbone").output)(X))
+    np.testing.assert_array_equal(np.asarray(f1)[:, 1, 2], tokens[:, 2 + 1 * 4 + 2])
+
+
+def test_deit_imagenet_weights_need_224_px_patch_16_and_fail_fast_offline():
+    with pytest.raises(KDError, match="image_size = 224 and student.patch_size = 16"):
+        models.build_student("deit_small", 2, 32, weights="imagenet", patch_size=8)
+    start = time.perf_counter()
+    try:
+        models.build_student("deit_small", 2, 224, weights="imagenet", patch_size=16)
+    except KDError as err:  # offline: the preset download fails
+        assert "could not load ImageNet weights for deit_small" in str(err)
+        assert "student.weights" in str(err)
+        assert time.perf_counter() - start < 10, "the offline failure must be quick"
+    # with internet the preset loads and the model builds: nothing more to assert offline
+
+
+def test_deit_loads_a_local_preset_folder_and_checks_its_grid(tmp_path):
+    import keras_hub
+
+    keras.utils.set_random_seed(0)
+    small = keras_hub.models.DeiTBackbone(
+        image_shape=(SIZE, SIZE, 3), patch_size=PATCH, num_layers=1, num_heads=2,
+        hidden_dim=32, intermediate_dim=64,
+    )  # fmt: skip
+    small.save_to_preset(str(tmp_path / "preset"))
+    student = models.build_student("deit_small", 2, SIZE, str(tmp_path / "preset"), PATCH)
+    backbone = student.get_layer("deit_backbone")  # renamed, so the feature tap finds it
+    for a, b in zip(small.get_weights(), backbone.get_weights()):
+        np.testing.assert_array_equal(a, b)
+    assert tuple(models.feature_tensor(student).shape[1:]) == (4, 4, 32)
+    with pytest.raises(KDError, match="DeiT for 32 px images with patch 8"):
+        models.build_student("deit_small", 2, SIZE, str(tmp_path / "preset"), 4)

@@ -43,7 +43,7 @@ def test_feature_l2_zero_when_features_match_and_mse_otherwise(norm):
 def test_feature_l2_normalised_is_squared_distance_of_unit_vectors():
     t = np.zeros((1, 1, 2, 3), "float32")
     s = np.zeros((1, 1, 2, 3), "float32")
-    t[0, 0, 0, 0], s[0, 0, 0, 1] = 5.0, 0.1  # orthogonal: |a - b|^2 = 2
+    t[0, 0, 0, 0], s[0, 0, 0, 1] = 5.0, 2.0  # orthogonal: |a - b|^2 = 2
     t[0, 0, 1, 2], s[0, 0, 1, 2] = 3.0, 7.0  # parallel: 0, whatever the scale
     np.testing.assert_allclose(np.asarray(losses.feature_l2(t, s, "l2")), [1.0], rtol=1e-5)
 

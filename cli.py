@@ -68,6 +68,35 @@ def evaluate(
     typer.echo(report_markdown(evaluate_run(run)))
 
 
+@app.command()
+def sweep(
+    config: Annotated[Path, typer.Option("--config", "-c", help="TOML experiment config.")],
+    grid: Annotated[
+        list[str],
+        typer.Option("--grid", help="A grid axis: section.key=v1,v2,... (repeatable)."),
+    ],
+    seeds: Annotated[int, typer.Option(help="Seeds per cell (run.seed, run.seed + 1, ...).")] = 1,
+    set_: Annotated[
+        list[str] | None,
+        typer.Option("--set", help="Override a config value for every run: section.key=value."),
+    ] = None,
+) -> None:
+    """Distil over a grid of settings and seeds (resumable); write tables, heatmap, ablation."""
+    from kd_keras.config import build_config, read_toml
+    from kd_keras.sweep import parse_grid
+
+    raw = read_toml(config)
+    base = build_config(raw, config.resolve().parent, set_ or [], default_name=config.stem)
+    axes = parse_grid(grid)
+
+    from kd_keras.sweep import run_sweep
+
+    result = run_sweep(raw, config.resolve().parent, base, axes, seeds, set_ or [])
+    root = Path(result["root"])
+    typer.echo("\n" + (root / "results.md").read_text() + "\n" + (root / "ablation.md").read_text())
+    typer.echo(f"sweep folder: {root}")
+
+
 def main() -> None:
     from kd_keras.errors import KDError
 

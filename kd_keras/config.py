@@ -265,16 +265,21 @@ def _check_consistency(cfg: Config) -> None:
         raise KDError(f"config key data.path is required when data.source = {cfg.data.source!r}")
 
 
-def load_config(path: str | Path, overrides: list[str] | None = None) -> Config:
-    """Read, validate and resolve a TOML config file."""
+def read_toml(path: str | Path) -> dict[str, Any]:
+    """The raw table of a TOML file, with clear errors for a missing or malformed file."""
     path = Path(path)
     if not path.is_file():
         raise KDError(f"config file not found: {path}")
     try:
-        raw = tomllib.loads(path.read_text(encoding="utf-8"))
+        return tomllib.loads(path.read_text(encoding="utf-8"))
     except (tomllib.TOMLDecodeError, UnicodeDecodeError) as err:
         raise KDError(f"config file {path} is not valid TOML: {err}") from err
-    return build_config(raw, path.resolve().parent, overrides, default_name=path.stem)
+
+
+def load_config(path: str | Path, overrides: list[str] | None = None) -> Config:
+    """Read, validate and resolve a TOML config file."""
+    path = Path(path)
+    return build_config(read_toml(path), path.resolve().parent, overrides, default_name=path.stem)
 
 
 def _toml_value(value: Any) -> str:

@@ -197,8 +197,12 @@ def _stage_setting(value, default):
     return default if value is None else value
 
 
-def run_distill(cfg: Config, stages: list[str] | None = None) -> dict:
-    """Run the configured stages, then evaluate every model of the run on the test split."""
+def run_distill(cfg: Config, stages: list[str] | None = None, copy_teacher: bool = True) -> dict:
+    """Run the configured stages, then evaluate every model of the run on the test split.
+
+    A teacher given by `teacher.path` is copied into the run folder (so the run is
+    self-contained for evaluation and export) unless `copy_teacher` is False.
+    """
     from kd_keras.evaluate import evaluate_run
 
     stages = stages or cfg.train.stages
@@ -223,7 +227,8 @@ def run_distill(cfg: Config, stages: list[str] | None = None) -> dict:
     if cfg.teacher.path:
         teacher = load_model(cfg.teacher.path, "teacher.path")
         _check_classifier(teacher, n, size, "teacher.path")
-        save_model(teacher, teacher_file)
+        if copy_teacher:
+            save_model(teacher, teacher_file)
     elif "teacher" in stages:
         keras.utils.set_random_seed(cfg.run.seed)
         teacher = build_teacher(cfg.teacher.arch, n, size, cfg.teacher.weights)

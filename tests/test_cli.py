@@ -16,6 +16,13 @@ def cli(*args, cwd=ROOT):
     )
 
 
+RUN_FILES = (
+    "config.toml", "teacher.keras", "student.keras", "student_scratch.keras", "report.json",
+    "report.md", "history_teacher.csv", "history_distill.csv", "history_scratch.csv",
+    "confusion_student.png", "confusion_student.json",
+)  # fmt: skip
+
+
 def tiny_overrides(npz, out):
     return [
         "--set", f"data.path={npz}", "--set", f"run.output_dir={out}",
@@ -30,9 +37,7 @@ def test_distill_end_to_end_then_evaluate_reproduces(real_npz, tmp_path):
     res = cli("distill", "--config", "configs/xray.toml", *tiny_overrides(real_npz, tmp_path))
     assert res.returncode == 0, res.stderr[-3000:]
     run = tmp_path / "tiny"
-    for name in ("config.toml", "teacher.keras", "student.keras", "student_scratch.keras",
-                 "report.json", "report.md", "history_teacher.csv", "history_distill.csv",
-                 "history_scratch.csv", "confusion_student.png", "confusion_student.json"):  # fmt: skip
+    for name in RUN_FILES:
         assert (run / name).is_file(), name
     report = json.loads((run / "report.json").read_text())
     assert list(report["models"]) == ["teacher", "student", "student_scratch"]

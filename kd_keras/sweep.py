@@ -1,0 +1,244 @@
+"""Experiment runner: a grid of distillation settings over several seeds, resumable.
+
+    python cli.py sweep --config configs/xray.toml --grid distill.temperature=1,2,4,8 \\
+        --grid distill.alpha=0.1,0.5,0.9 --grid distill.beta=0,1 --seeds 3
+
+Layout under `<output_dir>/<name>_sweep/`:
+
+    teacher/                 the teacher, trained once (seed = run.seed) and shared by all cells
+    scratch/seed<k>/         the student without distillation, one per seed
+    cells/<cell>/seed<k>/    one distilled student per grid cell and seed
+    results.csv, results.md  mean +- std over seeds per cell (validation and test)
+    heatmap.png              balanced accuracy over temperature x alpha (validation | test)
+    ablation.md              seed 002's comparison, every row selected on validation
+
+A run folder holding `report.json` is finished and skipped on the next call. Nothing is
+selected on the test split: every choice uses the validation balanced accuracy.
+"""
+
+from __future__ import annotations
+
+import itertools
+from pathlib import Path
+
+import numpy as np
+
+from kd_keras.config import Config, build_config, parse_override
+from kd_keras.errors import KDError, atomic_write, read_json, write_text
+
+METRICS = (
+    ("val_bal_acc", "val", "balanced_accuracy"),
+    ("test_bal_acc", "test", "balanced_accuracy"),
+    ("test_acc", "test", "accuracy"),
+    ("test_auc", "test", "roc_auc"),
+    ("subset_bal_acc", "test_subset", "balanced_accuracy"),
+)
+
+
+def parse_grid(items: list[str]) -> dict[str, list]:
+    """`section.key=v1,v2,...` items into {dotted key: [values]} (values read as TOML)."""
+    grid: dict[str, list] = {}
+    for item in items:
+        if "=" not in item:
+            raise KDError(f"grid {item!r} must look like section.key=v1,v2,...")
+        dotted, raw = item.split("=", 1)
+        values = [parse_override(f"{dotted}={v.strip()}")[2] for v in raw.split(",") if v.strip()]
+        if not values:
+            raise KDError(f"grid {item!r} lists no values")
+        grid[dotted.strip()] = values
+    return grid
+
+
+def cell_name(setting: dict) -> str:
+    return "_".join(f"{k.split('.')[-1]}={v}" for k, v in setting.items())
+
+
+def _overrides(setting: dict) -> list[str]:
+    return [f"{k}={_literal(v)}" for k, v in setting.items()]
+
+
+def _literal(v) -> str:
+    if isinstance(v, bool):
+        return "true" if v else "false"
+    return f'"{v}"' if isinstance(v, str) else repr(v)
+
+
+def _run(base: Config, raw: dict, base_dir: Path, folder: Path, overrides: list[str], stages):
+    """Train and evaluate one run folder unless it is already finished."""
+    from kd_keras.train import run_distill
+
+    if (folder / "report.json").is_file():
+        print(f"skip (finished): {folder}")
+        return read_json(folder / "report.json")
+    cfg = build_config(raw, base_dir, overrides, default_name=base.run.name)
+    cfg.run.output_dir, cfg.run.name = str(folder.parent), folder.name
+    return run_distill(cfg, stages, copy_teacher=False)
+
+
+def _value(report: dict, model: str, split: str, metric: str):
+    entry = report["models"].get(model, {}).get(split)
+    return None if entry is None else entry[metric]
+
+
+def _stats(values: list) -> tuple[float, float]:
+    arr = np.asarray([v for v in values if v is not None], dtype="float64")
+    return (float(arr.mean()), float(arr.std())) if len(arr) else (float("nan"), float("nan"))
+
+
+def run_sweep(
+    raw: dict, base_dir: Path, base: Config, grid: dict[str, list], seeds: int,
+    overrides: list[str] | None = None,
+) -> dict:  # fmt: skip
+    """Run every grid cell for `seeds` seeds (plus teacher and scratch baselines); write the
+    results table, heatmap and ablation; return the rows."""
+    if seeds < 1:
+        raise KDError(f"--seeds must be at least 1, got {seeds}")
+    for key in grid:  # validate every grid value before training anything
+        for value in grid[key]:
+            build_config(raw, base_dir, (overrides or []) + [f"{key}={_literal(value)}"])
+    root = base.run_dir.parent / f"{base.run.name}_sweep"
+    overrides = list(overrides or [])
+
+    teacher_dir = root / "teacher"
+    if base.teacher.path:
+        teacher_file = base.teacher.path
+    else:
+        _run(base, raw, base_dir, teacher_dir, overrides, ["teacher"])
+        teacher_file = str(teacher_dir / "teacher.keras")
+    with_teacher = overrides + [f"teacher.path={_literal(teacher_file)}"]
+
+    rows = []
+    seed_list = [base.run.seed + k for k in range(seeds)]
+    scratch = []
+    for seed in seed_list:
+        folder = root / "scratch" / f"seed{seed}"
+        scratch.append(_run(base, raw, base_dir, folder, overrides + [f"run.seed={seed}"],
+                            ["scratch"]))  # fmt: skip
+    rows.append(_row("student_scratch", {}, scratch, "student_scratch"))
+
+    keys = list(grid)
+    for values in itertools.product(*(grid[k] for k in keys)):
+        setting = dict(zip(keys, values))
+        reports = []
+        for seed in seed_list:
+            folder = root / "cells" / cell_name(setting) / f"seed{seed}"
+            reports.append(_run(base, raw, base_dir, folder,
+                                with_teacher + _overrides(setting) + [f"run.seed={seed}"],
+                                ["distill"]))  # fmt: skip
+        rows.append(_row(cell_name(setting), setting, reports, "student"))
+
+    if (teacher_dir / "report.json").is_file():  # absent when the user gave teacher.path
+        rows.insert(0, _row("teacher", {}, [read_json(teacher_dir / "report.json")], "teacher"))
+    write_results(root, rows, keys, base)
+    return {"root": str(root), "rows": rows}
+
+
+def _row(name: str, setting: dict, reports: list[dict], model: str) -> dict:
+    row = {"name": name, "setting": setting, "seeds": len(reports)}
+    for label, split, metric in METRICS:
+        values = [_value(r, model, split, metric) for r in reports]
+        row[label] = _stats(values)
+    minority = reports[0].get("subset", {}).get("minority_class")
+    if minority is not None:
+        cname = reports[0]["class_names"][minority]
+        recalls = [r["models"][model]["test_subset"]["per_class"][cname]["recall"]
+                   for r in reports if model in r["models"]]  # fmt: skip
+        row["subset_minority_recall"] = _stats(recalls)
+    return row
+
+
+def _fmt(stat) -> str:
+    mean, std = stat
+    return "n/a" if np.isnan(mean) else f"{mean:.3f} ± {std:.3f}"
+
+
+def write_results(root: Path, rows: list[dict], keys: list[str], base: Config) -> None:
+    import csv
+    import io
+
+    labels = [m[0] for m in METRICS] + ["subset_minority_recall"]
+    buf = io.StringIO()
+    writer = csv.writer(buf)
+    writer.writerow(
+        ["name", *keys, "seeds"] + [f"{lab}_{s}" for lab in labels for s in ("mean", "std")]
+    )
+    for row in rows:
+        stats = [v for lab in labels for v in row.get(lab, (float("nan"), float("nan")))]
+        writer.writerow([row["name"], *[row["setting"].get(k, "") for k in keys], row["seeds"],
+                         *[f"{v:.4f}" for v in stats]])  # fmt: skip
+    write_text(root / "results.csv", buf.getvalue())
+
+    head = "| run | seeds | " + " | ".join(labels) + " |"
+    lines = [f"# Sweep `{base.run.name}` (mean ± std over seeds)", "", head,
+             "|---|---|" + "---|" * len(labels)]  # fmt: skip
+    lines += [f"| {r['name']} | {r['seeds']} | " + " | ".join(_fmt(r.get(lab, (np.nan, 0)))
+              for lab in labels) + " |" for r in rows]  # fmt: skip
+    write_text(root / "results.md", "\n".join(lines) + "\n")
+    write_text(root / "ablation.md", ablation_markdown(rows))
+    if {"distill.temperature", "distill.alpha"} <= set(keys):
+        heatmap(root / "heatmap.png", rows)
+
+
+def _best(rows: list[dict], keep) -> dict | None:
+    """The row with the best mean validation balanced accuracy among those `keep` accepts."""
+    pool = [r for r in rows if r["setting"] and keep(r["setting"])]
+    return max(pool, key=lambda r: r["val_bal_acc"][0]) if pool else None
+
+
+def ablation_markdown(rows: list[dict]) -> str:
+    by_name = {r["name"]: r for r in rows}
+    entries = [("teacher", by_name.get("teacher")),
+               ("student from scratch", by_name.get("student_scratch"))]  # fmt: skip
+    entries += [
+        ("KD, logits only (beta = 0)", _best(rows, lambda s: s.get("distill.beta", 1) == 0)),
+        ("KD, logits + features (beta > 0)", _best(rows, lambda s: s.get("distill.beta", 0) > 0)),
+        ("KD, soft", _best(rows, lambda s: s.get("distill.mode", "soft") == "soft")),
+        ("KD, hard", _best(rows, lambda s: s.get("distill.mode") == "hard")),
+    ]
+    lines = ["# Ablation (each KD row: the cell with the best validation balanced accuracy)", "",
+             "| variant | selected cell | val bal. acc. | test bal. acc. | test acc. | test AUC |",
+             "|---|---|---|---|---|---|"]  # fmt: skip
+    for label, row in entries:
+        if row is None:
+            continue
+        lines.append(f"| {label} | {row['name']} | {_fmt(row['val_bal_acc'])} | "
+                     f"{_fmt(row['test_bal_acc'])} | {_fmt(row['test_acc'])} | "
+                     f"{_fmt(row['test_auc'])} |")  # fmt: skip
+    return "\n".join(lines) + "\n"
+
+
+def heatmap(path: Path, rows: list[dict]) -> None:
+    """Temperature x alpha; each square shows the cell best on validation among other keys."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    cells = [r for r in rows if "distill.temperature" in r["setting"]]
+    temps = sorted({r["setting"]["distill.temperature"] for r in cells})
+    alphas = sorted({r["setting"]["distill.alpha"] for r in cells})
+    fig, axes = plt.subplots(1, 2, figsize=(4 + 1.2 * len(temps) * 2, 1.0 * len(alphas) + 2.5))
+    for ax, (label, title) in zip(axes, (("val_bal_acc", "validation"), ("test_bal_acc", "test"))):
+        grid = np.full((len(alphas), len(temps)), np.nan)
+        for i, a in enumerate(alphas):
+            for j, t in enumerate(temps):
+                best = _best(cells, lambda s, a=a, t=t: s["distill.alpha"] == a
+                             and s["distill.temperature"] == t)  # fmt: skip
+                if best is not None:
+                    grid[i, j] = best[label][0]
+        im = ax.imshow(grid, cmap="viridis", origin="lower")
+        ax.set_xticks(range(len(temps)), [str(t) for t in temps])
+        ax.set_yticks(range(len(alphas)), [str(a) for a in alphas])
+        ax.set_xlabel("temperature")
+        ax.set_ylabel("alpha")
+        ax.set_title(f"balanced accuracy ({title})")
+        for i in range(len(alphas)):
+            for j in range(len(temps)):
+                if not np.isnan(grid[i, j]):
+                    ax.text(j, i, f"{grid[i, j]:.3f}", ha="center", va="center", color="w")
+        fig.colorbar(im, ax=ax, shrink=0.8)
+    fig.tight_layout()
+    try:
+        atomic_write(path, lambda tmp: fig.savefig(tmp, dpi=100))
+    finally:
+        plt.close(fig)

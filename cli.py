@@ -69,6 +69,65 @@ def evaluate(
 
 
 @app.command()
+def export(
+    onnx: Annotated[
+        bool, typer.Option("--onnx", help="Export to ONNX (same as --format onnx).")
+    ] = False,
+    fmt: Annotated[str | None, typer.Option("--format", help="Export format: onnx.")] = None,
+    run: Annotated[
+        Path | None, typer.Option("--run", help="Run folder (default: latest under runs/).")
+    ] = None,
+    int8: Annotated[bool, typer.Option("--int8", help="Also write an INT8 model.")] = False,
+    out: Annotated[Path | None, typer.Option("--out", help="Output parent folder.")] = None,
+    tolerance: Annotated[
+        float | None, typer.Option(help="Parity tolerance on logits (default: config).")
+    ] = None,
+    teacher: Annotated[bool, typer.Option(help="Export the teacher too.")] = True,
+) -> None:
+    """Export the student (and teacher) to ONNX with a parity check against Keras."""
+    if not onnx and fmt is None:
+        _fail("choose a format: --onnx (or --format onnx)")
+    from kd_keras.export import export_run
+
+    export_run(
+        run,
+        out_dir=out,
+        models=("student", "teacher") if teacher else ("student",),
+        int8=int8,
+        tolerance=tolerance,
+        fmt=fmt or "onnx",
+    )
+
+
+@app.command()
+def benchmark(
+    run: Annotated[
+        Path | None, typer.Option("--run", help="Run folder (default: latest under runs/).")
+    ] = None,
+    image_size: Annotated[
+        int | None, typer.Option("--image-size", help="Measure at this size (default: run's).")
+    ] = None,
+    warmup: Annotated[int, typer.Option(help="Untimed warm-up iterations.")] = 10,
+    iters: Annotated[int, typer.Option(help="Timed iterations at batch 1.")] = 50,
+    batch: Annotated[int, typer.Option(help="Batch size for the throughput figure.")] = 32,
+    threads: Annotated[int | None, typer.Option(help="Intra-op threads (default: all).")] = None,
+    out: Annotated[Path | None, typer.Option("--out", help="Export parent folder.")] = None,
+) -> None:
+    """Latency, throughput, size and accuracy: teacher vs student, Keras / ONNX / INT8."""
+    from kd_keras.benchmark import benchmark_run
+
+    benchmark_run(
+        run,
+        export_dir=out,
+        image_size=image_size,
+        warmup=warmup,
+        iters=iters,
+        batch=batch,
+        threads=threads,
+    )
+
+
+@app.command()
 def sweep(
     config: Annotated[Path, typer.Option("--config", "-c", help="TOML experiment config.")],
     grid: Annotated[

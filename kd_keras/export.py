@@ -383,7 +383,8 @@ def quantize(
     from onnxruntime.quantization import QuantFormat, quantize_dynamic, quantize_static
     from onnxruntime.quantization.shape_inference import quant_pre_process
 
-    fp32_path = Path(fp32_path).resolve()
+    # resolved before the tools change the working directory
+    fp32_path, int8_path = Path(fp32_path).resolve(), Path(int8_path).resolve()
     method = method or quantization_method(fp32_path)
     if method not in ("static", "dynamic"):
         raise KDError(f"unknown quantization method {method!r}; valid: static, dynamic")

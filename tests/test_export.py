@@ -54,13 +54,14 @@ def run_onnx(path: Path, images: np.ndarray) -> dict:
     return dict(zip(names, session.run(None, {"images": images}), strict=True))
 
 
-def test_cnn_student_and_teacher_pass_parity_with_int8(tmp_path, real_npz):
+def test_cnn_student_and_teacher_pass_parity_with_int8(tmp_path, real_npz, monkeypatch):
     keras.utils.set_random_seed(0)
+    monkeypatch.chdir(tmp_path)  # a relative output folder, as `cli.py export` uses by default
     run = make_run(tmp_path / "runs" / "cnn", real_npz, {
         "student": build_student("resnet18", 2, 32),
         "teacher": build_teacher("efficientnet_b3", 2, 32),
     })  # fmt: skip
-    result = export_run(run, out_dir=tmp_path / "export", int8=True, quiet=True)
+    result = export_run(run, out_dir="export", int8=True, quiet=True)
 
     out = tmp_path / "export" / "cnn"
     files = {"student.onnx", "student.int8.onnx", "teacher.onnx", "teacher.int8.onnx"}

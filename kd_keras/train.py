@@ -23,7 +23,7 @@ import keras
 import numpy as np
 
 from kd_keras.config import Config, TrainConfig
-from kd_keras.data import Splits, load_splits, make_dataset
+from kd_keras.data import Splits, load_splits, make_dataset, resolve_medmnist_path
 from kd_keras.distiller import Distiller
 from kd_keras.errors import KDError, atomic_write, read_json, write_json, write_text
 from kd_keras.evaluate import classification_metrics, predict_probs
@@ -206,6 +206,12 @@ def run_distill(cfg: Config, stages: list[str] | None = None, copy_teacher: bool
     from kd_keras.evaluate import evaluate_run
 
     stages = stages or cfg.train.stages
+    if cfg.data.source == "medmnist" and not cfg.data.path:
+        # record the file actually used (env var or download cache): the run folder then
+        # evaluates and exports without the environment it was trained in
+        cfg.data.path = str(
+            resolve_medmnist_path(cfg.data.dataset, cfg.data.medmnist_size, None).resolve()
+        )
     run_dir = cfg.run_dir
     run_dir.mkdir(parents=True, exist_ok=True)
     cfg.save(run_dir / "config.toml")

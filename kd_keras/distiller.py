@@ -118,9 +118,14 @@ class Distiller(keras.Model):
         self.uses_teacher = teacher is not None and (alpha < 1.0 or beta > 0.0)
 
         # Student graph: [feature?, logits for the label term, logits for the teacher term].
-        two_heads = has_layer(student, CLS_LOGITS_LAYER) and has_layer(student, DIST_LOGITS_LAYER)
-        ce_logits = student.get_layer(CLS_LOGITS_LAYER).output if two_heads else student.output
-        kd_logits = student.get_layer(DIST_LOGITS_LAYER).output if two_heads else student.output
+        # DeiT: class head on labels, distillation head on the teacher. Without a KD term both
+        # heads train on labels through the averaged output, which is what gets deployed.
+        split_heads = (
+            has_layer(student, CLS_LOGITS_LAYER) and has_layer(student, DIST_LOGITS_LAYER)
+            and self.uses_teacher and self.alpha < 1.0
+        )  # fmt: skip
+        ce_logits = student.get_layer(CLS_LOGITS_LAYER).output if split_heads else student.output
+        kd_logits = student.get_layer(DIST_LOGITS_LAYER).output if split_heads else student.output
         s_outputs = [ce_logits, kd_logits]
         t_outputs = []
         self.adapter = None

@@ -109,3 +109,14 @@ def test_get_config_rebuilds_an_equivalent_distiller(pair):
     assert (again.alpha, again.temperature, again.beta, again.mode) == (0.2, 5.0, 0.5, "hard")
     again.student.set_weights(student.get_weights())
     np.testing.assert_allclose(again.predict(X, verbose=0), d.predict(X, verbose=0), atol=1e-5)
+
+
+def test_deit_heads_split_only_when_there_is_a_kd_term():
+    """Scratch DeiT trains the deployed (averaged) output; distillation splits the heads."""
+    deit = models.build_student("deit_small", 2, 32, patch_size=8)
+    plain = Distiller(deit, None, alpha=1.0, beta=0.0)
+    assert plain._student_graph.outputs[0] is deit.output
+    teacher = small_classifier(1, 4.0)
+    kd = Distiller(deit, teacher, alpha=0.5, beta=0.0)
+    assert kd._student_graph.outputs[0] is deit.get_layer(models.CLS_LOGITS_LAYER).output
+    assert kd._student_graph.outputs[1] is deit.get_layer(models.DIST_LOGITS_LAYER).output

@@ -1,0 +1,46 @@
+"""kd_keras: knowledge distillation of image classifiers with Keras 3.
+
+The public API, importable from the package (loaded on first use, so `import kd_keras` does not
+start TensorFlow):
+
+    from kd_keras import load_config, run_distill, evaluate_run, export_run, benchmark_run
+    cfg = load_config("configs/xray.toml", ["train.epochs=1"])
+    report = run_distill(cfg)
+"""
+
+from __future__ import annotations
+
+import importlib
+
+_API = {
+    "load_config": "kd_keras.config",
+    "Config": "kd_keras.config",
+    "KDError": "kd_keras.errors",
+    "RunFolder": "kd_keras.run",
+    "Distiller": "kd_keras.distiller",
+    "FeatureAdapter": "kd_keras.distiller",
+    "build_teacher": "kd_keras.models",
+    "build_student": "kd_keras.models",
+    "load_model": "kd_keras.models",
+    "load_splits": "kd_keras.data",
+    "make_dataset": "kd_keras.data",
+    "run_distill": "kd_keras.train",
+    "evaluate_run": "kd_keras.evaluate",
+    "classification_metrics": "kd_keras.evaluate",
+    "export_run": "kd_keras.export",
+    "benchmark_run": "kd_keras.benchmark",
+    "benchmark_fresh": "kd_keras.benchmark",
+    "run_sweep": "kd_keras.sweep",
+    "load_predictor": "kd_keras.inference",
+}
+__all__ = sorted(_API)
+
+
+def __getattr__(name: str):
+    if name not in _API:
+        raise AttributeError(f"module 'kd_keras' has no attribute {name!r}")
+    return getattr(importlib.import_module(_API[name]), name)
+
+
+def __dir__() -> list[str]:
+    return __all__

@@ -42,25 +42,28 @@ from typing import Any
 
 import numpy as np
 
-from kd_keras.errors import KDError, write_json, write_text
+from kd_keras.errors import KDError, check_writable_dir, write_json, write_text
 from kd_keras.export import (
-    Run,
-    check_writable_dir,
-    console,
-    keras_predictor,
-    load_run,
-    onnx_predictor,
-    onnx_session,
-    predict,
-    providers,
+    calibration_batches,
     quantization_method,
     quantize,
     read_metadata,
     to_onnx,
 )
+from kd_keras.inference import (
+    console,
+    keras_predictor,
+    onnx_predictor,
+    onnx_session,
+    predict,
+    printer,
+    providers,
+    size_mb,
+)
+from kd_keras.run import RunFolder
 
 FORMATS = ("keras", "onnx", "int8")
-MODELS = ("teacher", "student")
+MODELS = ("teacher", "student")  # of a run: the pair whose ratio the benchmark is about
 TOKEN_ARCHS = ("vit_small", "deit_small")
 RATIOS = (("keras", "keras"), ("onnx", "onnx"), ("int8", "onnx"))
 
@@ -116,15 +119,11 @@ def time_predictor(
     }
 
 
-def _size_mb(path: Path | None) -> float | None:
-    return round(path.stat().st_size / 1e6, 3) if path is not None and path.is_file() else None
-
-
 def _row(c: Candidate, image_size: int, batch: int) -> dict[str, Any]:
     return {
         "model": c.model, "arch": c.arch, "format": c.fmt,
         "file": str(c.file) if c.file else None, "params": c.params,
-        "size_mb": _size_mb(c.file), "image_size": image_size, "batch": batch,
+        "size_mb": size_mb(c.file), "image_size": image_size, "batch": batch,
         "p50_ms": None, "p90_ms": None, "p99_ms": None, "throughput_ips": None,
         "throughput_iters": None, "balanced_accuracy": None, "accuracy": None, "note": c.note,
     }  # fmt: skip
@@ -319,7 +318,7 @@ def check_settings(warmup: int, iters: int, batch: int, threads: int | None, for
 # ---------------------------------------------------------------- benchmark_run
 
 
-def rebuild_at_size(run: Run, name: str, model, size: int, num_classes: int):
+def rebuild_at_size(run: RunFolder, name: str, model, size: int, num_classes: int):
     """The same architecture at `size` px, with the trained weights when their shapes allow."""
     from kd_keras.config import MIN_IMAGE_SIZE
     from kd_keras.models import build_student, build_teacher
@@ -329,7 +328,7 @@ def rebuild_at_size(run: Run, name: str, model, size: int, num_classes: int):
     if need and size < need:
         raise KDError(f"image size {size} is too small for {name} {arch} (needs at least {need})")
     if name == "teacher":
-        fresh = build_teacher(arch, num_classes, size)
+        fresh = build_teacher(arch, num_classes, size, tiny=run.cfg.teacher.variant == "tiny")
     else:
         patch = run.cfg.student.patch_size
         if arch in TOKEN_ARCHS and (size % patch or size // patch < 2):
@@ -337,7 +336,8 @@ def rebuild_at_size(run: Run, name: str, model, size: int, num_classes: int):
                 f"image size {size} is not a multiple of student.patch_size = {patch} "
                 "(or gives fewer than 2x2 patches)"
             )
-        fresh = build_student(arch, num_classes, size, patch_size=patch)
+        fresh = build_student(arch, num_classes, size, patch_size=patch,
+                              tiny=run.cfg.student.variant == "tiny")  # fmt: skip
     try:
         fresh.set_weights(model.get_weights())
     except ValueError as err:
@@ -371,7 +371,7 @@ def _onnx_candidate(name, arch, fmt, path, params, threshold, source, size, thre
     )  # fmt: skip
 
 
-def trained_candidates(run: Run, name: str, model, source: Path, out: Path, formats, threads):
+def trained_candidates(run: RunFolder, name: str, model, source: Path, out: Path, formats, threads):
     """The run's own files at the trained size: the .keras file and the exported ONNX files."""
     from kd_keras.models import image_size_of
 
@@ -425,17 +425,18 @@ def benchmark_run(
     """
     formats = check_settings(warmup, iters, batch, threads, formats)
     keras_threads = set_tensorflow_threads(threads)
-    run = load_run(run_dir)
+    run = RunFolder.find(run_dir)
     out = check_writable_dir(run.export_dir(export_dir))
     trained = int(run.report.get("image_size") or run.cfg.data.image_size)
     size = int(image_size or trained)
-    say = _printer(quiet)
+    say = printer(quiet)
 
-    from kd_keras.data import load_splits, make_dataset, stratified_subset
-    from kd_keras.evaluate import classification_metrics, softmax
+    from kd_keras.data import make_dataset
+    from kd_keras.evaluate import classification_metrics
+    from kd_keras.inference import softmax
     from kd_keras.models import load_model
 
-    splits = load_splits(run.cfg.data, seed=run.cfg.run.seed)
+    splits = run.load_splits()
     class_names = run.report.get("class_names") or splits.class_names
     test = splits.test.subset(np.arange(min(limit, len(splits.test)))) if limit else splits.test
     images = _first_images(splits.test, size, batch)
@@ -447,9 +448,8 @@ def benchmark_run(
 
     calibration = None
     if size != trained and "int8" in formats:
-        n = run.cfg.export.calibration_samples
-        calib = splits.train.subset(stratified_subset(splits.train.labels, n, run.cfg.run.seed))
-        calibration = make_dataset(calib, size, 32, labels=False, cache=False)
+        calibration = calibration_batches(splits.train, size, run.cfg.export.calibration_samples,
+                                          run.cfg.run.seed, run.cfg.data.batch_size)  # fmt: skip
 
     result = result_header(f"Benchmark of run {run.name}", size, warmup, iters, batch, threads)
     result.update(run=str(run.path.resolve()), trained_image_size=trained,
@@ -531,8 +531,86 @@ def fresh_candidates(
     return candidates
 
 
-def _printer(quiet: bool) -> Callable[[str], None]:
-    if quiet:
-        return lambda text: None
-    err = console(stderr=True)
-    return lambda text: err.print(text, highlight=False)
+# ---------------------------------------------------------------- benchmark_fresh
+
+
+def _calibration_images(data: str | os.PathLike | None, size: int, n: int, batch: int, seed=0):
+    """Real training images of a MedMNIST-layout .npz, else uniform random pixels (fine for
+    timing; INT8 accuracy is not measured on fresh models)."""
+    if data is None:
+        images = np.random.default_rng(seed).uniform(0, 255, (n, size, size, 3)).astype("float32")
+        return [images[i : i + batch] for i in range(0, n, batch)]
+    from kd_keras.data import load_npz
+
+    path = Path(data)
+    if not path.is_file():
+        raise KDError(f"calibration data file not found: {path}")
+    _, splits = load_npz(path, None)
+    return calibration_batches(splits["train"], size, n, seed, batch)
+
+
+def benchmark_fresh(
+    teacher: str = "resnet50",
+    student: str = "resnet18",
+    image_size: int = 224,
+    num_classes: int = 2,
+    patch_size: int = 16,
+    data: str | os.PathLike | None = None,
+    calibration_samples: int = 128,
+    out: str | os.PathLike | None = None,
+    warmup: int = 10,
+    iters: int = 50,
+    batch: int = 32,
+    threads: int | None = None,
+    formats: tuple[str, ...] = FORMATS,
+    quiet: bool = False,
+) -> dict[str, Any]:
+    """Latency of freshly built (untrained) teacher and student architectures at `image_size`:
+    latency does not depend on weight values, so no trained run is needed. Static INT8
+    calibrates on `data` (a MedMNIST .npz) when given, else on random pixels. Writes
+    `<out>/latency_<N>px.json` and `.md` (default folder `export/`)."""
+    from kd_keras.config import MIN_IMAGE_SIZE
+    from kd_keras.models import STUDENTS, TEACHERS, build_student, build_teacher
+
+    formats = check_settings(warmup, iters, batch, threads, formats)
+    for kind, arch, registry in (("teacher", teacher, TEACHERS), ("student", student, STUDENTS)):
+        if arch not in registry:
+            raise KDError(f"unknown {kind} architecture {arch!r}; valid: {', '.join(registry)}")
+        need = MIN_IMAGE_SIZE.get(arch)
+        if image_size < (need or 1):
+            raise KDError(f"image size {image_size} is too small for {arch} (needs {need or 1})")
+    if student in TOKEN_ARCHS and (image_size % patch_size or image_size // patch_size < 2):
+        raise KDError(f"image size {image_size} is not a multiple of patch size {patch_size}")
+    keras_threads = set_tensorflow_threads(threads)
+    folder = check_writable_dir(Path(out or "export"))
+    say = printer(quiet)
+    calibration = _calibration_images(data, image_size, calibration_samples, batch)
+    first = next(iter(calibration))
+    images = np.resize(np.asarray(first, "float32"), (batch, image_size, image_size, 3))
+    rows: list[dict[str, Any]] = []
+    with tempfile.TemporaryDirectory(prefix="kd_keras_latency_") as tmp:
+        for name, arch in (("teacher", teacher), ("student", student)):
+            say(f"building {name} ({arch}) at {image_size} px …")
+            if name == "teacher":
+                model = build_teacher(arch, num_classes, image_size)
+            else:
+                model = build_student(arch, num_classes, image_size, patch_size=patch_size)
+            candidates = fresh_candidates(
+                name, arch, model, Path(tmp), formats, threads, calibration, "fresh weights", say
+            )
+            rows += benchmark_candidates(candidates, images, batch, warmup, iters, None, say)
+            del model, candidates
+    for row in rows:
+        row["file"] = Path(row["file"]).name if row["file"] else None  # temp files are gone
+    title = f"Latency at {image_size} px: {teacher} vs {student} (fresh weights)"
+    result = result_header(title, image_size, warmup, iters, batch, threads)
+    result.update(keras_threads=keras_threads, formats=list(formats),
+                  calibration=str(data) if data else "random pixels", rows=rows,
+                  ratios=ratios(rows))  # fmt: skip
+    stem = folder / f"latency_{image_size}px"
+    result["json"], result["md"] = str(stem.with_suffix(".json")), str(stem.with_suffix(".md"))
+    write_text(result["md"], benchmark_markdown(result))
+    write_json(result["json"], result)
+    if not quiet:
+        print_benchmark(result)
+    return result

@@ -60,18 +60,20 @@ class AugmentConfig:
 class TeacherConfig:
     arch: str = _spec("resnet50", kind=str, choices=("resnet50", "efficientnet_b3"))
     weights: str = _spec("none", kind=str, path=True)
+    variant: str = _spec("full", kind=str, choices=("full", "tiny"))
     path: str | None = _spec(None, kind=str, path=True)
     epochs: int | None = _spec(None, kind=int, lo=0)
-    learning_rate: float | None = _spec(None, kind=float, lo=0.0)
+    learning_rate: float | None = _spec(None, kind=float, lo=0.0, hi=10.0)
 
 
 @dataclass
 class StudentConfig:
     arch: str = _spec("resnet18", kind=str, choices=("resnet18", "vit_small", "deit_small"))
     weights: str = _spec("none", kind=str, path=True)
+    variant: str = _spec("full", kind=str, choices=("full", "tiny"))
     patch_size: int = _spec(16, kind=int, lo=1)
     epochs: int | None = _spec(None, kind=int, lo=0)
-    learning_rate: float | None = _spec(None, kind=float, lo=0.0)
+    learning_rate: float | None = _spec(None, kind=float, lo=0.0, hi=10.0)
 
 
 @dataclass
@@ -91,6 +93,7 @@ class TrainConfig:
     learning_rate: float = _spec(0.01, kind=float, lo=0.0, hi=10.0)
     momentum: float = _spec(0.9, kind=float, lo=0.0, hi=1.0)
     weight_decay: float = _spec(1e-4, kind=float, lo=0.0, hi=1.0)
+    weight_decay_mode: str = _spec("decoupled", kind=str, choices=("decoupled", "l2"))
     schedule: str = _spec("cosine", kind=str, choices=("cosine", "constant"))
     warmup_epochs: int = _spec(0, kind=int, lo=0)
     monitor: str = _spec(
@@ -102,6 +105,7 @@ class TrainConfig:
     weight_distillation: bool = _spec(True, kind=bool)
     balanced_sampling: bool = _spec(False, kind=bool)
     logit_adjustment: float = _spec(0.0, kind=float, lo=0.0, hi=10.0)
+    stack_prior_corrections: bool = _spec(False, kind=bool)
     verbose: int = _spec(1, kind=int, lo=0, hi=2)
 
 
@@ -261,6 +265,25 @@ def _check_consistency(cfg: Config) -> None:
                 f"config key student.patch_size = {p} must divide data.image_size = {size} "
                 "into a grid of at least 2x2 patches"
             )
+    tc = cfg.train
+    if tc.optimizer == "adamw" and tc.weight_decay_mode == "l2":
+        raise KDError(
+            'config keys train.optimizer = "adamw" and train.weight_decay_mode = "l2" contradict '
+            'each other (AdamW is Adam with decoupled decay); use optimizer = "adam" for '
+            "coupled L2, or weight_decay_mode = \"decoupled\""
+        )
+    corrections = [
+        key for key, on in (
+            ('train.class_weight = "balanced"', tc.class_weight == "balanced"),
+            ("train.balanced_sampling = true", tc.balanced_sampling),
+            (f"train.logit_adjustment = {tc.logit_adjustment}", tc.logit_adjustment > 0),
+        ) if on
+    ]  # fmt: skip
+    if len(corrections) > 1 and not tc.stack_prior_corrections:
+        raise KDError(
+            f"config sets {' and '.join(corrections)}: each corrects for the class prior, "
+            "together they over-correct; keep one, or set train.stack_prior_corrections = true"
+        )
     if cfg.data.source in ("folder", "csv") and not cfg.data.path:
         raise KDError(f"config key data.path is required when data.source = {cfg.data.source!r}")
 
@@ -282,7 +305,8 @@ def load_config(path: str | Path, overrides: list[str] | None = None) -> Config:
     return build_config(read_toml(path), path.resolve().parent, overrides, default_name=path.stem)
 
 
-def _toml_value(value: Any) -> str:
+def toml_value(value: Any) -> str:
+    """A Python value as a TOML literal (strings escaped), e.g. for `--set` overrides."""
     if isinstance(value, bool):
         return "true" if value else "false"
     if isinstance(value, (int, float)):
@@ -290,7 +314,7 @@ def _toml_value(value: Any) -> str:
     if isinstance(value, str):
         return '"' + value.replace("\\", "\\\\").replace('"', '\\"') + '"'
     if isinstance(value, list):
-        return "[" + ", ".join(_toml_value(v) for v in value) + "]"
+        return "[" + ", ".join(toml_value(v) for v in value) + "]"
     raise TypeError(f"cannot write {value!r} as TOML")
 
 
@@ -299,6 +323,6 @@ def to_toml(data: dict[str, dict[str, Any]]) -> str:
     lines = []
     for section, body in data.items():
         lines.append(f"[{section}]")
-        lines += [f"{k} = {_toml_value(v)}" for k, v in body.items() if v is not None]
+        lines += [f"{k} = {toml_value(v)}" for k, v in body.items() if v is not None]
         lines.append("")
     return "\n".join(lines)

@@ -329,6 +329,7 @@ def random_resized_crop(image, size: int, scale_min: float, seed=None) -> tf.Ten
         min_object_covered=0.0,
         max_attempts=10,
         use_image_if_no_bounding_boxes=True,
+        seed=seed,
     )
     image = tf.slice(image, begin, crop)
     return tf.image.resize(image, (size, size))
@@ -395,7 +396,9 @@ def make_dataset(
     if training:
         if augment is not None and augment.random_resized_crop:
             ds = ds.map(
-                lambda x, y: (random_resized_crop(x, image_size, augment.crop_scale_min), y),
+                lambda x, y: (
+                    random_resized_crop(x, image_size, augment.crop_scale_min, seed=seed), y
+                ),
                 num_parallel_calls=tf.data.AUTOTUNE,
             )
     ds = ds.batch(batch_size)

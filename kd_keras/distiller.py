@@ -52,10 +52,15 @@ class FeatureAdapter(keras.layers.Layer):
 class Distiller(keras.Model):
     """Trains `student` with alpha * CE + (1 - alpha) * KD + beta * FEAT (see `kd_keras.losses`).
 
-    The teacher is frozen and always runs in inference mode. Sample weights (for example from
+    The teacher is frozen and always runs in inference mode; gradients reach only the student's
+    and the feature adapter's variables. Sample weights (for example from
     `fit(class_weight=...)`) weight the CE term and, with `weight_distillation=True`, the KD and
-    feature terms too. Each term is reported as a metric (`ce`, `kd`, `feat`). DeiT students
-    train their class-token head on labels and their distillation-token head on the teacher.
+    feature terms too. Each term is reported as a metric (`ce`, `kd`, `feat`); `loss` is what is
+    optimised, regularisation included; `accuracy` is that of the deployed output, sample
+    weights included. DeiT students (two heads) train their class-token head on labels and
+    their distillation-token head on the teacher when both terms are on (0 < alpha < 1); with
+    only one term (alpha = 0 or 1) that term trains the deployed output, the mean of both heads,
+    so neither head is left untrained.
 
     Args:
         student: a model built by `kd_keras.models` (raw pixels in, logits out).
@@ -69,6 +74,8 @@ class Distiller(keras.Model):
         logit_adjustment: per-class offsets added to the student's logits in the CE term only
             (Menon et al., 2021, "Long-tail learning via logit adjustment": tau * log prior),
             so the saved model's plain logits are corrected for the training class prior.
+        l2_weight_decay: coupled L2 regularisation, (l2_weight_decay / 2) * ||w||^2 over the
+            trained variables added to the loss (PyTorch's `weight_decay`); 0 turns it off.
 
     Example:
         >>> d = Distiller(student, teacher, alpha=0.5, temperature=4.0, beta=1.0)
@@ -87,6 +94,7 @@ class Distiller(keras.Model):
         feature_norm: str = "l2",
         weight_distillation: bool = True,
         logit_adjustment: list[float] | None = None,
+        l2_weight_decay: float = 0.0,
         **kwargs,
     ):
         super().__init__(**kwargs)
@@ -96,6 +104,8 @@ class Distiller(keras.Model):
             raise ValueError(f"temperature must be positive, got {temperature}")
         if beta < 0:
             raise ValueError(f"beta must be >= 0, got {beta}")
+        if l2_weight_decay < 0:
+            raise ValueError(f"l2_weight_decay must be >= 0, got {l2_weight_decay}")
         if mode not in MODES:
             raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
         if feature_norm not in FEATURE_NORMS:
@@ -115,33 +125,34 @@ class Distiller(keras.Model):
         self.logit_adjustment = (
             [float(v) for v in logit_adjustment] if logit_adjustment is not None else None
         )
+        self.l2_weight_decay = float(l2_weight_decay)
         self.uses_teacher = teacher is not None and (alpha < 1.0 or beta > 0.0)
+        if teacher is not None:
+            teacher.trainable = False  # frozen whether or not a term uses it
 
-        # Student graph: [feature?, logits for the label term, logits for the teacher term].
-        # DeiT: class head on labels, distillation head on the teacher. Without a KD term both
-        # heads train on labels through the averaged output, which is what gets deployed.
+        # Student graph: the deployed logits, the logits of the label term and of the teacher
+        # term (different heads only for DeiT with both terms on), and the feature tap.
         split_heads = (
             has_layer(student, CLS_LOGITS_LAYER) and has_layer(student, DIST_LOGITS_LAYER)
-            and self.uses_teacher and self.alpha < 1.0
+            and self.uses_teacher and 0.0 < self.alpha < 1.0
         )  # fmt: skip
-        ce_logits = student.get_layer(CLS_LOGITS_LAYER).output if split_heads else student.output
-        kd_logits = student.get_layer(DIST_LOGITS_LAYER).output if split_heads else student.output
-        s_outputs = [ce_logits, kd_logits]
-        t_outputs = []
+        logits = student.outputs[0]
+        s_outputs = {
+            "logits": logits,
+            "ce_logits": student.get_layer(CLS_LOGITS_LAYER).output if split_heads else logits,
+            "kd_logits": student.get_layer(DIST_LOGITS_LAYER).output if split_heads else logits,
+        }
+        t_outputs = {"logits": teacher.outputs[0]} if self.uses_teacher else {}
         self.adapter = None
-        if self.uses_teacher:
-            teacher.trainable = False
-            t_outputs = [teacher.output]
         if self.beta > 0:
-            t_feature = feature_tensor(teacher)
-            s_feature = feature_tensor(student)
-            t_outputs.append(t_feature)
-            s_outputs.append(s_feature)
-            self.adapter = FeatureAdapter(t_feature.shape[-1], t_feature.shape[1:3], name="adapter")
-            self.adapter.build(s_feature.shape)
-        self._student_graph = keras.Model(student.input, s_outputs, name="student_graph")
+            t_outputs["feature"] = feature_tensor(teacher)
+            s_outputs["feature"] = feature_tensor(student)
+            t_shape = t_outputs["feature"].shape
+            self.adapter = FeatureAdapter(t_shape[-1], t_shape[1:3], name="adapter")
+            self.adapter.build(s_outputs["feature"].shape)
+        self._student_graph = keras.Model(student.inputs, s_outputs, name="student_graph")
         self._teacher_graph = (
-            keras.Model(teacher.input, t_outputs, name="teacher_graph") if t_outputs else None
+            keras.Model(teacher.inputs, t_outputs, name="teacher_graph") if t_outputs else None
         )
 
         self.loss_tracker = keras.metrics.Mean(name="loss")
@@ -152,19 +163,29 @@ class Distiller(keras.Model):
 
     @property
     def metrics(self):
-        trackers = [self.loss_tracker, self.ce_tracker, self.accuracy_tracker]
-        if self.uses_teacher:
-            trackers.insert(2, self.kd_tracker)
+        trackers = [self.loss_tracker, self.ce_tracker]
+        if self.uses_teacher and self.alpha < 1.0:
+            trackers.append(self.kd_tracker)
         if self.beta > 0:
-            trackers.insert(3, self.feat_tracker)
-        return trackers
+            trackers.append(self.feat_tracker)
+        return trackers + [self.accuracy_tracker]
+
+    @property
+    def trained_variables(self) -> list:
+        """What the optimizer updates: the student's and the adapter's trainable variables."""
+        adapter = self.adapter.trainable_variables if self.adapter is not None else []
+        return list(self.student.trainable_variables) + list(adapter)
 
     def call(self, inputs, training=None):
         return self.student(inputs, training=training)
 
     def compute_terms(self, y, student_out, teacher_out, sample_weight=None) -> dict:
-        """The loss and its weighted terms for one batch (tensors; scalar each)."""
-        ce_logits, kd_logits = student_out[0], student_out[1]
+        """The loss and its weighted terms for one batch (scalar tensors).
+
+        `student_out` and `teacher_out` are the dicts of `_student_graph` and `_teacher_forward`.
+        `loss` includes the regularisation losses (the student's own and coupled L2).
+        """
+        ce_logits, kd_logits = student_out["ce_logits"], student_out["kd_logits"]
         kd_weight = sample_weight if self.weight_distillation else None
         if self.logit_adjustment is not None:
             ce_logits = ce_logits + ops.convert_to_tensor(self.logit_adjustment, "float32")
@@ -172,52 +193,52 @@ class Distiller(keras.Model):
         total = self.alpha * ce
         terms = {"ce": ce}
         if self.uses_teacher and self.alpha < 1.0:
-            t_logits = teacher_out[0]
             if self.mode == "soft":
-                kd = losses.soft_kd(t_logits, kd_logits, self.temperature)
+                kd = losses.soft_kd(teacher_out["logits"], kd_logits, self.temperature)
             else:
-                kd = losses.hard_kd(t_logits, kd_logits)
+                kd = losses.hard_kd(teacher_out["logits"], kd_logits)
             terms["kd"] = losses.weighted_mean(kd, kd_weight)
             total = total + (1.0 - self.alpha) * terms["kd"]
         if self.beta > 0:
-            projected = self.adapter(student_out[2])
-            feat = losses.feature_l2(teacher_out[-1], projected, self.feature_norm)
+            projected = self.adapter(student_out["feature"])
+            feat = losses.feature_l2(teacher_out["feature"], projected, self.feature_norm)
             terms["feat"] = losses.weighted_mean(feat, kd_weight)
             total = total + self.beta * terms["feat"]
-        terms["loss"] = total
+        terms["loss"] = total + self._regularization()
         return terms
 
-    def _teacher_forward(self, x):
+    def _regularization(self):
+        reg = ops.sum(self.student.losses) if self.student.losses else 0.0
+        if self.l2_weight_decay > 0:
+            squares = [ops.sum(ops.square(v)) for v in self.trained_variables]
+            reg = reg + 0.5 * self.l2_weight_decay * ops.sum(ops.stack(squares))
+        return reg
+
+    def _teacher_forward(self, x) -> dict:
         if self._teacher_graph is None:
-            return []
+            return {}
         out = self._teacher_graph(x, training=False)
-        return [tf.stop_gradient(o) for o in (out if isinstance(out, (list, tuple)) else [out])]
+        return {k: tf.stop_gradient(v) for k, v in out.items()}
 
     def _update_metrics(self, y, student_out, terms, sample_weight):
-        self.loss_tracker.update_state(terms["loss"])
-        self.ce_tracker.update_state(terms["ce"])
-        if "kd" in terms:
-            self.kd_tracker.update_state(terms["kd"])
-        if "feat" in terms:
-            self.feat_tracker.update_state(terms["feat"])
-        self.accuracy_tracker.update_state(y, student_out[0])
+        for tracker in self.metrics[:-1]:
+            tracker.update_state(terms[tracker.name])
+        self.accuracy_tracker.update_state(y, student_out["logits"], sample_weight=sample_weight)
         return {m.name: m.result() for m in self.metrics}
 
     def train_step(self, data):
         x, y, sample_weight = keras.utils.unpack_x_y_sample_weight(data)
         teacher_out = self._teacher_forward(x)
+        variables = self.trained_variables
         with tf.GradientTape() as tape:
             student_out = self._student_graph(x, training=True)
             terms = self.compute_terms(y, student_out, teacher_out, sample_weight)
-            loss = terms["loss"]
-            if self.student.losses:
-                loss = loss + ops.sum(self.student.losses)
-        variables = self.trainable_variables
-        grads = tape.gradient(loss, variables)
+        grads = tape.gradient(terms["loss"], variables)
         self.optimizer.apply_gradients(zip(grads, variables))
         return self._update_metrics(y, student_out, terms, sample_weight)
 
     def test_step(self, data):
+        """The same terms and metrics in inference mode (`evaluate`, validation data)."""
         x, y, sample_weight = keras.utils.unpack_x_y_sample_weight(data)
         student_out = self._student_graph(x, training=False)
         terms = self.compute_terms(y, student_out, self._teacher_forward(x), sample_weight)
@@ -235,6 +256,7 @@ class Distiller(keras.Model):
             "feature_norm": self.feature_norm,
             "weight_distillation": self.weight_distillation,
             "logit_adjustment": self.logit_adjustment,
+            "l2_weight_decay": self.l2_weight_decay,
         }
 
     @classmethod

@@ -44,15 +44,30 @@ def atomic_write(path: str | os.PathLike, write: Callable[[Path], None]) -> Path
     return path
 
 
+def check_writable_dir(path: Path) -> Path:
+    """Create `path` and prove a file can be written there, before any slow work starts."""
+    path = Path(path)
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+        with tempfile.TemporaryFile(dir=path):
+            pass
+    except OSError as err:
+        raise KDError(f"output folder {path} is not writable: {err.strerror or err}") from err
+    return path
+
+
 def write_text(path: str | os.PathLike, text: str) -> Path:
+    """Write `text` as UTF-8, atomically."""
     return atomic_write(path, lambda tmp: tmp.write_text(text, encoding="utf-8"))
 
 
 def write_json(path: str | os.PathLike, data: object) -> Path:
+    """Write `data` as indented JSON, atomically."""
     return write_text(path, json.dumps(data, indent=2, sort_keys=False) + "\n")
 
 
 def read_json(path: str | os.PathLike) -> dict:
+    """Read a JSON file; a missing or malformed file is a `KDError` naming it."""
     path = Path(path)
     if not path.is_file():
         raise KDError(f"file not found: {path}")

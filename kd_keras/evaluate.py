@@ -12,16 +12,12 @@ from pathlib import Path
 import numpy as np
 from sklearn import metrics as skm
 
-from kd_keras.errors import atomic_write, write_json
-
-
-def softmax(logits: np.ndarray) -> np.ndarray:
-    z = logits - logits.max(axis=1, keepdims=True)
-    e = np.exp(z)
-    return e / e.sum(axis=1, keepdims=True)
+from kd_keras.errors import KDError, atomic_write, write_json, write_text
+from kd_keras.run import MODEL_STAGES, RunFolder
 
 
 def predict_classes(probs: np.ndarray, threshold: float | None = None) -> np.ndarray:
+    """Argmax, or for two classes `P(class 1) >= threshold` when a threshold is given."""
     if threshold is None or probs.shape[1] != 2:
         return probs.argmax(axis=1)
     return (probs[:, 1] >= threshold).astype("int64")
@@ -35,21 +31,23 @@ def classification_metrics(
 ) -> dict:
     """Accuracy, balanced accuracy, macro F1, ROC AUC, per-class precision/recall, confusion.
 
-    ROC AUC is one-vs-rest macro for more than two classes; it is None when a class is absent.
+    ROC AUC is one-vs-rest macro for more than two classes; it is None when a class is absent
+    from `y_true` (undefined then). Non-finite probabilities are an error, never a metric.
     """
     y_true = np.asarray(y_true).reshape(-1)
+    if not np.isfinite(probs).all():
+        raise ValueError("classification_metrics got non-finite probabilities")
     y_pred = predict_classes(probs, threshold)
     labels = list(range(len(class_names)))
     precision, recall, f1, support = skm.precision_recall_fscore_support(
         y_true, y_pred, labels=labels, zero_division=0
     )
-    try:
+    auc = None
+    if len(np.unique(y_true)) == len(class_names):
         if len(class_names) == 2:
             auc = float(skm.roc_auc_score(y_true, probs[:, 1]))
         else:
             auc = float(skm.roc_auc_score(y_true, probs, multi_class="ovr", labels=labels))
-    except ValueError:
-        auc = None
     return {
         "n": int(len(y_true)),
         "accuracy": float(skm.accuracy_score(y_true, y_pred)),
@@ -94,8 +92,6 @@ def seed_subset_indices(
     for cls, n in ((minority, n_minority), (1 - minority, n_majority)):
         pool = np.flatnonzero(labels == cls)
         if len(pool) < n:
-            from kd_keras.errors import KDError
-
             raise KDError(f"the test split has only {len(pool)} images of class {cls}, "
                           f"{n} needed for the imbalanced subset")  # fmt: skip
         picked.append(rng.choice(pool, size=n, replace=False))
@@ -143,19 +139,16 @@ def save_confusion_matrix(path: str | Path, matrix: list[list[int]], class_names
         plt.close(fig)
 
 
-def save_confusion(run_dir: Path, model_name: str, result: dict, class_names: list[str]) -> None:
-    write_json(run_dir / f"confusion_{model_name}.json",
+def save_confusion(run: RunFolder, model_name: str, result: dict, class_names: list[str]) -> None:
+    """The test confusion matrix of one model as JSON and PNG in the run folder."""
+    write_json(run.confusion_path(model_name, ".json"),
                {"class_names": class_names, "matrix": result["confusion_matrix"]})  # fmt: skip
-    save_confusion_matrix(run_dir / f"confusion_{model_name}.png", result["confusion_matrix"],
+    save_confusion_matrix(run.confusion_path(model_name, ".png"), result["confusion_matrix"],
                           class_names, f"{model_name} (test)")  # fmt: skip
 
 
-def predict_probs(model, images_ds) -> np.ndarray:
-    """Class probabilities of `model` (logits out) over a dataset of image batches."""
-    return softmax(np.asarray(model.predict(images_ds, verbose=0), dtype="float64"))
-
-
 def model_summary_row(name: str, entry: dict, class_names: list[str]) -> str:
+    """One markdown table row of the report: a model's test metrics."""
     t = entry["test"]
     recalls = " | ".join(f"{t['per_class'][c]['recall']:.3f}" for c in class_names)
     auc = f"{t['roc_auc']:.3f}" if t["roc_auc"] is not None else "n/a"
@@ -167,6 +160,7 @@ def model_summary_row(name: str, entry: dict, class_names: list[str]) -> str:
 
 
 def report_markdown(report: dict) -> str:
+    """The run report as markdown: the test table, the imbalanced subset, training times."""
     names = report["class_names"]
     lines = [
         f"# Run `{report['run']}`: test split ({report['test_size']} images)",
@@ -199,27 +193,21 @@ def report_markdown(report: dict) -> str:
     return "\n".join(lines) + "\n"
 
 
-def evaluate_run(run_dir: str | Path, splits=None) -> dict:
+def evaluate_run(run_dir: str | Path | RunFolder, splits=None) -> dict:
     """(Re)compute validation and test metrics of every model saved in a run folder and write
     `report.json`, `report.md` and confusion matrices (JSON and PNG)."""
-    from kd_keras.config import load_config
-    from kd_keras.data import load_splits, make_dataset
-    from kd_keras.errors import KDError, read_json, write_text
+    from kd_keras.data import make_dataset
+    from kd_keras.inference import keras_predictor, predict_probs
     from kd_keras.models import load_model
-    from kd_keras.train import MODEL_FILES
 
-    run_dir = Path(run_dir)
-    if not (run_dir / "config.toml").is_file():
-        raise KDError(f"{run_dir} is not a run folder (no config.toml)")
-    cfg = load_config(run_dir / "config.toml")
-    splits = splits or load_splits(cfg.data, seed=cfg.run.seed)
+    run = run_dir if isinstance(run_dir, RunFolder) else RunFolder.find(run_dir)
+    cfg = run.cfg
+    splits = splits or run.load_splits()
     size, batch = cfg.data.image_size, cfg.data.batch_size
     val_ds = make_dataset(splits.val, size, batch, labels=False)
     test_split = splits.test if cfg.eval.split == "test" else splits.val
     test_ds = make_dataset(test_split, size, batch, labels=False)
-    log_path = run_dir / "train_log.json"
-    log = read_json(log_path) if log_path.is_file() else {}
-    stage_of = {"teacher": "teacher", "student": "distill", "student_scratch": "scratch"}
+    log = run.train_log()
     tune = cfg.eval.threshold != "argmax" and splits.num_classes == 2
     subset = None
     if cfg.eval.seed_subset and splits.num_classes == 2:
@@ -228,44 +216,36 @@ def evaluate_run(run_dir: str | Path, splits=None) -> dict:
                                      cfg.eval.subset_majority, cfg.eval.subset_seed)  # fmt: skip
 
     models = {}
-    for name, file in MODEL_FILES.items():
-        if not (run_dir / file).is_file():
-            continue
-        model = load_model(run_dir / file, name)
-        val_probs = predict_probs(model, val_ds)
+    for name, path in run.models().items():
+        model = load_model(path, name)
+        predictor = keras_predictor(model)
+        val_probs = predict_probs(predictor, val_ds, f"{name} ({path.name})")
         threshold = choose_threshold(splits.val.labels, val_probs) if tune else None
-        test_probs = predict_probs(model, test_ds)
+        test_probs = predict_probs(predictor, test_ds, f"{name} ({path.name})")
         test = classification_metrics(test_split.labels, test_probs, splits.class_names, threshold)
-        stage = log.get(stage_of[name], {})
-        models[name] = {
-            "file": file,
+        stage = log.get(MODEL_STAGES[name], {})
+        entry = {
+            "file": path.name,
             "arch": model.name,
             "params": int(model.count_params()),
-            "size_mb": (run_dir / file).stat().st_size / 1e6,
+            "size_mb": path.stat().st_size / 1e6,
             "threshold": threshold,
             "val": classification_metrics(
                 splits.val.labels, val_probs, splits.class_names, threshold
             ),
             "test": test,
-            **(
-                {
-                    "test_subset": classification_metrics(
-                        test_split.labels[subset],
-                        test_probs[subset],
-                        splits.class_names,
-                        threshold,
-                    )
-                }
-                if subset is not None
-                else {}
-            ),  # fmt: skip
-            "train_seconds": stage.get("seconds"),
-            "best_epoch": stage.get("best_epoch"),
-            "epochs": stage.get("epochs"),
         }
-        save_confusion(run_dir, name, test, splits.class_names)
+        if subset is not None:
+            entry["test_subset"] = classification_metrics(
+                test_split.labels[subset], test_probs[subset], splits.class_names, threshold
+            )
+        entry.update(train_seconds=stage.get("seconds"), best_epoch=stage.get("best_epoch"),
+                     epochs=stage.get("epochs"))  # fmt: skip
+        models[name] = entry
+        save_confusion(run, name, test, splits.class_names)
     if not models:
-        raise KDError(f"run {run_dir} holds no trained model ({', '.join(MODEL_FILES.values())})")
+        names = ", ".join(run.model_path(n).name for n in MODEL_STAGES)
+        raise KDError(f"run {run.path} holds no trained model ({names})")
     report = {
         "run": cfg.run.name,
         "class_names": splits.class_names,
@@ -286,6 +266,6 @@ def evaluate_run(run_dir: str | Path, splits=None) -> dict:
             "majority": cfg.eval.subset_majority, "seed": cfg.eval.subset_seed,
             "indices": subset.tolist(),
         }  # fmt: skip
-    write_json(run_dir / "report.json", report)
-    write_text(run_dir / "report.md", report_markdown(report))
+    write_json(run.report_path, report)
+    write_text(run.report_md_path, report_markdown(report))
     return report

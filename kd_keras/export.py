@@ -34,106 +34,38 @@ import tempfile
 import time
 from collections import Counter
 from collections.abc import Callable, Iterable
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
-from kd_keras.config import Config, load_config
-from kd_keras.errors import KDError, atomic_write, read_json, write_json
+from kd_keras.errors import KDError, atomic_write, check_writable_dir, write_json
+from kd_keras.inference import (
+    INPUT_NAME,
+    LOGITS,
+    PROBABILITIES,
+    console,
+    keras_predictor,
+    onnx_predictor,
+    onnx_session,
+    output_shapes,
+    predict,
+    printer,
+    size_mb,
+)
+from kd_keras.run import MODEL_STAGES, RunFolder
 
 FORMATS = ("onnx",)
-MODEL_NAMES = ("student", "teacher", "student_scratch")
-INPUT_NAME = "images"
-LOGITS = "logits"
-PROBABILITIES = "probabilities"
 INPUT_DESCRIPTION = "0-255 RGB NHWC"
 SOFTMAX_NODE = "kd_keras_probabilities"
 
 
 def kd_keras_version() -> str:
+    """The installed kd_keras version (recorded in every exported file)."""
     try:
         return importlib.metadata.version("kd_keras")
     except importlib.metadata.PackageNotFoundError:
         return "unknown"
-
-
-# ---------------------------------------------------------------- run folders
-
-
-def find_run(run: str | os.PathLike | None = None, runs_dir: str | os.PathLike = "runs") -> Path:
-    """The run folder `run`, or the most recently modified run (folder with config.toml) under
-    `runs_dir`. "Modified" is the newest file inside, so re-training a run makes it the latest."""
-    if run is not None:
-        path = Path(run)
-        if not path.is_dir():
-            raise KDError(f"run folder not found: {path}")
-        if not (path / "config.toml").is_file():
-            raise KDError(f"{path} is not a run folder (it has no config.toml)")
-        return path
-    root = Path(runs_dir)
-    runs = [p for p in root.iterdir() if (p / "config.toml").is_file()] if root.is_dir() else []
-    if not runs:
-        raise KDError(
-            f"no run found under {root}/ — train one with "
-            "`python cli.py distill --config configs/xray.toml` or pass --run"
-        )
-
-    def newest(folder: Path) -> float:
-        return max([folder.stat().st_mtime] + [f.stat().st_mtime for f in folder.iterdir()])
-
-    return max(runs, key=newest)
-
-
-@dataclass
-class Run:
-    """What export and benchmark need from a run folder."""
-
-    path: Path
-    cfg: Config
-    report: dict = field(default_factory=dict)
-
-    @property
-    def name(self) -> str:
-        return self.path.resolve().name
-
-    def model_file(self, name: str) -> Path | None:
-        """`<run>/<name>.keras`, or for the teacher the configured `teacher.path` file."""
-        path = self.path / f"{name}.keras"
-        if path.is_file():
-            return path
-        if name == "teacher" and self.cfg.teacher.path and Path(self.cfg.teacher.path).is_file():
-            return Path(self.cfg.teacher.path)
-        return None
-
-    def arch(self, name: str) -> str:
-        return self.cfg.teacher.arch if name == "teacher" else self.cfg.student.arch
-
-    def threshold(self, name: str) -> float | None:
-        value = self.report.get("models", {}).get(name, {}).get("threshold")
-        return None if value is None else float(value)
-
-    def export_dir(self, out_dir: str | os.PathLike | None = None) -> Path:
-        return Path(out_dir or self.cfg.export.dir or "export") / self.name
-
-
-def load_run(run_dir: str | os.PathLike | None) -> Run:
-    path = find_run(run_dir)
-    cfg = load_config(path / "config.toml")
-    report = read_json(path / "report.json") if (path / "report.json").is_file() else {}
-    return Run(path, cfg, report)
-
-
-def check_writable_dir(path: Path) -> Path:
-    """Create `path` and prove a file can be written there, before any slow work starts."""
-    try:
-        path.mkdir(parents=True, exist_ok=True)
-        with tempfile.TemporaryFile(dir=path):
-            pass
-    except OSError as err:
-        raise KDError(f"output folder {path} is not writable: {err.strerror or err}") from err
-    return path
 
 
 # ---------------------------------------------------------------- conversion
@@ -270,53 +202,6 @@ def model_metadata(
     }
 
 
-# ---------------------------------------------------------------- inference
-
-
-def providers() -> list[str]:
-    """CUDA when onnxruntime-gpu sees a GPU, always with the CPU as fallback."""
-    import onnxruntime as ort
-
-    available = ort.get_available_providers()
-    return [p for p in ("CUDAExecutionProvider", "CPUExecutionProvider") if p in available]
-
-
-def onnx_session(path: str | os.PathLike, threads: int | None = None):
-    import onnxruntime as ort
-
-    options = ort.SessionOptions()
-    options.log_severity_level = 3
-    if threads:
-        options.intra_op_num_threads = threads
-    try:
-        return ort.InferenceSession(str(path), options, providers=providers())
-    except Exception as err:
-        raise KDError(f"ONNX Runtime could not load {path}: {str(err).splitlines()[0]}") from err
-
-
-def onnx_predictor(session) -> Callable[[np.ndarray], np.ndarray]:
-    return lambda x: session.run([LOGITS], {INPUT_NAME: np.asarray(x, "float32")})[0]
-
-
-def keras_predictor(model) -> Callable[[np.ndarray], np.ndarray]:
-    """Logits from a `tf.function`-compiled forward pass (no per-call `predict` overhead)."""
-    import tensorflow as tf
-
-    forward = tf.function(lambda x: model(x, training=False), reduce_retracing=True)
-    return lambda x: np.asarray(forward(tf.convert_to_tensor(x, tf.float32)))
-
-
-def predict(fn: Callable[[np.ndarray], np.ndarray], batches: Iterable) -> np.ndarray:
-    return np.concatenate([fn(np.asarray(batch)) for batch in batches])
-
-
-def output_shapes(session) -> list[dict[str, Any]]:
-    return [
-        {"name": o.name, "shape": [d if isinstance(d, int) else str(d) for d in o.shape]}
-        for o in session.get_outputs()
-    ]
-
-
 def compare_logits(reference: np.ndarray, candidate: np.ndarray) -> dict[str, Any]:
     diff = np.abs(reference - candidate)
     return {
@@ -350,6 +235,34 @@ def quantization_method(onnx_path: str | os.PathLike) -> str:
 
     ops = Counter(n.op_type for n in onnx.load(str(onnx_path)).graph.node)
     return "dynamic" if ops["MatMul"] + ops["Gemm"] > ops["Conv"] else "static"
+
+
+class CalibrationBatches:
+    """Batches of [0, 255] images of a class-stratified subset of a split, for INT8
+    calibration (iterable more than once; `images` holds the subset's source entries)."""
+
+    def __init__(self, split, image_size: int, n: int, seed: int, batch_size: int = 32):
+        from kd_keras.data import stratified_subset
+
+        if n < 1 or batch_size < 1:
+            raise KDError(f"calibration needs n >= 1 and batch >= 1, got {n} and {batch_size}")
+        self.subset = split.subset(stratified_subset(split.labels, n, seed))
+        self.images = self.subset.images
+        self.image_size = image_size
+        self.batch_size = batch_size
+
+    def __iter__(self):
+        from kd_keras.data import make_dataset
+
+        ds = make_dataset(self.subset, self.image_size, self.batch_size, labels=False, cache=False)
+        return ds.as_numpy_iterator()
+
+
+def calibration_batches(
+    split, image_size: int, n: int, seed: int, batch_size: int = 32
+) -> CalibrationBatches:
+    """`n` class-stratified images of `split` (the train split, never test) in batches."""
+    return CalibrationBatches(split, image_size, n, seed, batch_size)
 
 
 class _Batches:
@@ -416,14 +329,6 @@ def quantize(
 # ---------------------------------------------------------------- export_run
 
 
-def _size_mb(path: Path) -> float:
-    return round(path.stat().st_size / 1e6, 3)
-
-
-def _short_metrics(metrics: dict) -> dict:
-    return {k: metrics.get(k) for k in ("accuracy", "balanced_accuracy", "macro_f1", "roc_auc")}
-
-
 def export_run(
     run_dir: str | os.PathLike | None = None,
     out_dir: str | os.PathLike | None = None,
@@ -451,10 +356,10 @@ def export_run(
     if fmt not in FORMATS:
         raise KDError(f"unknown export format {fmt!r}; valid: {', '.join(FORMATS)}")
     models = tuple(models)
-    unknown = [m for m in models if m not in MODEL_NAMES]
+    unknown = [m for m in models if m not in MODEL_STAGES]
     if unknown:
-        raise KDError(f"unknown model {unknown[0]!r} to export; valid: {', '.join(MODEL_NAMES)}")
-    run = load_run(run_dir)
+        raise KDError(f"unknown model {unknown[0]!r} to export; valid: {', '.join(MODEL_STAGES)}")
+    run = RunFolder.find(run_dir)
     tolerance = run.cfg.export.tolerance if tolerance is None else float(tolerance)
     if tolerance < 0:
         raise KDError(f"tolerance must be >= 0, got {tolerance}")
@@ -469,12 +374,11 @@ def export_run(
         else:
             sources[name] = path
     out = check_writable_dir(run.export_dir(out_dir))
-    say = _printer(quiet)
+    say = printer(quiet)
 
-    from kd_keras.data import load_splits
     from kd_keras.models import image_size_of, load_model
 
-    splits = load_splits(run.cfg.data, seed=run.cfg.run.seed)
+    splits = run.load_splits()
     class_names = run.report.get("class_names") or splits.class_names
     test = splits.test.subset(np.arange(min(limit, len(splits.test)))) if limit else splits.test
     result: dict[str, Any] = {
@@ -506,12 +410,13 @@ def export_run(
 
 
 def _export_model(
-    run: Run, name: str, model, source: Path, out: Path, test, train, class_names: list[str],
+    run: RunFolder, name: str, model, source: Path, out: Path, test, train, class_names: list[str],
     tolerance: float, int8: bool, say: Callable[[str], None],
 ) -> dict[str, dict[str, Any]]:  # fmt: skip
     """`<name>.onnx` checked against Keras on `test` (+ `<name>.int8.onnx`): export.json entries."""
-    from kd_keras.data import make_dataset, stratified_subset
-    from kd_keras.evaluate import classification_metrics, softmax
+    from kd_keras.data import make_dataset
+    from kd_keras.evaluate import classification_metrics
+    from kd_keras.inference import softmax
     from kd_keras.models import image_size_of
 
     size, arch, threshold = image_size_of(model), model.name, run.threshold(name)
@@ -546,7 +451,7 @@ def _export_model(
     entries = {
         name: {
             "file": onnx_path.name, "source": str(source), "architecture": arch,
-            "params": params, "size_mb": _size_mb(onnx_path), "threshold": threshold,
+            "params": params, "size_mb": size_mb(onnx_path), "threshold": threshold,
             "parity": parity, "metrics": metrics(onnx_logits),
         }
     }  # fmt: skip
@@ -555,40 +460,20 @@ def _export_model(
     int8_path = out / f"{name}.int8.onnx"
     method = quantization_method(onnx_path)
     say(f"[bold]{name}[/]: quantizing to INT8 ({method}) …")
-    n_cal = run.cfg.export.calibration_samples
-    calib = train.subset(stratified_subset(train.labels, n_cal, run.cfg.run.seed))
-    info = quantize(
-        onnx_path, int8_path, method,
-        calibration=make_dataset(calib, size, 32, labels=False, cache=False),
-        metadata={**meta, "precision": "int8"},
-    )  # fmt: skip
+    calibration = calibration_batches(train, size, run.cfg.export.calibration_samples,
+                                      run.cfg.run.seed, run.cfg.data.batch_size)  # fmt: skip
+    info = quantize(onnx_path, int8_path, method, calibration=calibration,
+                    metadata={**meta, "precision": "int8"})  # fmt: skip
     if method == "static":
-        info.update(calibration_split="train", calibration_samples=len(calib))
+        info.update(calibration_split="train", calibration_samples=len(calibration.images))
     int8_logits = predict(onnx_predictor(onnx_session(int8_path)), test_batches)
     entries[f"{name}.int8"] = {
         "file": int8_path.name, "source": onnx_path.name, "architecture": arch,
-        "params": params, "size_mb": _size_mb(int8_path), "threshold": threshold,
+        "params": params, "size_mb": size_mb(int8_path), "threshold": threshold,
         "quantization": info, "vs_keras": compare_logits(keras_logits, int8_logits),
         "metrics": metrics(int8_logits),
     }  # fmt: skip
     return entries
-
-
-def console(stderr: bool = False):
-    """A rich console; 120 columns when output is not a terminal (logs, CI, pipes)."""
-    import sys
-
-    from rich.console import Console
-
-    stream = sys.stderr if stderr else sys.stdout
-    return Console(stderr=stderr, width=None if stream.isatty() else 120)
-
-
-def _printer(quiet: bool) -> Callable[[str], None]:
-    if quiet:
-        return lambda text: None
-    err = console(stderr=True)
-    return lambda text: err.print(text)
 
 
 def _fmt(value: float | None, digits: int = 3) -> str:

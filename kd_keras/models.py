@@ -14,6 +14,7 @@ Every model built here:
 
 from __future__ import annotations
 
+import re
 from collections.abc import Callable
 from pathlib import Path
 
@@ -145,42 +146,74 @@ def _keras_application(app, arch, prep_mode, num_classes, image_size, weights):
     _check_weights_path(weights, "teacher.weights")
     inputs = keras.Input((image_size, image_size, 3), name="images")
     x = ImagePreprocessing(prep_mode, name="preprocessing")(inputs)
-    try:
-        base = app(
-            include_top=False,
-            weights=None if weights == "none" else weights,
-            input_tensor=x,
-        )
-    except Exception as err:  # download or file errors surface as many types
-        raise _weights_failed(arch, weights, err, "teacher.weights") from err
+    if weights == "none":
+        base = app(include_top=False, weights=None, input_tensor=x)
+    else:
+        try:
+            base = app(include_top=False, weights=weights, input_tensor=x)
+        except Exception as err:  # download and file errors surface as many types
+            raise _weights_failed(arch, weights, err, "teacher.weights") from err
     pooled = keras.layers.GlobalAveragePooling2D(name="avg_pool")(base.output)
     return _classifier(inputs, pooled, num_classes, name=arch)
 
 
+def _tiny_only_from_scratch(arch: str, weights: str, key: str) -> None:
+    if weights != "none":
+        raise KDError(f'the tiny {arch} has no pretrained weights: set {key} = "none"')
+
+
+def _tiny_resnet50(include_top, weights, input_tensor):
+    """ResNet50's own code (bottleneck blocks, same layer names) at width 1/8, 1 block/stage."""
+    from keras.src.applications import resnet
+
+    def stacks(x):
+        x = resnet.stack_residual_blocks_v1(x, 8, 1, stride1=1, name="conv2")
+        x = resnet.stack_residual_blocks_v1(x, 16, 1, name="conv3")
+        x = resnet.stack_residual_blocks_v1(x, 32, 1, name="conv4")
+        return resnet.stack_residual_blocks_v1(x, 64, 1, name="conv5")
+
+    return resnet.ResNet(stacks, False, True, include_top=include_top, weights=weights,
+                         input_tensor=input_tensor, name="resnet50_tiny")  # fmt: skip
+
+
+def _tiny_efficientnet_b3(include_top, weights, input_tensor):
+    """EfficientNet's own code (MBConv blocks, same layer names) at width and depth 1/4."""
+    from keras.src.applications import efficientnet
+
+    return efficientnet.EfficientNet(0.25, 0.25, 32, include_top=include_top, weights=weights,
+                                     input_tensor=input_tensor, name="efficientnet_b3_tiny")  # fmt: skip
+
+
 @_register(TEACHERS, "resnet50")
-def resnet50(num_classes: int, image_size: int, weights: str = "none", **_) -> keras.Model:
+def resnet50(
+    num_classes: int, image_size: int, weights: str = "none", tiny: bool = False, **_
+) -> keras.Model:
     """ResNet50 (keras.applications, 23.6 M parameters with a 2-class head).
 
-    Feature tap: `conv4_block6_out`, stride 16, 1024 channels. Preprocessing: caffe-style, as the
-    keras.applications ImageNet weights expect.
+    Feature tap: the last `conv4_block*_out` (stride 16, 1024 channels). Preprocessing:
+    caffe-style, as the keras.applications ImageNet weights expect. `tiny`: the same code at
+    width 1/8 with one block per stage (tests and smoke runs).
     """
-    return _keras_application(
-        keras.applications.ResNet50, "resnet50", "caffe",
-        num_classes, image_size, weights,
-    )  # fmt: skip
+    if tiny:
+        _tiny_only_from_scratch("resnet50", weights, "teacher.weights")
+    app = _tiny_resnet50 if tiny else keras.applications.ResNet50
+    return _keras_application(app, "resnet50", "caffe", num_classes, image_size, weights)
 
 
 @_register(TEACHERS, "efficientnet_b3")
-def efficientnet_b3(num_classes: int, image_size: int, weights: str = "none", **_) -> keras.Model:
+def efficientnet_b3(
+    num_classes: int, image_size: int, weights: str = "none", tiny: bool = False, **_
+) -> keras.Model:
     """EfficientNetB3 (keras.applications, 10.8 M parameters with a 2-class head).
 
-    Feature tap: `block5e_add`, stride 16, 136 channels. The application rescales and normalises
-    [0, 255] pixels itself.
+    Feature tap: the output of stage 5 (`block5e_add`, stride 16, 136 channels). The
+    application rescales and normalises [0, 255] pixels itself. `tiny`: the same code at width
+    and depth 1/4 (tests and smoke runs).
     """
-    return _keras_application(
-        keras.applications.EfficientNetB3, "efficientnet_b3", "none",
-        num_classes, image_size, weights,
-    )  # fmt: skip
+    if tiny:
+        _tiny_only_from_scratch("efficientnet_b3", weights, "teacher.weights")
+    app = _tiny_efficientnet_b3 if tiny else keras.applications.EfficientNetB3
+    return _keras_application(app, "efficientnet_b3", "none", num_classes, image_size, weights)
 
 
 def _hub_backbone(cls, preset: str, weights: str, arch: str, **config):
@@ -197,21 +230,30 @@ def _hub_backbone(cls, preset: str, weights: str, arch: str, **config):
         raise _weights_failed(arch, weights, err, "student.weights") from err
 
 
+RESNET18 = dict(input_conv_filters=[64], stackwise_num_filters=[64, 128, 256, 512],
+                stackwise_num_blocks=[2, 2, 2, 2])  # fmt: skip
+RESNET18_TINY = dict(input_conv_filters=[64], stackwise_num_filters=[64, 64, 64, 64],
+                     stackwise_num_blocks=[1, 1, 1, 1])  # fmt: skip
+
+
 @_register(STUDENTS, "resnet18")
-def resnet18(num_classes: int, image_size: int, weights: str = "none", **_) -> keras.Model:
+def resnet18(
+    num_classes: int, image_size: int, weights: str = "none", tiny: bool = False, **_
+) -> keras.Model:
     """ResNet18 (keras-hub `ResNetBackbone`, basic blocks [2, 2, 2, 2], 11.2 M parameters).
 
     Feature tap: pyramid output P4, stride 16, 256 channels. ImageNet preset:
-    `resnet_18_imagenet`.
+    `resnet_18_imagenet`. `tiny`: one block of 64 channels per stage (keras-hub needs 64 first).
     """
     import keras_hub
 
+    if tiny:
+        _tiny_only_from_scratch("resnet18", weights, "student.weights")
     backbone = _hub_backbone(
         keras_hub.models.ResNetBackbone, "resnet_18_imagenet", weights, "resnet18",
-        input_conv_filters=[64], input_conv_kernel_sizes=[7],
-        stackwise_num_filters=[64, 128, 256, 512], stackwise_num_blocks=[2, 2, 2, 2],
-        stackwise_num_strides=[1, 2, 2, 2], block_type="basic_block",
-        image_shape=(None, None, 3),
+        input_conv_kernel_sizes=[7], stackwise_num_strides=[1, 2, 2, 2],
+        block_type="basic_block", image_shape=(None, None, 3),
+        **(RESNET18_TINY if tiny else RESNET18),
     )  # fmt: skip
     taps = keras.Model(
         backbone.inputs, [backbone.pyramid_outputs["P4"], backbone.output], name="resnet18_backbone"
@@ -224,21 +266,25 @@ def resnet18(num_classes: int, image_size: int, weights: str = "none", **_) -> k
 
 
 VIT_SMALL = dict(num_layers=12, num_heads=6, hidden_dim=384, mlp_dim=1536)
+VIT_TINY = dict(num_layers=2, num_heads=2, hidden_dim=32, mlp_dim=64)
 
 
 @_register(STUDENTS, "vit_small")
 def vit_small(
-    num_classes: int, image_size: int, weights: str = "none", patch_size: int = 16, **_
-) -> keras.Model:
+    num_classes: int, image_size: int, weights: str = "none", patch_size: int = 16,
+    tiny: bool = False, **_,
+) -> keras.Model:  # fmt: skip
     """ViT-small (keras-hub `ViTBackbone`: width 384, depth 12, 6 heads, MLP 1536; 21.7 M).
 
     `patch_size` is configurable so small images still make enough tokens (64 px / patch 8 =
     64 tokens). Head on the class token. Feature tap: the patch tokens (class token dropped)
     re-shaped to their (image_size / patch_size) square grid, 384 channels, so CNN-to-token
-    feature matching compares spatial maps, with no pooling.
+    feature matching compares spatial maps, with no pooling. `tiny`: 2 blocks, width 32.
     """
     import keras_hub
 
+    if tiny:
+        _tiny_only_from_scratch("vit_small", weights, "student.weights")
     if weights == "imagenet":
         raise KDError(
             'keras-hub has no ImageNet preset for vit_small; use student.arch = "deit_small" '
@@ -246,7 +292,8 @@ def vit_small(
         )
     backbone = _hub_backbone(
         keras_hub.models.ViTBackbone, "", weights, "vit_small",
-        image_shape=(image_size, image_size, 3), patch_size=patch_size, **VIT_SMALL,
+        image_shape=(image_size, image_size, 3), patch_size=patch_size,
+        **(VIT_TINY if tiny else VIT_SMALL),
         name="vit_backbone",
     )  # fmt: skip
     inputs = keras.Input((image_size, image_size, 3), name="images")
@@ -256,13 +303,15 @@ def vit_small(
 
 
 DEIT_SMALL = dict(num_layers=12, num_heads=6, hidden_dim=384, intermediate_dim=1536)
+DEIT_TINY = dict(num_layers=2, num_heads=2, hidden_dim=32, intermediate_dim=64)
 DEIT_SMALL_PRESET = "deit_small_distilled_patch16_224_imagenet"
 
 
 @_register(STUDENTS, "deit_small")
 def deit_small(
-    num_classes: int, image_size: int, weights: str = "none", patch_size: int = 16, **_
-) -> keras.Model:
+    num_classes: int, image_size: int, weights: str = "none", patch_size: int = 16,
+    tiny: bool = False, **_,
+) -> keras.Model:  # fmt: skip
     """DeiT-small with a distillation token (keras-hub `DeiTBackbone`: width 384, depth 12,
     6 heads, MLP 1536; 21.7 M parameters).
 
@@ -275,10 +324,12 @@ def deit_small(
 
     `weights = "imagenet"` loads the keras-hub preset `deit_small_distilled_patch16_224_imagenet`
     (224 px, patch 16 only: its position embeddings fix the grid); a local preset folder must
-    match `image_size` and `patch_size` likewise.
+    match `image_size` and `patch_size` likewise. `tiny`: 2 blocks, width 32.
     """
     import keras_hub
 
+    if tiny:
+        _tiny_only_from_scratch("deit_small", weights, "student.weights")
     if weights == "imagenet" and (image_size, patch_size) != (224, 16):
         raise KDError(
             f"the ImageNet DeiT-small preset needs data.image_size = 224 and "
@@ -287,7 +338,8 @@ def deit_small(
         )
     backbone = _hub_backbone(
         keras_hub.models.DeiTBackbone, DEIT_SMALL_PRESET, weights, "deit_small",
-        image_shape=(image_size, image_size, 3), patch_size=patch_size, **DEIT_SMALL,
+        image_shape=(image_size, image_size, 3), patch_size=patch_size,
+        **(DEIT_TINY if tiny else DEIT_SMALL),
         name="deit_backbone",
     )  # fmt: skip
     got = (tuple(backbone.image_shape[:2]), tuple(backbone.patch_size))
@@ -322,26 +374,33 @@ def load_model(path: str | Path, what: str = "model") -> keras.Model:
         raise KDError(f"{what} file {path} could not be loaded: {err}") from err
 
 
-def build_teacher(arch: str, num_classes: int, image_size: int, weights: str = "none"):
-    return _lookup(TEACHERS, "teacher", arch)(num_classes, image_size, weights=weights)
+def build_teacher(
+    arch: str, num_classes: int, image_size: int, weights: str = "none", tiny: bool = False
+) -> keras.Model:
+    """A registered teacher architecture (`tiny`: its small variant, for tests/smoke runs)."""
+    return _lookup(TEACHERS, "teacher", arch)(num_classes, image_size, weights=weights, tiny=tiny)
 
 
 def build_student(
-    arch: str, num_classes: int, image_size: int, weights: str = "none", patch_size: int = 16
-):
+    arch: str, num_classes: int, image_size: int, weights: str = "none", patch_size: int = 16,
+    tiny: bool = False,
+) -> keras.Model:  # fmt: skip
+    """A registered student architecture (`tiny`: its small variant, for tests/smoke runs)."""
     return _lookup(STUDENTS, "student", arch)(
-        num_classes, image_size, weights=weights, patch_size=patch_size
+        num_classes, image_size, weights=weights, patch_size=patch_size, tiny=tiny
     )
 
 
-# Feature taps, tried in order: (layer name, output index of a nested model, leading tokens to
-# drop before re-shaping a token sequence to its grid; None = already a feature map).
+# Feature taps, tried in order: (layer-name pattern, output index of a nested model, leading
+# tokens to drop before re-shaping a token sequence to its grid; None = already a feature map).
+# The last layer matching a pattern is the tap, so deeper or shallower variants of a family
+# (ResNet101, a tiny EfficientNet) find their own stage output.
 FEATURE_TAPS = (
-    ("conv4_block6_out", None, None),  # resnet50, stride 16
-    ("block5e_add", None, None),  # efficientnet_b3, stride 16
-    ("resnet18_backbone", 0, None),  # resnet18 P4, stride 16
-    ("vit_backbone", None, 1),  # vit_small: class token + patches
-    ("deit_backbone", None, 2),  # deit_small: class + distillation tokens + patches
+    (r"conv4_block\d+_out", None, None),  # resnet50 (conv4_block6_out), stride 16
+    (r"block5[a-z]+_.*", None, None),  # efficientnet_b3 stage 5 output (block5e_add), stride 16
+    (r"resnet18_backbone", 0, None),  # resnet18 P4, stride 16
+    (r"vit_backbone", None, 1),  # vit_small: class token + patches
+    (r"deit_backbone", None, 2),  # deit_small: class + distillation tokens + patches
 )
 
 
@@ -354,11 +413,12 @@ def _graph_output(layer: keras.layers.Layer):
 
 def feature_tensor(model: keras.Model):
     """Symbolic feature map (batch, h, w, c) of `model` used for feature matching."""
-    names = {layer.name for layer in model.layers}
-    for name, index, skip in FEATURE_TAPS:
-        if name not in names:
+    for pattern, index, skip in FEATURE_TAPS:
+        matches = [layer for layer in model.layers if re.fullmatch(pattern, layer.name)]
+        if not matches:
             continue
-        out = _graph_output(model.get_layer(name))
+        name = matches[-1].name
+        out = _graph_output(matches[-1])
         if index is not None:
             out = out[index]
         if skip is not None:
@@ -377,10 +437,12 @@ def feature_extractor(model: keras.Model) -> keras.Model:
 
 
 def has_layer(model: keras.Model, name: str) -> bool:
+    """Whether `model` has a (top-level) layer called `name`."""
     return any(layer.name == name for layer in model.layers)
 
 
 def image_size_of(model: keras.Model) -> int:
+    """The fixed square input size of `model`."""
     shape = model.inputs[0].shape
     if shape[1] is None:
         raise KDError(f"model {model.name!r} has no fixed input size")

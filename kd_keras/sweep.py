@@ -8,11 +8,12 @@ Layout under `<output_dir>/<name>_sweep/`:
     teacher/                 the teacher, trained once (seed = run.seed) and shared by all cells
     scratch/seed<k>/         the student without distillation, one per seed
     cells/<cell>/seed<k>/    one distilled student per grid cell and seed
-    results.csv, results.md  mean +- std over seeds per cell (validation and test)
+    runs.csv                 one flat row per trained run (cell, seed, metrics)
+    results.csv, results.md  mean +- sample std (ddof = 1) over seeds per cell
     heatmap.png              balanced accuracy over temperature x alpha (validation | test)
     ablation.md              seed 002's comparison, every row selected on validation
 
-A run folder holding `report.json` is finished and skipped on the next call. Nothing is
+A finished run folder (`RunFolder.finished`) is skipped on the next call. Nothing is
 selected on the test split: every choice uses the validation balanced accuracy.
 """
 
@@ -22,9 +23,11 @@ import itertools
 from pathlib import Path
 
 import numpy as np
+import pandas as pd
 
-from kd_keras.config import Config, build_config, parse_override
-from kd_keras.errors import KDError, atomic_write, read_json, write_text
+from kd_keras.config import Config, build_config, parse_override, toml_value
+from kd_keras.errors import KDError, atomic_write, write_text
+from kd_keras.run import RunFolder
 
 METRICS = (
     ("val_bal_acc", "val", "balanced_accuracy"),
@@ -50,26 +53,22 @@ def parse_grid(items: list[str]) -> dict[str, list]:
 
 
 def cell_name(setting: dict) -> str:
+    """A folder-safe name of one grid cell, e.g. `temperature=4_alpha=0.5`."""
     return "_".join(f"{k.split('.')[-1]}={v}" for k, v in setting.items())
 
 
 def _overrides(setting: dict) -> list[str]:
-    return [f"{k}={_literal(v)}" for k, v in setting.items()]
-
-
-def _literal(v) -> str:
-    if isinstance(v, bool):
-        return "true" if v else "false"
-    return f'"{v}"' if isinstance(v, str) else repr(v)
+    return [f"{k}={toml_value(v)}" for k, v in setting.items()]
 
 
 def _run(base: Config, raw: dict, base_dir: Path, folder: Path, overrides: list[str], stages):
     """Train and evaluate one run folder unless it is already finished."""
     from kd_keras.train import run_distill
 
-    if (folder / "report.json").is_file():
+    run = RunFolder(folder)
+    if run.finished:
         print(f"skip (finished): {folder}")
-        return read_json(folder / "report.json")
+        return run.report
     cfg = build_config(raw, base_dir, overrides, default_name=base.run.name)
     cfg.run.output_dir, cfg.run.name = str(folder.parent), folder.name
     return run_distill(cfg, stages, copy_teacher=False)
@@ -78,11 +77,6 @@ def _run(base: Config, raw: dict, base_dir: Path, folder: Path, overrides: list[
 def _value(report: dict, model: str, split: str, metric: str):
     entry = report["models"].get(model, {}).get(split)
     return None if entry is None else entry[metric]
-
-
-def _stats(values: list) -> tuple[float, float]:
-    arr = np.asarray([v for v in values if v is not None], dtype="float64")
-    return (float(arr.mean()), float(arr.std())) if len(arr) else (float("nan"), float("nan"))
 
 
 def run_sweep(
@@ -95,7 +89,7 @@ def run_sweep(
         raise KDError(f"--seeds must be at least 1, got {seeds}")
     for key in grid:  # validate every grid value before training anything
         for value in grid[key]:
-            build_config(raw, base_dir, (overrides or []) + [f"{key}={_literal(value)}"])
+            build_config(raw, base_dir, (overrides or []) + [f"{key}={toml_value(value)}"])
     root = base.run_dir.parent / f"{base.run.name}_sweep"
     overrides = list(overrides or [])
 
@@ -105,74 +99,94 @@ def run_sweep(
     else:
         _run(base, raw, base_dir, teacher_dir, overrides, ["teacher"])
         teacher_file = str(teacher_dir / "teacher.keras")
-    with_teacher = overrides + [f"teacher.path={_literal(teacher_file)}"]
+    with_teacher = overrides + [f"teacher.path={toml_value(teacher_file)}"]
 
-    rows = []
+    runs: list[dict] = []  # one flat row per trained run
     seed_list = [base.run.seed + k for k in range(seeds)]
-    scratch = []
+    if RunFolder(teacher_dir).finished:  # absent when the user gave teacher.path
+        runs.append(run_row("teacher", {}, base.run.seed, RunFolder(teacher_dir).report,
+                            "teacher"))  # fmt: skip
     for seed in seed_list:
         folder = root / "scratch" / f"seed{seed}"
-        scratch.append(_run(base, raw, base_dir, folder, overrides + [f"run.seed={seed}"],
-                            ["scratch"]))  # fmt: skip
-    rows.append(_row("student_scratch", {}, scratch, "student_scratch"))
+        report = _run(base, raw, base_dir, folder, overrides + [f"run.seed={seed}"], ["scratch"])
+        runs.append(run_row("student_scratch", {}, seed, report, "student_scratch"))
 
     keys = list(grid)
     for values in itertools.product(*(grid[k] for k in keys)):
         setting = dict(zip(keys, values))
-        reports = []
         for seed in seed_list:
             folder = root / "cells" / cell_name(setting) / f"seed{seed}"
-            reports.append(_run(base, raw, base_dir, folder,
-                                with_teacher + _overrides(setting) + [f"run.seed={seed}"],
-                                ["distill"]))  # fmt: skip
-        rows.append(_row(cell_name(setting), setting, reports, "student"))
+            report = _run(base, raw, base_dir, folder,
+                          with_teacher + _overrides(setting) + [f"run.seed={seed}"],
+                          ["distill"])  # fmt: skip
+            runs.append(run_row(cell_name(setting), setting, seed, report, "student"))
 
-    if (teacher_dir / "report.json").is_file():  # absent when the user gave teacher.path
-        rows.insert(0, _row("teacher", {}, [read_json(teacher_dir / "report.json")], "teacher"))
-    write_results(root, rows, keys, base)
+    rows = summarize(runs)
+    write_results(root, runs, rows, keys, base)
     return {"root": str(root), "rows": rows}
 
 
-def _row(name: str, setting: dict, reports: list[dict], model: str) -> dict:
-    row = {"name": name, "setting": setting, "seeds": len(reports)}
+LABELS = [m[0] for m in METRICS] + ["subset_minority_recall"]
+
+
+def run_row(name: str, setting: dict, seed: int, report: dict, model: str) -> dict:
+    """One trained run as a flat row: cell name, grid values, seed and its metrics."""
+    row = {"name": name, **setting, "seed": seed}
     for label, split, metric in METRICS:
-        values = [_value(r, model, split, metric) for r in reports]
-        row[label] = _stats(values)
-    minority = reports[0].get("subset", {}).get("minority_class")
-    if minority is not None:
-        cname = reports[0]["class_names"][minority]
-        recalls = [r["models"][model]["test_subset"]["per_class"][cname]["recall"]
-                   for r in reports if model in r["models"]]  # fmt: skip
-        row["subset_minority_recall"] = _stats(recalls)
+        row[label] = _value(report, model, split, metric)
+    minority = report.get("subset", {}).get("minority_class")
+    row["subset_minority_recall"] = None
+    if minority is not None and model in report["models"]:
+        cname = report["class_names"][minority]
+        row["subset_minority_recall"] = (
+            report["models"][model]["test_subset"]["per_class"][cname]["recall"]
+        )
+    row["setting"] = setting
     return row
+
+
+def summarize(runs: list[dict]) -> list[dict]:
+    """Per cell: the number of seeds and (mean, sample std) of every metric (pandas, ddof=1;
+    the std of a single seed is undefined: NaN)."""
+    frame = pd.DataFrame([{k: r[k] for k in ("name", "seed", *LABELS)} for r in runs])
+    frame[LABELS] = frame[LABELS].astype("float64")
+    grouped = frame.groupby("name", sort=False)
+    means, stds, counts = grouped[LABELS].mean(), grouped[LABELS].std(ddof=1), grouped.size()
+    settings = {r["name"]: r["setting"] for r in runs}
+    rows = []
+    for name in means.index:
+        row = {"name": name, "setting": settings[name], "seeds": int(counts[name])}
+        row.update({lab: (float(means.at[name, lab]), float(stds.at[name, lab]))
+                    for lab in LABELS})  # fmt: skip
+        rows.append(row)
+    return rows
 
 
 def _fmt(stat) -> str:
     mean, std = stat
-    return "n/a" if np.isnan(mean) else f"{mean:.3f} ± {std:.3f}"
+    if np.isnan(mean):
+        return "n/a"
+    return f"{mean:.3f}" if np.isnan(std) else f"{mean:.3f} ± {std:.3f}"
 
 
-def write_results(root: Path, rows: list[dict], keys: list[str], base: Config) -> None:
-    import csv
-    import io
+def write_results(
+    root: Path, runs: list[dict], rows: list[dict], keys: list[str], base: Config
+) -> None:
+    """runs.csv (per run), results.csv / results.md (per cell), ablation.md, heatmap.png."""
+    per_run = pd.DataFrame([{k: v for k, v in r.items() if k != "setting"} for r in runs])
+    write_text(root / "runs.csv", per_run.to_csv(index=False, float_format="%.4f"))
+    table = pd.DataFrame(
+        [{"name": r["name"], **{k: r["setting"].get(k, "") for k in keys}, "seeds": r["seeds"],
+          **{f"{lab}_{stat}": r[lab][i] for lab in LABELS
+             for i, stat in enumerate(("mean", "std"))}} for r in rows]
+    )  # fmt: skip
+    write_text(root / "results.csv", table.to_csv(index=False, float_format="%.4f"))
 
-    labels = [m[0] for m in METRICS] + ["subset_minority_recall"]
-    buf = io.StringIO()
-    writer = csv.writer(buf)
-    writer.writerow(
-        ["name", *keys, "seeds"] + [f"{lab}_{s}" for lab in labels for s in ("mean", "std")]
-    )
-    for row in rows:
-        stats = [v for lab in labels for v in row.get(lab, (float("nan"), float("nan")))]
-        writer.writerow([row["name"], *[row["setting"].get(k, "") for k in keys], row["seeds"],
-                         *[f"{v:.4f}" for v in stats]])  # fmt: skip
-    write_text(root / "results.csv", buf.getvalue())
-
-    head = "| run | seeds | " + " | ".join(labels) + " |"
-    lines = [f"# Sweep `{base.run.name}` (mean ± std over seeds)", "", head,
-             "|---|---|" + "---|" * len(labels)]  # fmt: skip
-    lines += [f"| {r['name']} | {r['seeds']} | " + " | ".join(_fmt(r.get(lab, (np.nan, 0)))
-              for lab in labels) + " |" for r in rows]  # fmt: skip
+    head = "| run | seeds | " + " | ".join(LABELS) + " |"
+    lines = [f"# Sweep `{base.run.name}` (mean ± sample std over seeds)", "", head,
+             "|---|---|" + "---|" * len(LABELS)]  # fmt: skip
+    lines += [f"| {r['name']} | {r['seeds']} | " + " | ".join(_fmt(r[lab]) for lab in LABELS)
+              + " |" for r in rows]  # fmt: skip
     write_text(root / "results.md", "\n".join(lines) + "\n")
     write_text(root / "ablation.md", ablation_markdown(rows))
     if {"distill.temperature", "distill.alpha"} <= set(keys):

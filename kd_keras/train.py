@@ -1,14 +1,13 @@
 """Training stages of a run: teacher fine-tuning, distillation, and the no-distillation baseline.
 
 All three use the same engine (`Distiller`), optimiser recipe and best-epoch selection on the
-validation split; only the loss weights differ. Artefacts go to the run folder:
+validation split; only the loss weights differ. What each stage writes, and where, is defined by
+`kd_keras.run.RunFolder`.
 
-    config.toml            the resolved config
-    teacher.keras          fine-tuned (or copied from teacher.path)
-    student.keras          distilled student
-    student_scratch.keras  same student, same init, trained on labels only
-    history_<stage>.csv    per-epoch training metrics and validation metrics
-    train_log.json         wall-clock time and best epoch per stage
+Weight decay: Keras 3 applies `weight_decay` to the weights directly in every optimizer
+(decoupled, as in AdamW / SGDW: Loshchilov & Hutter, 2019); `train.weight_decay_mode = "l2"`
+instead adds (weight_decay / 2) * ||w||^2 to the loss, which is what PyTorch's
+`SGD(weight_decay=...)` does (coupled L2; the seeds' recipes were written for it).
 """
 
 from __future__ import annotations
@@ -23,17 +22,13 @@ import keras
 import numpy as np
 
 from kd_keras.config import Config, TrainConfig
-from kd_keras.data import Splits, load_splits, make_dataset, resolve_medmnist_path
+from kd_keras.data import Splits, make_dataset
 from kd_keras.distiller import Distiller
-from kd_keras.errors import KDError, atomic_write, read_json, write_json, write_text
-from kd_keras.evaluate import classification_metrics, predict_probs
+from kd_keras.errors import KDError, atomic_write, write_text
+from kd_keras.evaluate import classification_metrics, evaluate_run
+from kd_keras.inference import keras_predictor, predict_probs
 from kd_keras.models import build_student, build_teacher, load_model
-
-MODEL_FILES = {
-    "teacher": "teacher.keras",
-    "student": "student.keras",
-    "student_scratch": "student_scratch.keras",
-}
+from kd_keras.run import STAGE_MODELS, RunFolder
 
 
 def save_model(model: keras.Model, path: Path) -> Path:
@@ -42,6 +37,8 @@ def save_model(model: keras.Model, path: Path) -> Path:
 
 
 def make_optimizer(tc: TrainConfig, learning_rate: float, epochs: int, steps_per_epoch: int):
+    """The configured optimizer and learning-rate schedule (decoupled decay only: coupled L2
+    is a loss term, see the module docstring)."""
     total = max(1, epochs * steps_per_epoch)
     warmup = min(tc.warmup_epochs * steps_per_epoch, total - 1)
     if tc.schedule == "cosine":
@@ -53,11 +50,11 @@ def make_optimizer(tc: TrainConfig, learning_rate: float, epochs: int, steps_per
         )
     else:
         lr = learning_rate
+    decay = tc.weight_decay if tc.weight_decay_mode == "decoupled" and tc.weight_decay else None
     if tc.optimizer == "sgd":
-        return keras.optimizers.SGD(lr, momentum=tc.momentum, weight_decay=tc.weight_decay or None)
-    if tc.optimizer == "adam":
-        return keras.optimizers.Adam(lr, weight_decay=tc.weight_decay or None)
-    return keras.optimizers.AdamW(lr, weight_decay=tc.weight_decay)
+        return keras.optimizers.SGD(lr, momentum=tc.momentum, weight_decay=decay)
+    # "adam" with decoupled decay is AdamW: Keras 3 decouples decay in every optimizer
+    return keras.optimizers.Adam(lr, weight_decay=decay)
 
 
 def class_weights(labels: np.ndarray, num_classes: int) -> dict[int, float]:
@@ -72,9 +69,12 @@ class SelectBest(keras.callbacks.Callback):
     `val_accuracy`, `val_balanced_accuracy`, `val_macro_f1`, `val_auc` to the epoch logs, keeps
     the weights of the best epoch by `monitor`, and restores them when training ends."""
 
-    def __init__(self, classifier: keras.Model, val_ds, y_val, class_names, monitor: str):
+    def __init__(self, classifier: keras.Model, val_ds, y_val, class_names, monitor: str,
+                 stage: str = "train"):  # fmt: skip
         super().__init__()
         self.classifier = classifier
+        self.predictor = keras_predictor(classifier)
+        self.stage = stage
         self.val_ds = val_ds
         self.y_val = y_val
         self.class_names = class_names
@@ -84,8 +84,9 @@ class SelectBest(keras.callbacks.Callback):
         self.best_weights = None
 
     def on_epoch_end(self, epoch, logs=None):
+        what = f"the {self.stage} stage's model after epoch {epoch + 1}"
         m = classification_metrics(
-            self.y_val, predict_probs(self.classifier, self.val_ds), self.class_names
+            self.y_val, predict_probs(self.predictor, self.val_ds, what), self.class_names
         )
         values = {
             "val_accuracy": m["accuracy"],
@@ -146,7 +147,7 @@ def fit_stage(
     teacher: keras.Model | None,
     epochs: int,
     learning_rate: float,
-    run_dir: Path,
+    run: RunFolder,
 ) -> StageResult:
     """Train `classifier` in place (best validation epoch restored) for one stage."""
     dc = cfg.distill
@@ -162,7 +163,9 @@ def fit_stage(
     model = Distiller(
         classifier, teacher, alpha=alpha, temperature=dc.temperature, beta=beta, mode=dc.mode,
         feature_norm=dc.feature_norm, weight_distillation=tc.weight_distillation,
-        logit_adjustment=adjustment, name=f"{stage}_trainer",
+        logit_adjustment=adjustment,
+        l2_weight_decay=tc.weight_decay if tc.weight_decay_mode == "l2" else 0.0,
+        name=f"{stage}_trainer",
     )  # fmt: skip
     size, batch = cfg.data.image_size, cfg.data.batch_size
     seed = cfg.run.seed
@@ -173,20 +176,23 @@ def fit_stage(
     val_ds = make_dataset(splits.val, size, batch, cache=cfg.data.cache, labels=False)
     steps = int(np.ceil(len(splits.train) / batch))
     model.compile(optimizer=make_optimizer(tc, learning_rate, epochs, steps))
-    select = SelectBest(classifier, val_ds, splits.val.labels, splits.class_names, tc.monitor)
+    select = SelectBest(classifier, val_ds, splits.val.labels, splits.class_names, tc.monitor,
+                        stage)  # fmt: skip
     weights = (
         class_weights(splits.train.labels, splits.num_classes)
         if tc.class_weight == "balanced" else None
     )  # fmt: skip
+    kd = ""
+    if stage == "distill" and alpha < 1.0:
+        kd = f", {dc.mode} KD" + (f" at T {dc.temperature}" if dc.mode == "soft" else "")
     print(f"\n== stage {stage}: {classifier.name}, {classifier.count_params():,} parameters, "
-          f"{epochs} epochs, lr {learning_rate}, alpha {alpha}, beta {beta}" +
-          (f", T {dc.temperature}, {dc.mode}" if stage == "distill" else ""))  # fmt: skip
+          f"{epochs} epochs, lr {learning_rate}, alpha {alpha}, beta {beta}{kd}")  # fmt: skip
     start = time.perf_counter()
     model.fit(
         train_ds, epochs=epochs, steps_per_epoch=steps if tc.balanced_sampling else None,
         class_weight=weights,
         verbose=tc.verbose, shuffle=False,
-        callbacks=[select, HistoryCSV(run_dir / f"history_{stage}.csv")],
+        callbacks=[select, HistoryCSV(run.history_path(stage))],
     )  # fmt: skip
     return StageResult(
         time.perf_counter() - start, select.best_epoch + 1, select.best_score, epochs
@@ -201,34 +207,19 @@ def run_distill(cfg: Config, stages: list[str] | None = None, copy_teacher: bool
     """Run the configured stages, then evaluate every model of the run on the test split.
 
     A teacher given by `teacher.path` is copied into the run folder (so the run is
-    self-contained for evaluation and export) unless `copy_teacher` is False.
+    self-contained for evaluation and export) unless `copy_teacher` is False. `cfg` is not
+    modified: the run works from the config it saved.
     """
-    from kd_keras.evaluate import evaluate_run
-
     stages = stages or cfg.train.stages
-    if cfg.data.source == "medmnist" and not cfg.data.path:
-        # record the file actually used (env var or download cache): the run folder then
-        # evaluates and exports without the environment it was trained in
-        cfg.data.path = str(
-            resolve_medmnist_path(cfg.data.dataset, cfg.data.medmnist_size, None).resolve()
-        )
-    run_dir = cfg.run_dir
-    run_dir.mkdir(parents=True, exist_ok=True)
-    cfg.save(run_dir / "config.toml")
-    log_path = run_dir / "train_log.json"
-    log = read_json(log_path) if log_path.is_file() else {}
-
-    splits = load_splits(cfg.data, seed=cfg.run.seed)
+    run = RunFolder.create(cfg)
+    cfg = run.cfg
+    splits = run.load_splits()
     print(f"data: {cfg.data.source} {cfg.data.dataset if cfg.data.source == 'medmnist' else ''} "
           f"classes {splits.class_names}; counts {splits.summary()}")  # fmt: skip
     n, size = splits.num_classes, cfg.data.image_size
     tc = cfg.train
 
-    def record(stage: str, result: StageResult):
-        log[stage] = result.__dict__
-        write_json(log_path, log)
-
-    teacher_file = run_dir / MODEL_FILES["teacher"]
+    teacher_file = run.model_path("teacher")
     teacher = None
     if cfg.teacher.path:
         teacher = load_model(cfg.teacher.path, "teacher.path")
@@ -237,42 +228,42 @@ def run_distill(cfg: Config, stages: list[str] | None = None, copy_teacher: bool
             save_model(teacher, teacher_file)
     elif "teacher" in stages:
         keras.utils.set_random_seed(cfg.run.seed)
-        teacher = build_teacher(cfg.teacher.arch, n, size, cfg.teacher.weights)
+        teacher = build_teacher(cfg.teacher.arch, n, size, cfg.teacher.weights,
+                                tiny=cfg.teacher.variant == "tiny")  # fmt: skip
         result = fit_stage(
             cfg, splits, "teacher", teacher, None,
             _stage_setting(cfg.teacher.epochs, tc.epochs),
-            _stage_setting(cfg.teacher.learning_rate, tc.learning_rate), run_dir,
+            _stage_setting(cfg.teacher.learning_rate, tc.learning_rate), run,
         )  # fmt: skip
         save_model(teacher, teacher_file)
-        record("teacher", result)
+        run.record_stage("teacher", result.__dict__)
 
-    for stage, name in (("distill", "student"), ("scratch", "student_scratch")):
+    for stage in ("distill", "scratch"):
         if stage not in stages:
             continue
         if stage == "distill" and teacher is None:
             if not teacher_file.is_file():
                 raise KDError(
-                    f"stage distill needs a teacher: none in {run_dir} and teacher.path is not "
+                    f"stage distill needs a teacher: none in {run.path} and teacher.path is not "
                     "set; add the teacher stage or set teacher.path"
                 )
             teacher = load_model(teacher_file, "teacher")
         keras.utils.set_random_seed(cfg.run.seed)  # same initial student for both stages
-        student = build_student(
-            cfg.student.arch, n, size, cfg.student.weights, cfg.student.patch_size
-        )
+        student = build_student(cfg.student.arch, n, size, cfg.student.weights,
+                                cfg.student.patch_size, tiny=cfg.student.variant == "tiny")  # fmt: skip
         result = fit_stage(
             cfg, splits, stage, student, teacher,
             _stage_setting(cfg.student.epochs, tc.epochs),
-            _stage_setting(cfg.student.learning_rate, tc.learning_rate), run_dir,
+            _stage_setting(cfg.student.learning_rate, tc.learning_rate), run,
         )  # fmt: skip
-        save_model(student, run_dir / MODEL_FILES[name])
-        record(stage, result)
+        save_model(student, run.model_path(STAGE_MODELS[stage]))
+        run.record_stage(stage, result.__dict__)
 
-    return evaluate_run(run_dir, splits=splits)
+    return evaluate_run(run, splits=splits)
 
 
 def _check_classifier(model: keras.Model, num_classes: int, image_size: int, key: str) -> None:
-    out = model.output.shape[-1]
+    out = model.outputs[0].shape[-1]
     if out != num_classes:
         raise KDError(f"{key} model outputs {out} classes but the data has {num_classes}")
     in_size = model.inputs[0].shape[1]

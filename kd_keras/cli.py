@@ -1,0 +1,206 @@
+"""kd_keras command line: `distill`, `evaluate`, `export`, `benchmark`, `sweep`.
+
+A thin shim over library functions (`python cli.py ...` or the `kd-keras` console script).
+A user mistake (`KDError`) prints one `error:` line and exits with status 2; anything else is
+our bug and keeps its traceback. `--debug` (anywhere on the command line) shows the traceback
+of user errors too.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+from pathlib import Path
+from typing import Annotated
+
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+
+import typer  # noqa: E402
+
+app = typer.Typer(
+    add_completion=False,
+    no_args_is_help=True,
+    help="Knowledge distillation of image classifiers with Keras 3.",
+)
+
+
+def _fail(message: str) -> None:
+    typer.echo(f"error: {message}", err=True)
+    raise typer.Exit(2)
+
+
+@app.command()
+def distill(
+    config: Annotated[Path, typer.Option("--config", "-c", help="TOML experiment config.")],
+    set_: Annotated[
+        list[str] | None,
+        typer.Option("--set", help="Override a config value: section.key=value (repeatable)."),
+    ] = None,
+    stages: Annotated[
+        str | None,
+        typer.Option(help="Comma-separated subset of teacher,distill,scratch (default: config)."),
+    ] = None,
+) -> None:
+    """Fine-tune the teacher, distil the student, train the baseline, evaluate all three."""
+    from kd_keras.config import STAGES, load_config
+
+    # validate everything the user typed before TensorFlow loads (and logs)
+    cfg = load_config(config, set_ or [])
+    chosen = None
+    if stages:
+        chosen = [s.strip() for s in stages.split(",") if s.strip()]
+        bad = [s for s in chosen if s not in STAGES]
+        if bad:
+            _fail(f"unknown stage(s) {bad}; valid: {', '.join(STAGES)}")
+
+    from kd_keras.evaluate import report_markdown
+    from kd_keras.train import run_distill
+
+    report = run_distill(cfg, chosen)
+    typer.echo("\n" + report_markdown(report))
+    typer.echo(f"run folder: {cfg.run_dir}")
+
+
+@app.command()
+def evaluate(
+    run: Annotated[Path, typer.Option("--run", help="Run folder (holds config.toml).")],
+) -> None:
+    """Recompute the test metrics of a run from its saved models."""
+    from kd_keras.evaluate import evaluate_run, report_markdown
+
+    typer.echo(report_markdown(evaluate_run(run)))
+
+
+@app.command()
+def export(
+    onnx: Annotated[
+        bool, typer.Option("--onnx", help="Export to ONNX (same as --format onnx).")
+    ] = False,
+    fmt: Annotated[str | None, typer.Option("--format", help="Export format: onnx.")] = None,
+    run: Annotated[
+        Path | None, typer.Option("--run", help="Run folder (default: latest under runs/).")
+    ] = None,
+    int8: Annotated[bool, typer.Option("--int8", help="Also write an INT8 model.")] = False,
+    out: Annotated[Path | None, typer.Option("--out", help="Output parent folder.")] = None,
+    tolerance: Annotated[
+        float | None, typer.Option(help="Parity tolerance on logits (default: config).")
+    ] = None,
+    teacher: Annotated[bool, typer.Option(help="Export the teacher too.")] = True,
+) -> None:
+    """Export the student (and teacher) to ONNX with a parity check against Keras."""
+    if not onnx and fmt is None:
+        _fail("choose a format: --onnx (or --format onnx)")
+    from kd_keras.export import export_run
+
+    export_run(
+        run,
+        out_dir=out,
+        models=("student", "teacher") if teacher else ("student",),
+        int8=int8,
+        tolerance=tolerance,
+        fmt=fmt or "onnx",
+    )
+
+
+@app.command()
+def benchmark(
+    run: Annotated[
+        Path | None, typer.Option("--run", help="Run folder (default: latest under runs/).")
+    ] = None,
+    image_size: Annotated[
+        int | None, typer.Option("--image-size", help="Measure at this size (default: run's).")
+    ] = None,
+    warmup: Annotated[int, typer.Option(help="Untimed warm-up iterations.")] = 10,
+    iters: Annotated[int, typer.Option(help="Timed iterations at batch 1.")] = 50,
+    batch: Annotated[int, typer.Option(help="Batch size for the throughput figure.")] = 32,
+    threads: Annotated[int | None, typer.Option(help="Intra-op threads (default: all).")] = None,
+    out: Annotated[Path | None, typer.Option("--out", help="Export parent folder.")] = None,
+    fresh: Annotated[
+        bool,
+        typer.Option(
+            "--fresh", help="Untrained --teacher and --student at --image-size; no run needed."
+        ),
+    ] = False,
+    teacher: Annotated[str, typer.Option(help="With --fresh: teacher architecture.")] = "resnet50",
+    student: Annotated[str, typer.Option(help="With --fresh: student architecture.")] = "resnet18",
+    patch_size: Annotated[int, typer.Option(help="With --fresh: ViT/DeiT patch size.")] = 16,
+    data: Annotated[
+        Path | None,
+        typer.Option(help="With --fresh: MedMNIST .npz for INT8 calibration (else random)."),
+    ] = None,
+) -> None:
+    """Latency, throughput, size and accuracy: teacher vs student, Keras / ONNX / INT8."""
+    if image_size is not None and image_size < 1:
+        _fail(f"--image-size must be a positive number of pixels, got {image_size}")
+    if fresh:
+        from kd_keras.benchmark import benchmark_fresh
+
+        benchmark_fresh(
+            teacher, student, image_size or 224, patch_size=patch_size, data=data, out=out,
+            warmup=warmup, iters=iters, batch=batch, threads=threads,
+        )  # fmt: skip
+        return
+    from kd_keras.benchmark import benchmark_run
+
+    benchmark_run(
+        run,
+        export_dir=out,
+        image_size=image_size,
+        warmup=warmup,
+        iters=iters,
+        batch=batch,
+        threads=threads,
+    )
+
+
+@app.command()
+def sweep(
+    config: Annotated[Path, typer.Option("--config", "-c", help="TOML experiment config.")],
+    grid: Annotated[
+        list[str],
+        typer.Option("--grid", help="A grid axis: section.key=v1,v2,... (repeatable)."),
+    ],
+    seeds: Annotated[int, typer.Option(help="Seeds per cell (run.seed, run.seed + 1, ...).")] = 1,
+    set_: Annotated[
+        list[str] | None,
+        typer.Option("--set", help="Override a config value for every run: section.key=value."),
+    ] = None,
+) -> None:
+    """Distil over a grid of settings and seeds (resumable); write tables, heatmap, ablation."""
+    from kd_keras.config import build_config, read_toml
+    from kd_keras.sweep import parse_grid
+
+    raw = read_toml(config)
+    base = build_config(raw, config.resolve().parent, set_ or [], default_name=config.stem)
+    axes = parse_grid(grid)
+
+    from kd_keras.sweep import run_sweep
+
+    result = run_sweep(raw, config.resolve().parent, base, axes, seeds, set_ or [])
+    root = Path(result["root"])
+    typer.echo("\n" + (root / "results.md").read_text() + "\n" + (root / "ablation.md").read_text())
+    typer.echo(f"sweep folder: {root}")
+
+
+def main(argv: list[str] | None = None) -> None:
+    """Entry point of `python cli.py` and the `kd-keras` console script (`argv` defaults to the
+    process's arguments); always ends with `SystemExit`."""
+    from kd_keras.errors import KDError
+
+    args = list(sys.argv[1:] if argv is None else argv)
+    debug = "--debug" in args
+    args = [a for a in args if a != "--debug"]
+    try:
+        app(args=args, prog_name="cli.py")
+    except KDError as err:
+        if debug:
+            raise
+        typer.echo(f"error: {err}", err=True)
+        sys.exit(2)
+    except KeyboardInterrupt:
+        typer.echo("interrupted", err=True)
+        sys.exit(130)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,194 @@
+"""The run folder: the one place that knows what a run writes and where.
+
+    runs/<name>/
+        config.toml            the resolved config (the MedMNIST file actually used is recorded)
+        teacher.keras          fine-tuned teacher (or a copy of `teacher.path`)
+        student.keras          distilled student
+        student_scratch.keras  same student, same init, trained on labels only
+        history_<stage>.csv    per-epoch training and validation metrics of a stage
+        train_log.json         wall-clock time and best epoch per stage
+        report.json, .md       validation and test metrics of every model
+        confusion_<model>.json / .png
+
+Every other module asks a `RunFolder` for these paths; none spells a file name itself.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+from functools import cached_property
+from pathlib import Path
+from typing import Any
+
+from kd_keras.config import Config, load_config
+from kd_keras.errors import KDError, read_json, write_json
+
+# model name -> the training stage that produces it (also the order of every report)
+MODEL_STAGES = {"teacher": "teacher", "student": "distill", "student_scratch": "scratch"}
+STAGE_MODELS = {stage: model for model, stage in MODEL_STAGES.items()}
+CONFIG_FILE = "config.toml"
+REPORT_FILE = "report.json"
+REPORT_MD_FILE = "report.md"
+TRAIN_LOG_FILE = "train_log.json"
+
+
+def resolve_data_source(cfg: Config) -> Config:
+    """A copy of `cfg` whose MedMNIST `data.path` names the file actually used (environment
+    variable or download cache), so a saved run reloads its data without that environment."""
+    if cfg.data.source != "medmnist" or cfg.data.path:
+        return cfg
+    from kd_keras.data import resolve_medmnist_path
+
+    path = resolve_medmnist_path(cfg.data.dataset, cfg.data.medmnist_size, None).resolve()
+    return dataclasses.replace(cfg, data=dataclasses.replace(cfg.data, path=str(path)))
+
+
+class RunFolder:
+    """A run's folder: its paths, its saved config, report and training log, and its data.
+
+    Args:
+        path: the folder (it need not exist yet; `create` makes it).
+
+    Example:
+        >>> run = RunFolder.find("runs/xray")
+        >>> run.model_path("student"), run.cfg.data.image_size
+    """
+
+    def __init__(self, path: str | os.PathLike):
+        self.path = Path(path)
+
+    # ------------------------------------------------------------ opening
+
+    @classmethod
+    def create(cls, cfg: Config) -> RunFolder:
+        """The folder of `cfg` (made if needed) with `cfg`, data source resolved, saved in it."""
+        run = cls(cfg.run_dir)
+        run.path.mkdir(parents=True, exist_ok=True)
+        resolve_data_source(cfg).save(run.config_path)
+        run.__dict__.pop("cfg", None)
+        return run
+
+    @classmethod
+    def find(
+        cls, run: str | os.PathLike | None = None, runs_dir: str | os.PathLike = "runs"
+    ) -> RunFolder:
+        """The run folder `run`, or the most recently modified run under `runs_dir` ("modified":
+        the newest file inside, so re-training a run makes it the latest)."""
+        if run is not None:
+            path = Path(run)
+            if not path.is_dir():
+                raise KDError(f"run folder not found: {path}")
+            if not (path / CONFIG_FILE).is_file():
+                raise KDError(f"{path} is not a run folder (it has no {CONFIG_FILE})")
+            return cls(path)
+        root = Path(runs_dir)
+        runs = [p for p in root.iterdir() if (p / CONFIG_FILE).is_file()] if root.is_dir() else []
+        if not runs:
+            raise KDError(
+                f"no run found under {root}/ — train one with "
+                "`python cli.py distill --config configs/xray.toml` or pass --run"
+            )
+
+        def newest(folder: Path) -> float:
+            return max([folder.stat().st_mtime] + [f.stat().st_mtime for f in folder.iterdir()])
+
+        return cls(max(runs, key=newest))
+
+    # ------------------------------------------------------------ paths
+
+    @property
+    def name(self) -> str:
+        """The folder's name, which names its export folder too."""
+        return self.path.resolve().name
+
+    @property
+    def config_path(self) -> Path:
+        return self.path / CONFIG_FILE
+
+    @property
+    def report_path(self) -> Path:
+        return self.path / REPORT_FILE
+
+    @property
+    def report_md_path(self) -> Path:
+        return self.path / REPORT_MD_FILE
+
+    @property
+    def train_log_path(self) -> Path:
+        return self.path / TRAIN_LOG_FILE
+
+    def model_path(self, name: str) -> Path:
+        """Where model `name` (teacher, student, student_scratch) is saved in this run."""
+        if name not in MODEL_STAGES:
+            raise KDError(f"unknown model {name!r}; valid: {', '.join(MODEL_STAGES)}")
+        return self.path / f"{name}.keras"
+
+    def history_path(self, stage: str) -> Path:
+        return self.path / f"history_{stage}.csv"
+
+    def confusion_path(self, name: str, suffix: str) -> Path:
+        return self.path / f"confusion_{name}{suffix}"
+
+    def export_dir(self, out_dir: str | os.PathLike | None = None) -> Path:
+        """`<out_dir or export.dir or export>/<run name>/`."""
+        return Path(out_dir or self.cfg.export.dir or "export") / self.name
+
+    # ------------------------------------------------------------ contents
+
+    @cached_property
+    def cfg(self) -> Config:
+        """The saved config (read once)."""
+        if not self.config_path.is_file():
+            raise KDError(f"{self.path} is not a run folder (it has no {CONFIG_FILE})")
+        return load_config(self.config_path)
+
+    @property
+    def report(self) -> dict[str, Any]:
+        """The saved report, or an empty dict before evaluation."""
+        return read_json(self.report_path) if self.report_path.is_file() else {}
+
+    @property
+    def finished(self) -> bool:
+        """True once the run has been evaluated (its report exists)."""
+        return self.report_path.is_file()
+
+    def model_file(self, name: str) -> Path | None:
+        """The saved model `name`; for the teacher, the configured `teacher.path` when the run
+        did not copy it. None when there is none."""
+        path = self.model_path(name)
+        if path.is_file():
+            return path
+        if name == "teacher" and self.cfg.teacher.path and Path(self.cfg.teacher.path).is_file():
+            return Path(self.cfg.teacher.path)
+        return None
+
+    def models(self) -> dict[str, Path]:
+        """Every model the run holds, in report order."""
+        found = {name: self.model_file(name) for name in MODEL_STAGES}
+        return {name: path for name, path in found.items() if path is not None}
+
+    def arch(self, name: str) -> str:
+        """The configured architecture of model `name`."""
+        return self.cfg.teacher.arch if name == "teacher" else self.cfg.student.arch
+
+    def threshold(self, name: str) -> float | None:
+        """The decision threshold evaluation chose for model `name` (None: argmax)."""
+        value = self.report.get("models", {}).get(name, {}).get("threshold")
+        return None if value is None else float(value)
+
+    def train_log(self) -> dict[str, Any]:
+        """Per-stage wall-clock time and best epoch, as recorded by training."""
+        return read_json(self.train_log_path) if self.train_log_path.is_file() else {}
+
+    def record_stage(self, stage: str, entry: dict[str, Any]) -> None:
+        """Add one stage's entry to the training log (atomically)."""
+        log = self.train_log()
+        log[stage] = entry
+        write_json(self.train_log_path, log)
+
+    def load_splits(self):
+        """The run's train/val/test splits, from its saved config (nothing is mutated)."""
+        from kd_keras.data import load_splits
+
+        return load_splits(self.cfg.data, seed=self.cfg.run.seed)

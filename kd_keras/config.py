@@ -270,7 +270,7 @@ def _check_consistency(cfg: Config) -> None:
         raise KDError(
             'config keys train.optimizer = "adamw" and train.weight_decay_mode = "l2" contradict '
             'each other (AdamW is Adam with decoupled decay); use optimizer = "adam" for '
-            "coupled L2, or weight_decay_mode = \"decoupled\""
+            'coupled L2, or weight_decay_mode = "decoupled"'
         )
     corrections = [
         key for key, on in (

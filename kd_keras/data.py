@@ -397,7 +397,8 @@ def make_dataset(
         if augment is not None and augment.random_resized_crop:
             ds = ds.map(
                 lambda x, y: (
-                    random_resized_crop(x, image_size, augment.crop_scale_min, seed=seed), y
+                    random_resized_crop(x, image_size, augment.crop_scale_min, seed=seed),
+                    y,
                 ),
                 num_parallel_calls=tf.data.AUTOTUNE,
             )

@@ -180,8 +180,10 @@ def _tiny_efficientnet_b3(include_top, weights, input_tensor):
     """EfficientNet's own code (MBConv blocks, same layer names) at width and depth 1/4."""
     from keras.src.applications import efficientnet
 
-    return efficientnet.EfficientNet(0.25, 0.25, 32, include_top=include_top, weights=weights,
-                                     input_tensor=input_tensor, name="efficientnet_b3_tiny")  # fmt: skip
+    return efficientnet.EfficientNet(
+        0.25, 0.25, 32, include_top=include_top, weights=weights, input_tensor=input_tensor,
+        name="efficientnet_b3_tiny",
+    )  # fmt: skip
 
 
 @_register(TEACHERS, "resnet50")

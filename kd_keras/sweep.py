@@ -138,9 +138,9 @@ def run_row(name: str, setting: dict, seed: int, report: dict, model: str) -> di
     row["subset_minority_recall"] = None
     if minority is not None and model in report["models"]:
         cname = report["class_names"][minority]
-        row["subset_minority_recall"] = (
-            report["models"][model]["test_subset"]["per_class"][cname]["recall"]
-        )
+        row["subset_minority_recall"] = report["models"][model]["test_subset"]["per_class"][cname][
+            "recall"
+        ]
     row["setting"] = setting
     return row
 

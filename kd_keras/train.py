@@ -249,8 +249,10 @@ def run_distill(cfg: Config, stages: list[str] | None = None, copy_teacher: bool
                 )
             teacher = load_model(teacher_file, "teacher")
         keras.utils.set_random_seed(cfg.run.seed)  # same initial student for both stages
-        student = build_student(cfg.student.arch, n, size, cfg.student.weights,
-                                cfg.student.patch_size, tiny=cfg.student.variant == "tiny")  # fmt: skip
+        student = build_student(
+            cfg.student.arch, n, size, cfg.student.weights, cfg.student.patch_size,
+            tiny=cfg.student.variant == "tiny",
+        )  # fmt: skip
         result = fit_stage(
             cfg, splits, stage, student, teacher,
             _stage_setting(cfg.student.epochs, tc.epochs),

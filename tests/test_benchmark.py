@@ -1,17 +1,17 @@
 """Benchmark: the documented row fields, files, ratios, other image sizes and user errors."""
 
 import json
-from pathlib import Path
 
 import keras
 import numpy as np
 import pytest
+from conftest import make_run, tiny_classifier
 
-from kd_keras.benchmark import benchmark_run, rebuild_at_size, time_predictor
-from kd_keras.config import build_config
+from kd_keras.benchmark import benchmark_fresh, benchmark_run, rebuild_at_size, time_predictor
 from kd_keras.errors import KDError
-from kd_keras.export import Run, export_run
+from kd_keras.export import export_run
 from kd_keras.models import build_student, image_size_of
+from kd_keras.run import RunFolder
 
 ROW_FIELDS = {
     "model", "arch", "format", "file", "params", "size_mb", "image_size", "batch", "p50_ms",
@@ -21,36 +21,11 @@ ROW_FIELDS = {
 FAST = dict(warmup=1, iters=3, batch=4, limit=64, quiet=True)
 
 
-def make_run(folder: Path, npz: Path, models: dict, student="resnet18") -> Path:
-    """A run folder as training leaves it: config.toml, <name>.keras files and report.json."""
-    folder.mkdir(parents=True)
-    (folder / "config.toml").write_text(
-        f'[run]\nname = "{folder.name}"\nseed = 0\n'
-        f'[data]\npath = "{npz}"\nimage_size = 32\nbatch_size = 128\nlimit_train = 64\n'
-        f'[teacher]\narch = "efficientnet_b3"\n[student]\narch = "{student}"\npatch_size = 8\n'
-        "[export]\ncalibration_samples = 16\n"
-    )
-    for name, model in models.items():
-        model.save(folder / f"{name}.keras")
-    entries = {name: {"threshold": None} for name in models}
-    report = {"class_names": ["normal", "pneumonia"], "image_size": 32, "models": entries}
-    (folder / "report.json").write_text(json.dumps(report))
-    return folder
-
-
-def tiny_model(name: str, width: int) -> keras.Model:
-    """Same contract as the real models (pixels in [0, 255] named `images`, logits out), small
-    enough to export and time in a second."""
-    inputs = keras.Input((32, 32, 3), name="images")
-    x = keras.layers.Rescaling(1 / 255)(inputs)
-    x = keras.layers.Conv2D(width, 3, strides=2, activation="relu")(x)
-    x = keras.layers.GlobalAveragePooling2D()(x)
-    return keras.Model(inputs, keras.layers.Dense(2, name="logits")(x), name=name)
-
-
 def test_rows_files_and_ratios(tmp_path, real_npz):
-    models = {"student": tiny_model("tiny_student", 4), "teacher": tiny_model("tiny_teacher", 16)}
-    run = make_run(tmp_path / "runs" / "r", real_npz, models)
+    models = {"student": tiny_classifier("tiny_student", 4),
+              "teacher": tiny_classifier("tiny_teacher", 16)}  # fmt: skip
+    run = make_run(tmp_path / "runs" / "r", real_npz, models, threshold=None,
+                   calibration_samples=16)  # fmt: skip
     export_run(run, tmp_path / "export", int8=True, limit=32, quiet=True)
     result = benchmark_run(run, tmp_path / "export", threads=1, **FAST)
 
@@ -80,7 +55,7 @@ def test_rows_files_and_ratios(tmp_path, real_npz):
 
 
 def test_missing_files_are_reported_not_timed(tmp_path, real_npz):
-    run = make_run(tmp_path / "solo", real_npz, {"student": tiny_model("tiny_student", 4)})
+    run = make_run(tmp_path / "solo", real_npz, {"student": tiny_classifier("tiny_student", 4)})
     result = benchmark_run(run, tmp_path / "export", **FAST)
     rows = {(r["model"], r["format"]): r for r in result["rows"]}
     assert rows[("student", "keras")]["p50_ms"] > 0
@@ -93,7 +68,8 @@ def test_missing_files_are_reported_not_timed(tmp_path, real_npz):
 
 def test_other_image_size_rebuilds_with_trained_weights(tmp_path, real_npz):
     keras.utils.set_random_seed(0)
-    run = make_run(tmp_path / "cnn", real_npz, {"student": build_student("resnet18", 2, 32)})
+    student = build_student("resnet18", 2, 32, tiny=True)
+    run = make_run(tmp_path / "cnn", real_npz, {"student": student})
     result = benchmark_run(run, tmp_path / "export", image_size=64, formats=("keras",), **FAST)
 
     student = next(r for r in result["rows"] if r["model"] == "student")
@@ -105,17 +81,16 @@ def test_other_image_size_rebuilds_with_trained_weights(tmp_path, real_npz):
     assert not (tmp_path / "export" / "cnn" / "benchmark.json").exists()
 
 
-def test_rebuild_keeps_cnn_weights_but_not_vit_position_embeddings(tmp_path):
-    raw = {"data": {"image_size": 32}, "student": {"arch": "vit_small", "patch_size": 8}}
-    run = Run(tmp_path, build_config(raw, tmp_path))
-    vit = build_student("vit_small", 2, 32, patch_size=8)
+def test_rebuild_keeps_cnn_weights_but_not_vit_position_embeddings(tmp_path, tiny_npz):
+    run = RunFolder(make_run(tmp_path / "vit", tiny_npz, {}, student="vit_small"))
+    vit = build_student("vit_small", 2, 32, patch_size=8, tiny=True)
     model, note = rebuild_at_size(run, "student", vit, 64, 2)
     assert image_size_of(model) == 64 and "fresh weights" in note
     with pytest.raises(KDError, match="not a multiple of student.patch_size = 8"):
         rebuild_at_size(run, "student", vit, 60, 2)
 
     run.cfg.student.arch = "resnet18"
-    cnn = build_student("resnet18", 2, 32)
+    cnn = build_student("resnet18", 2, 32, tiny=True)
     model, note = rebuild_at_size(run, "student", cnn, 48, 2)
     assert "trained weights" in note
     assert all(np.array_equal(a, b) for a, b in zip(cnn.get_weights(), model.get_weights(),
@@ -150,3 +125,19 @@ def test_no_run(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     with pytest.raises(KDError, match="no run found"):
         benchmark_run(None)
+
+
+def test_fresh_models_need_no_run(tmp_path):
+    """`benchmark --fresh`: untrained architectures at a given size, files under --out."""
+    result = benchmark_fresh("resnet50", "resnet18", 32, out=tmp_path / "bench", warmup=1,
+                             iters=3, batch=2, formats=("keras",), quiet=True)  # fmt: skip
+    rows = {r["model"]: r for r in result["rows"]}
+    assert rows["teacher"]["params"] > rows["student"]["params"] > 1e7, "real sizes"
+    assert all(r["p50_ms"] > 0 and r["note"] == "fresh weights" for r in rows.values())
+    assert result["calibration"] == "random pixels" and result["ratios"]
+    assert (tmp_path / "bench" / "latency_32px.json").is_file()
+    assert (tmp_path / "bench" / "latency_32px.md").is_file()
+    with pytest.raises(KDError, match="unknown student architecture 'vgg'"):
+        benchmark_fresh("resnet50", "vgg", 32, out=tmp_path, quiet=True)
+    with pytest.raises(KDError, match="too small"):
+        benchmark_fresh("resnet50", "resnet18", 16, out=tmp_path, quiet=True)

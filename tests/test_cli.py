@@ -1,21 +1,18 @@
-"""End-to-end: the CLI on the real PneumoniaMNIST file at tiny size, and user mistakes."""
+"""The CLI: end to end on the real PneumoniaMNIST file at tiny size, and user mistakes.
+
+Commands run in-process (`run_cli`); one test runs a subprocess, because what it checks is the
+process itself (TensorFlow's start-up lines, then our single error line)."""
 
 import json
 import subprocess
 import sys
-from pathlib import Path
 
 import pytest
+from conftest import ROOT, run_cli
 
-ROOT = Path(__file__).resolve().parents[1]
+from kd_keras.errors import KDError
 
-
-def cli(*args, cwd=ROOT):
-    return subprocess.run(
-        [sys.executable, str(ROOT / "cli.py"), *args], cwd=cwd, capture_output=True, text=True
-    )
-
-
+XRAY = str(ROOT / "configs" / "xray.toml")
 RUN_FILES = (
     "config.toml", "teacher.keras", "student.keras", "student_scratch.keras", "report.json",
     "report.md", "history_teacher.csv", "history_distill.csv", "history_scratch.csv",
@@ -23,19 +20,18 @@ RUN_FILES = (
 )  # fmt: skip
 
 
-def tiny_overrides(npz, out):
-    return [
-        "--set", f"data.path={npz}", "--set", f"run.output_dir={out}",
-        "--set", "run.name=tiny", "--set", "data.image_size=32",
-        "--set", "data.limit_train=160", "--set", "train.epochs=1",
-        "--set", "teacher.epochs=1", "--set", "student.epochs=1",
-    ]  # fmt: skip
+def tiny_overrides(npz, out, *extra):
+    sets = [f"data.path={npz}", f"run.output_dir={out}", "run.name=tiny", "data.image_size=32",
+            "data.limit_train=160", "train.epochs=1", "teacher.epochs=1", "student.epochs=1",
+            *extra]  # fmt: skip
+    return [arg for s in sets for arg in ("--set", s)]
 
 
 @pytest.mark.slow
-def test_distill_end_to_end_then_evaluate_reproduces(real_npz, tmp_path):
-    res = cli("distill", "--config", "configs/xray.toml", *tiny_overrides(real_npz, tmp_path))
-    assert res.returncode == 0, res.stderr[-3000:]
+def test_distill_end_to_end_then_evaluate_and_export(real_npz, tmp_path, monkeypatch):
+    """The README's main path with the real-size models of configs/xray.toml."""
+    code, out, err = run_cli("distill", "--config", XRAY, *tiny_overrides(real_npz, tmp_path))
+    assert code == 0, err[-3000:]
     run = tmp_path / "tiny"
     for name in RUN_FILES:
         assert (run / name).is_file(), name
@@ -45,30 +41,46 @@ def test_distill_end_to_end_then_evaluate_reproduces(real_npz, tmp_path):
     student = report["models"]["student"]
     assert sum(map(sum, student["test"]["confusion_matrix"])) == 624
     assert sum(map(sum, student["test_subset"]["confusion_matrix"])) == 300
-    assert "| student |" in res.stdout and "recall normal" in res.stdout
-    assert "kd:" in res.stdout and "feat:" in res.stdout  # per-term metrics reported
+    assert "| student |" in out and "recall normal" in out
+    assert "kd:" in out and "feat:" in out  # per-term metrics reported
+    assert "soft KD at T 4.0" in out
 
-    again = cli("evaluate", "--run", str(run))
-    assert again.returncode == 0, again.stderr[-3000:]
+    code, out, err = run_cli("evaluate", "--run", str(run))
+    assert code == 0, err[-3000:]
     recomputed = json.loads((run / "report.json").read_text())
     for name, entry in report["models"].items():
         assert recomputed["models"][name]["test"] == entry["test"]
         assert recomputed["models"][name]["threshold"] == entry["threshold"]
 
+    monkeypatch.chdir(tmp_path)  # export's default output folder is ./export
+    code, out, err = run_cli("export", "--onnx", "--run", str(run), "--no-teacher")
+    assert code == 0, err[-3000:]
+    exported = json.loads((tmp_path / "export" / "tiny" / "export.json").read_text())
+    assert exported["artefacts"]["student"]["parity"]["status"] == "PASS"
+    assert exported["artefacts"]["student"]["metrics"]["balanced_accuracy"] == pytest.approx(
+        student["test"]["balanced_accuracy"], abs=0.002
+    ), "the ONNX file scores what the report says"
+
 
 def test_bad_config_key_is_one_clear_line(tmp_path):
     bad = tmp_path / "bad.toml"
     bad.write_text("[distill]\ntemprature = 2.0\n")
-    res = cli("distill", "--config", str(bad))
-    assert res.returncode == 2
-    assert res.stderr.strip().count("\n") == 0, res.stderr
-    assert "distill.temprature" in res.stderr and "Traceback" not in res.stderr
+    code, _, err = run_cli("distill", "--config", str(bad))
+    assert code == 2 and err.count("\n") == 1, err
+    assert "distill.temprature" in err and "Traceback" not in err
 
 
-def test_missing_data_file_names_it(tmp_path):
-    res = cli("distill", "--config", "configs/xray.toml",
-              "--set", f"data.path={tmp_path / 'absent.npz'}",
-              "--set", f"run.output_dir={tmp_path}")  # fmt: skip
+def test_debug_shows_the_traceback_of_a_user_error(tmp_path):
+    with pytest.raises(KDError, match="not a run folder"):
+        run_cli("--debug", "evaluate", "--run", str(tmp_path))
+
+
+def test_missing_data_file_is_the_last_stderr_line_of_the_process(tmp_path):
+    res = subprocess.run(
+        [sys.executable, str(ROOT / "cli.py"), "distill", "--config", XRAY,
+         "--set", f"data.path={tmp_path / 'absent.npz'}", "--set", f"run.output_dir={tmp_path}"],
+        cwd=ROOT, capture_output=True, text=True,
+    )  # fmt: skip
     assert res.returncode == 2 and "Traceback" not in res.stderr
     # TensorFlow's own start-up log lines may precede it; ours is the last line
     assert res.stderr.strip().splitlines()[-1].startswith("error: data file not found")
@@ -76,5 +88,11 @@ def test_missing_data_file_names_it(tmp_path):
 
 
 def test_evaluate_without_run_folder(tmp_path):
-    res = cli("evaluate", "--run", str(tmp_path / "nothing"))
-    assert res.returncode == 2 and "not a run folder" in res.stderr
+    code, _, err = run_cli("evaluate", "--run", str(tmp_path / "nothing"))
+    assert code == 2 and "run folder not found" in err
+
+
+def test_benchmark_rejects_a_non_positive_image_size():
+    for size in ("0", "-5"):
+        code, _, err = run_cli("benchmark", "--image-size", size)
+        assert code == 2 and "--image-size must be a positive number" in err, err

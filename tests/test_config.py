@@ -47,6 +47,10 @@ def test_unknown_section(tmp_path):
             '[student]\narch = "vit_small"\npatch_size = 7\n[data]\nimage_size = 32',
             "student.patch_size",
         ),
+        ("[teacher]\nlearning_rate = 1e3", "teacher.learning_rate"),
+        ("[student]\nlearning_rate = 1e3", "student.learning_rate"),
+        ('[student]\nvariant = "huge"', "student.variant"),
+        ('[train]\noptimizer = "adamw"\nweight_decay_mode = "l2"', "train.weight_decay_mode"),
     ],
 )
 def test_bad_values_name_the_key(tmp_path, text, key):
@@ -95,11 +99,35 @@ def test_saved_config_round_trips(tmp_path):
     assert "None" not in to_toml(cfg.to_dict())
 
 
-def test_shipped_configs_load():
-    configs = sorted((ROOT / "configs").glob("*.toml"))
-    assert configs, "no configs shipped"
-    for path in configs:
-        load_config(path)
+@pytest.mark.parametrize("path", sorted((ROOT / "configs").glob("*.toml")), ids=lambda p: p.name)
+def test_every_shipped_config_loads(path):
+    cfg = load_config(path)
+    assert cfg.teacher.arch and cfg.student.arch
+
+
+def test_shipped_configs_exist():
+    assert len(list((ROOT / "configs").glob("*.toml"))) >= 6
+
+
+def test_gpu_configs_use_the_seed_recipes_coupled_l2():
+    for path in (ROOT / "configs").glob("*_gpu.toml"):
+        cfg = load_config(path)
+        assert (cfg.train.optimizer, cfg.train.weight_decay_mode) == ("sgd", "l2"), path.name
+
+
+@pytest.mark.parametrize(
+    "text",
+    [
+        '[train]\nclass_weight = "balanced"\nbalanced_sampling = true',
+        '[train]\nclass_weight = "balanced"\nlogit_adjustment = 1.0',
+        "[train]\nbalanced_sampling = true\nlogit_adjustment = 1.0",
+    ],
+)
+def test_stacked_prior_corrections_are_refused_unless_asked_for(tmp_path, text):
+    with pytest.raises(KDError, match="over-correct.*train.stack_prior_corrections = true"):
+        load_config(write(tmp_path, text))
+    cfg = load_config(write(tmp_path, text + "\nstack_prior_corrections = true"))
+    assert cfg.train.stack_prior_corrections
 
 
 def test_build_config_rejects_non_table():

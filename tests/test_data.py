@@ -1,8 +1,6 @@
-import pickle
-
 import numpy as np
 import pytest
-from conftest import write_images
+from conftest import write_cifar_batches, write_images
 
 from kd_keras.config import AugmentConfig, DataConfig
 from kd_keras.data import load_splits, make_dataset, resolve_medmnist_path, stratified_subset
@@ -82,20 +80,8 @@ def test_csv_layout_with_names_and_missing_image(tmp_path):
         load_splits(DataConfig(source="csv", path=str(root)))
 
 
-def write_cifar(root, n_per_batch=30):
-    rng = np.random.default_rng(0)
-    root.mkdir(parents=True, exist_ok=True)
-    for name in [f"data_batch_{i}" for i in range(1, 6)] + ["test_batch"]:
-        batch = {
-            b"data": rng.integers(0, 255, (n_per_batch, 3072), dtype=np.uint8),
-            b"labels": [i % 10 for i in range(n_per_batch)],
-        }
-        with open(root / name, "wb") as fh:
-            pickle.dump(batch, fh)
-
-
 def test_cifar10_local_batches_with_class_subset(tmp_path):
-    write_cifar(tmp_path / "cifar")
+    write_cifar_batches(tmp_path / "cifar")
     cfg = DataConfig(source="cifar10", path=str(tmp_path / "cifar"),
                      classes=["airplane", "automobile", "bird"])  # fmt: skip
     splits = load_splits(cfg)
@@ -115,3 +101,14 @@ def test_augmentation_changes_training_batches_only(tiny_npz):
     np.testing.assert_array_equal(a, b)
     aug, _ = first_batch(split, training=True, augment=AugmentConfig(), seed=3)
     assert not np.array_equal(np.sort(a.ravel()), np.sort(aug.ravel()))
+
+
+def test_the_run_seed_reaches_every_augmentation(tiny_npz):
+    """Same seed, same augmented batches (crop, flip, colour); another seed, other batches."""
+    split = load_splits(DataConfig(path=str(tiny_npz))).test
+    aug = AugmentConfig(random_resized_crop=True, horizontal_flip=True, color_jitter=0.3)
+    a, _ = first_batch(split, training=True, augment=aug, seed=7)
+    b, _ = first_batch(split, training=True, augment=aug, seed=7)
+    c, _ = first_batch(split, training=True, augment=aug, seed=8)
+    np.testing.assert_array_equal(a, b)
+    assert not np.array_equal(a, c)

@@ -13,7 +13,8 @@ Y = np.array([0, 1, 1, 0, 1, 1, 1, 1])
 @pytest.fixture(scope="module")
 def pair():
     keras.utils.set_random_seed(0)
-    return models.build_teacher("resnet50", 2, 32), models.build_student("resnet18", 2, 32)
+    teacher = models.build_teacher("resnet50", 2, 32, tiny=True)
+    return teacher, models.build_student("resnet18", 2, 32, tiny=True)
 
 
 def small_classifier(seed: int, scale: float) -> keras.Model:
@@ -48,7 +49,7 @@ def test_loss_is_the_documented_formula(pair):
     s_logits, t_logits = np.asarray(student(X)), np.asarray(teacher(X))
     ce = float(np.mean(losses.cross_entropy(Y, s_logits)))
     kd = float(np.mean(losses.soft_kd(t_logits, s_logits, 2.0)))
-    feat = float(np.mean(losses.feature_l2(t_out[1], d.adapter(s_out[2]), "none")))
+    feat = float(np.mean(losses.feature_l2(t_out["feature"], d.adapter(s_out["feature"]), "none")))
     assert terms["ce"] == pytest.approx(ce, rel=1e-5)
     assert terms["kd"] == pytest.approx(kd, rel=1e-4)
     assert terms["feat"] == pytest.approx(feat, rel=1e-4)
@@ -80,7 +81,7 @@ def test_sample_weights_reach_every_term():
     w = np.where(Y == 0, 3.0, 0.5).astype("float32")
     plain = d.compute_terms(Y, s_out, t_out)
     weighted = d.compute_terms(Y, s_out, t_out, w)
-    ce = np.asarray(losses.cross_entropy(Y, np.asarray(s_out[0])))
+    ce = np.asarray(losses.cross_entropy(Y, np.asarray(s_out["logits"])))
     assert float(weighted["ce"]) == pytest.approx(float(np.mean(ce * w)), rel=1e-5)
     assert float(weighted["kd"]) != pytest.approx(float(plain["kd"]))
     unweighted_kd = Distiller(student, teacher, alpha=0.5, temperature=2.0,
@@ -100,23 +101,96 @@ def test_fit_with_class_weight_and_plain_training_without_teacher():
         Distiller(student, None, alpha=0.5)
     with pytest.raises(ValueError, match="alpha"):
         Distiller(student, student, alpha=1.5)
+    with pytest.raises(ValueError, match="l2_weight_decay"):
+        Distiller(student, None, l2_weight_decay=-1.0)
 
 
 def test_get_config_rebuilds_an_equivalent_distiller(pair):
     teacher, student = pair
-    d = Distiller(student, teacher, alpha=0.2, temperature=5.0, beta=0.5, mode="hard")
+    d = Distiller(student, teacher, alpha=0.2, temperature=5.0, beta=0.5, mode="hard",
+                  l2_weight_decay=1e-4)  # fmt: skip
     again = Distiller.from_config(d.get_config())
     assert (again.alpha, again.temperature, again.beta, again.mode) == (0.2, 5.0, 0.5, "hard")
+    assert again.l2_weight_decay == 1e-4
     again.student.set_weights(student.get_weights())
     np.testing.assert_allclose(again.predict(X, verbose=0), d.predict(X, verbose=0), atol=1e-5)
 
 
-def test_deit_heads_split_only_when_there_is_a_kd_term():
-    """Scratch DeiT trains the deployed (averaged) output; distillation splits the heads."""
-    deit = models.build_student("deit_small", 2, 32, patch_size=8)
-    plain = Distiller(deit, None, alpha=1.0, beta=0.0)
-    assert plain._student_graph.outputs[0] is deit.output
+def heads_of(d: Distiller) -> dict:
+    """Which student tensor each of the Distiller's student outputs is."""
+    return dict(d._student_graph.output)
+
+
+def test_deit_heads_split_only_when_both_terms_are_on():
+    """Scratch DeiT (alpha = 1) and KD-only DeiT (alpha = 0) train the deployed (averaged)
+    output; with both terms the class head takes the labels and the distillation head the
+    teacher."""
+    deit = models.build_student("deit_small", 2, 32, patch_size=8, tiny=True)
     teacher = small_classifier(1, 4.0)
-    kd = Distiller(deit, teacher, alpha=0.5, beta=0.0)
-    assert kd._student_graph.outputs[0] is deit.get_layer(models.CLS_LOGITS_LAYER).output
-    assert kd._student_graph.outputs[1] is deit.get_layer(models.DIST_LOGITS_LAYER).output
+    cls = deit.get_layer(models.CLS_LOGITS_LAYER).output
+    dist = deit.get_layer(models.DIST_LOGITS_LAYER).output
+    for d in (Distiller(deit, None, alpha=1.0), Distiller(deit, teacher, alpha=0.0)):
+        outputs = heads_of(d)
+        assert outputs["ce_logits"] is deit.output and outputs["kd_logits"] is deit.output
+    outputs = heads_of(Distiller(deit, teacher, alpha=0.5, beta=0.0))
+    assert outputs["ce_logits"] is cls and outputs["kd_logits"] is dist
+    assert outputs["logits"] is deit.output, "metrics read the deployed output"
+
+
+def test_gradients_reach_only_the_student_and_adapter(pair):
+    """A teacher handed to a label-only stage (alpha = 1, beta = 0) is neither trained nor
+    given optimizer state."""
+    teacher, student = pair
+    d = Distiller(student, teacher, alpha=1.0, beta=0.0)
+    names = {v.path for v in d.trained_variables}
+    assert names == {v.path for v in student.trainable_variables}
+    assert not teacher.trainable_variables, "the teacher is frozen"
+    with_adapter = Distiller(student, teacher, alpha=0.5, beta=1.0)
+    assert len(with_adapter.trained_variables) == len(student.trainable_variables) + 2
+    t_before = [w.copy() for w in teacher.get_weights()]
+    d.compile(optimizer=keras.optimizers.SGD(0.01))
+    d.train_on_batch(X, Y)
+    assert all(np.array_equal(a, b) for a, b in zip(t_before, teacher.get_weights()))
+
+
+def test_loss_includes_regularisation_and_coupled_l2():
+    student = small_classifier(3, 1.0)
+    plain = Distiller(student, None, alpha=1.0)
+    decayed = Distiller(student, None, alpha=1.0, l2_weight_decay=0.1)
+    s_out = plain._student_graph(X)
+    ce = float(plain.compute_terms(Y, s_out, {})["loss"])
+    squares = sum(float(np.sum(np.square(w))) for w in student.get_weights())
+    got = float(decayed.compute_terms(Y, s_out, {})["loss"])
+    assert got == pytest.approx(ce + 0.5 * 0.1 * squares, rel=1e-5)
+    # a regulariser inside the student (e.g. a kernel regulariser) is part of the loss too
+    inputs = keras.Input((32, 32, 3))
+    x = keras.layers.GlobalAveragePooling2D()(inputs)
+    dense = keras.layers.Dense(2, kernel_regularizer=keras.regularizers.L2(0.5), name="logits")
+    regularised = keras.Model(inputs, dense(x))
+    d = Distiller(regularised, None, alpha=1.0)
+    out = d._student_graph(X)
+    kernel = regularised.get_layer("logits").kernel
+    terms = d.compute_terms(Y, out, {})
+    expected = float(terms["ce"]) + 0.5 * float(np.sum(np.square(np.asarray(kernel))))
+    assert float(terms["loss"]) == pytest.approx(expected, rel=1e-5)
+
+
+def test_accuracy_reads_the_deployed_output_with_sample_weights():
+    student = small_classifier(3, 1.0)
+    d = Distiller(student, None, alpha=1.0)
+    d.compile(optimizer=keras.optimizers.SGD(0.0))  # no update: the metric sees these weights
+    predicted = np.asarray(student(X)).argmax(axis=1)
+    w = np.where(Y == 0, 3.0, 0.5).astype("float32")
+    logs = d.train_on_batch(X, Y, sample_weight=w, return_dict=True)
+    expected = float(np.sum(w * (predicted == Y)) / np.sum(w))
+    assert logs["accuracy"] == pytest.approx(expected, rel=1e-5)
+
+
+def test_evaluate_reports_the_same_terms_as_compute_terms(pair):
+    teacher, student = pair
+    d = Distiller(student, teacher, alpha=0.4, temperature=2.0, beta=0.5)
+    d.compile(optimizer="sgd")
+    logs = d.evaluate(X, Y, batch_size=len(X), verbose=0, return_dict=True)
+    terms = d.compute_terms(Y, d._student_graph(X, training=False), d._teacher_forward(X))
+    for key in ("loss", "ce", "kd", "feat"):
+        assert logs[key] == pytest.approx(float(terms[key]), rel=1e-4), key

@@ -10,42 +10,13 @@ import numpy as np
 import onnx
 import onnxruntime as ort
 import pytest
+from conftest import CLASSES, make_run, tiny_classifier
 
 from kd_keras import export
 from kd_keras.errors import KDError
-from kd_keras.export import export_run, find_run, read_metadata
+from kd_keras.export import calibration_batches, export_run, read_metadata
 from kd_keras.models import build_student, build_teacher
-
-CLASSES = ["normal", "pneumonia"]
-
-
-def make_run(folder: Path, npz: Path, models: dict, student="resnet18", teacher="efficientnet_b3",
-             threshold=0.4) -> Path:  # fmt: skip
-    """A run folder as training leaves it: config.toml, <name>.keras files and report.json."""
-    folder.mkdir(parents=True)
-    (folder / "config.toml").write_text(
-        f'[run]\nname = "{folder.name}"\nseed = 0\n'
-        f'[data]\npath = "{npz}"\nimage_size = 32\nbatch_size = 128\nlimit_train = 64\n'
-        f'[teacher]\narch = "{teacher}"\n[student]\narch = "{student}"\npatch_size = 8\n'
-        "[export]\ncalibration_samples = 32\n"
-    )
-    for name, model in models.items():
-        model.save(folder / f"{name}.keras")
-    entries = {name: {"threshold": threshold if name == "student" else None} for name in models}
-    (folder / "report.json").write_text(
-        json.dumps({"class_names": CLASSES, "image_size": 32, "models": entries})
-    )
-    return folder
-
-
-def tiny_model(name="tiny") -> keras.Model:
-    """Same contract as the real models (pixels in [0, 255] named `images`, logits out); it
-    converts in about a second, for the tests of error paths."""
-    inputs = keras.Input((32, 32, 3), name="images")
-    x = keras.layers.Rescaling(1 / 255)(inputs)
-    x = keras.layers.Conv2D(4, 3, strides=2, activation="relu")(x)
-    x = keras.layers.GlobalAveragePooling2D()(x)
-    return keras.Model(inputs, keras.layers.Dense(2, name="logits")(x), name=name)
+from kd_keras.run import RunFolder
 
 
 def run_onnx(path: Path, images: np.ndarray) -> dict:
@@ -58,8 +29,8 @@ def test_cnn_student_and_teacher_pass_parity_with_int8(tmp_path, real_npz, monke
     keras.utils.set_random_seed(0)
     monkeypatch.chdir(tmp_path)  # a relative output folder, as `cli.py export` uses by default
     run = make_run(tmp_path / "runs" / "cnn", real_npz, {
-        "student": build_student("resnet18", 2, 32),
-        "teacher": build_teacher("efficientnet_b3", 2, 32),
+        "student": build_student("resnet18", 2, 32, tiny=True),
+        "teacher": build_teacher("efficientnet_b3", 2, 32, tiny=True),
     })  # fmt: skip
     result = export_run(run, out_dir="export", int8=True, quiet=True)
 
@@ -78,7 +49,10 @@ def test_cnn_student_and_teacher_pass_parity_with_int8(tmp_path, real_npz, monke
         int8 = result["artefacts"][f"{name}.int8"]
         assert int8["quantization"]["method"] == "static"
         assert int8["quantization"]["calibration_split"] == "train"
-        assert int8["size_mb"] < 0.3 * result["artefacts"][name]["size_mb"]
+        # int8 weights are 1/4 of float32; the tiny EfficientNet's many small tensors carry
+        # per-channel scales and zero points that weigh more than its few weights
+        limit = 0.3 if name == "student" else 0.7
+        assert int8["size_mb"] < limit * result["artefacts"][name]["size_mb"]
         for entry in (result["artefacts"][name], int8):
             assert 0.0 <= entry["metrics"]["balanced_accuracy"] <= 1.0
             assert entry["metrics"]["n"] == 624
@@ -104,7 +78,7 @@ def test_cnn_student_and_teacher_pass_parity_with_int8(tmp_path, real_npz, monke
 
 def test_vit_student_exports_gelu_and_quantizes_dynamically(tmp_path, real_npz):
     keras.utils.set_random_seed(0)
-    student = build_student("vit_small", 2, 32, patch_size=8)
+    student = build_student("vit_small", 2, 32, patch_size=8, tiny=True)
     run = make_run(tmp_path / "vit", real_npz, {"student": student}, student="vit_small")
     result = export_run(run, tmp_path / "export", models=["student"], int8=True, limit=64,
                         quiet=True)  # fmt: skip
@@ -120,7 +94,7 @@ def test_vit_student_exports_gelu_and_quantizes_dynamically(tmp_path, real_npz):
 
 
 def test_parity_failure_deletes_the_file_and_raises(tmp_path, real_npz, monkeypatch):
-    run = make_run(tmp_path / "bad", real_npz, {"student": tiny_model()})
+    run = make_run(tmp_path / "bad", real_npz, {"student": tiny_classifier()})
     stale = tmp_path / "export" / "bad" / "student.onnx"
     stale.parent.mkdir(parents=True)
     stale.write_bytes(b"an older export")
@@ -134,20 +108,20 @@ def test_parity_failure_deletes_the_file_and_raises(tmp_path, real_npz, monkeypa
 
 
 def test_missing_teacher_is_skipped(tmp_path, real_npz):
-    run = make_run(tmp_path / "solo", real_npz, {"student": tiny_model()})
+    run = make_run(tmp_path / "solo", real_npz, {"student": tiny_classifier()})
     result = export_run(run, tmp_path / "export", limit=32, quiet=True)
     assert list(result["artefacts"]) == ["student"]
     assert result["skipped"] == {"teacher": "run has no teacher.keras"}
 
 
 def test_run_without_student_is_an_error(tmp_path, real_npz):
-    run = make_run(tmp_path / "teacher_only", real_npz, {"teacher": tiny_model()})
+    run = make_run(tmp_path / "teacher_only", real_npz, {"teacher": tiny_classifier()})
     with pytest.raises(KDError, match="has no student.keras"):
         export_run(run, tmp_path / "export", quiet=True)
 
 
 def test_unwritable_output_folder_is_an_error(tmp_path, real_npz):
-    run = make_run(tmp_path / "r", real_npz, {"student": tiny_model()})
+    run = make_run(tmp_path / "r", real_npz, {"student": tiny_classifier()})
     blocker = tmp_path / "a_file"
     blocker.write_text("not a folder")
     with pytest.raises(KDError, match="not writable"):
@@ -160,17 +134,33 @@ def test_unknown_format_lists_the_valid_ones(tmp_path):
 
 
 def test_find_run(tmp_path):
+    find = RunFolder.find
     with pytest.raises(KDError, match="no run found under .*cli.py distill"):
-        find_run(None, runs_dir=tmp_path / "runs")
+        find(None, runs_dir=tmp_path / "runs")
     with pytest.raises(KDError, match="run folder not found"):
-        find_run(tmp_path / "nowhere")
+        find(tmp_path / "nowhere")
     (tmp_path / "not_a_run").mkdir()
     with pytest.raises(KDError, match="no config.toml"):
-        find_run(tmp_path / "not_a_run")
+        find(tmp_path / "not_a_run")
     for i, name in enumerate(["older", "newer"]):
         (tmp_path / "runs" / name).mkdir(parents=True)
         (tmp_path / "runs" / name / "config.toml").write_text("")
         stamp = time.time() - 100 + i * 50
         os.utime(tmp_path / "runs" / name / "config.toml", (stamp, stamp))
         os.utime(tmp_path / "runs" / name, (stamp, stamp))
-    assert find_run(None, runs_dir=tmp_path / "runs").name == "newer"
+    assert find(None, runs_dir=tmp_path / "runs").name == "newer"
+
+
+def test_calibration_uses_the_configured_count_and_batch(real_npz):
+    from kd_keras.config import DataConfig
+    from kd_keras.data import load_splits
+
+    train = load_splits(DataConfig(path=str(real_npz)), seed=0).train
+    batches = calibration_batches(train, 32, 50, seed=0, batch_size=16)
+    shapes = [b.shape for b in batches]
+    assert shapes == [(16, 32, 32, 3)] * 3 + [(2, 32, 32, 3)]
+    assert [b.shape for b in batches] == shapes, "iterable more than once"
+    labels = batches.subset.labels
+    assert len(labels) == 50 and 0 < labels.mean() < 1, "stratified: both classes"
+    with pytest.raises(KDError, match="n >= 1"):
+        calibration_batches(train, 32, 0, seed=0)

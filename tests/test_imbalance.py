@@ -41,3 +41,19 @@ def test_metrics_expose_majority_collapse():
     m = classification_metrics(y, probs, ["0", "1"])
     assert m["accuracy"] == pytest.approx(0.93)
     assert m["balanced_accuracy"] == 0.5 and m["per_class"]["0"]["recall"] == 0.0
+
+
+def test_weight_decay_is_decoupled_by_default_and_coupled_l2_on_request():
+    """Keras 3 decouples decay in every optimizer ("adam" + decay is AdamW); "l2" moves the
+    decay into the loss (PyTorch's SGD/Adam `weight_decay`) and out of the optimizer."""
+    from kd_keras.config import TrainConfig
+    from kd_keras.train import make_optimizer
+
+    sgd = make_optimizer(TrainConfig(optimizer="sgd", weight_decay=1e-4), 0.1, 2, 10)
+    assert sgd.weight_decay == pytest.approx(1e-4)
+    adam = make_optimizer(TrainConfig(optimizer="adam", weight_decay=1e-4), 0.1, 2, 10)
+    adamw = make_optimizer(TrainConfig(optimizer="adamw", weight_decay=1e-4), 0.1, 2, 10)
+    assert type(adam) is type(adamw) and adam.weight_decay == adamw.weight_decay
+    l2 = make_optimizer(TrainConfig(optimizer="sgd", weight_decay=1e-4, weight_decay_mode="l2"),
+                        0.1, 2, 10)  # fmt: skip
+    assert l2.weight_decay is None

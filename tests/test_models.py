@@ -1,38 +1,70 @@
+"""The model registry: every architecture builds, runs, taps its feature map and round-trips
+through `.keras`; real sizes are checked once per architecture."""
+
 import numpy as np
 import pytest
+from conftest import PATCH, SIZE
 
 from kd_keras import models
 from kd_keras.errors import KDError
 
-X = np.random.default_rng(0).uniform(0, 255, (2, 32, 32, 3)).astype("float32")
+X = np.random.default_rng(0).uniform(0, 255, (2, SIZE, SIZE, 3)).astype("float32")
 
-CASES = [
-    ("teacher", "resnet50", (2, 2, 1024)),
-    ("teacher", "efficientnet_b3", (2, 2, 136)),
-    ("student", "resnet18", (2, 2, 256)),
-    ("student", "vit_small", (4, 4, 384)),
+# (architecture, real parameter count with 3 classes (millions), real feature tap at 32 px,
+#  tiny feature tap at 32 px)
+ARCHS = [
+    ("resnet50", 23.59, (2, 2, 1024), (2, 2, 128)),
+    ("efficientnet_b3", 10.79, (2, 2, 136), (2, 2, 32)),
+    ("resnet18", 11.19, (2, 2, 256), (2, 2, 64)),
+    ("vit_small", 21.38, (4, 4, 384), (4, 4, 32)),
+    ("deit_small", 21.38, (4, 4, 384), (4, 4, 32)),
 ]
+IDS = [a[0] for a in ARCHS]
 
 
-def build(kind, arch, n=3):
-    if kind == "teacher":
-        return models.build_teacher(arch, n, 32)
-    return models.build_student(arch, n, 32, patch_size=8)
+def test_every_architecture_is_registered():
+    assert list(models.TEACHERS) == ["resnet50", "efficientnet_b3"]
+    assert list(models.STUDENTS) == ["resnet18", "vit_small", "deit_small"]
+    assert sorted(IDS) == sorted([*models.TEACHERS, *models.STUDENTS])
 
 
-@pytest.mark.parametrize("kind, arch, feature_shape", CASES)
-def test_model_builds_runs_and_round_trips(tmp_path, kind, arch, feature_shape):
-    model = build(kind, arch)
+@pytest.mark.parametrize("arch, params, real_tap, tiny_tap", ARCHS, ids=IDS)
+def test_tiny_variant_builds_runs_and_round_trips(tmp_path, tiny_zoo, arch, params, real_tap,
+                                                  tiny_tap):  # fmt: skip
+    model = tiny_zoo(arch)
+    assert model.count_params() < 400_000, "tiny means tiny"
     feature, logits = models.feature_extractor(model)(X)
     assert logits.shape == (2, 3) and np.isfinite(np.asarray(logits)).all()
-    assert tuple(feature.shape[1:]) == feature_shape
+    assert tuple(feature.shape[1:]) == tiny_tap
     path = tmp_path / f"{arch}.keras"
     model.save(path)
     loaded = models.load_model(path)
     np.testing.assert_array_equal(loaded.predict(X, verbose=0), model.predict(X, verbose=0))
     f2, _ = models.feature_extractor(loaded)(X)
     np.testing.assert_array_equal(np.asarray(f2), np.asarray(feature))
-    assert models.image_size_of(loaded) == 32
+    assert models.image_size_of(loaded) == SIZE
+
+
+@pytest.mark.parametrize("arch, params, real_tap, tiny_tap", ARCHS, ids=IDS)
+def test_real_size_parameters_and_feature_tap(real_zoo, arch, params, real_tap, tiny_tap):
+    """What the benchmark's size claims rest on (DESIGN.md: 23.6 M, 10.8 M, 11.2 M, 21.7 M)."""
+    model = real_zoo(arch)
+    assert model.count_params() / 1e6 == pytest.approx(params, abs=0.01)
+    feature, logits = models.feature_extractor(model)(X)
+    assert tuple(feature.shape[1:]) == real_tap and logits.shape == (2, 3)
+    assert np.isfinite(np.asarray(logits)).all()
+
+
+def test_real_taps_are_the_documented_layers(real_zoo):
+    def tap(arch):
+        return models.feature_tensor(real_zoo(arch))._keras_history.operation.name
+
+    assert tap("resnet50") == "conv4_block6_out"
+    assert tap("efficientnet_b3") == "block5e_add"
+    backbone = real_zoo("deit_small").get_layer("deit_backbone")
+    assert (backbone.hidden_dim, backbone.num_layers, backbone.num_heads) == (384, 12, 6)
+    assert backbone.intermediate_dim == 1536
+    assert tuple(backbone.output.shape[1:]) == (2 + (SIZE // PATCH) ** 2, 384)
 
 
 def test_preprocessing_is_inside_the_model():
@@ -56,6 +88,20 @@ def test_registry_errors_list_valid_names(tmp_path):
     bad.write_bytes(b"garbage")
     with pytest.raises(KDError, match="bad.keras could not be loaded"):
         models.load_model(bad)
+    with pytest.raises(KDError, match='tiny resnet18 has no pretrained weights.*"none"'):
+        models.build_student("resnet18", 2, 32, weights="imagenet", tiny=True)
+
+
+def test_internal_build_failures_are_not_reported_as_weight_problems(monkeypatch):
+    """A bug while building a from-scratch model keeps its own exception (and traceback)."""
+    import keras
+
+    def broken(**kwargs):
+        raise RuntimeError("an internal bug")
+
+    monkeypatch.setattr(keras.applications, "ResNet50", broken)
+    with pytest.raises(RuntimeError, match="an internal bug"):
+        models.build_teacher("resnet50", 2, 32, weights="none")
 
 
 def test_imagenet_weights_offline_fail_fast_with_advice():

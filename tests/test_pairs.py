@@ -1,11 +1,10 @@
 """Every teacher/student pair distils, and the DeiT student's two heads do what DeiT says.
 
-Models are built once per module (32 px, patch 8 for token students: a 4x4 grid) and shared by
-the cases; each case compares weights just before and after its own step. The matrix runs the
-Distiller's own `train_step` eagerly (`run_eagerly=True`): tracing a fresh graph for each of
-its 24 cases would take most of an hour on a busy 2-core CPU. Graph mode, which real training
-uses, is checked once for the DeiT student here and for the CNN pairs in test_distiller.py
-and the end-to-end CLI tests.
+The tiny variant of every architecture (the same code at small width and depth, 32 px, patch 8
+for token students: a 4x4 grid) is built once per session and shared; each case compares weights
+just before and after its own step. The matrix runs the Distiller's own `train_step` eagerly;
+graph mode, which `fit` uses, is checked for the DeiT student here and for CNN pairs in
+test_distiller.py and the end-to-end runs.
 """
 
 import time
@@ -13,43 +12,27 @@ import time
 import keras
 import numpy as np
 import pytest
+from conftest import PATCH, SIZE
 
 from kd_keras import losses, models
 from kd_keras.distiller import Distiller
 from kd_keras.errors import KDError
 
-SIZE, PATCH, CLASSES = 32, 8, 3
+CLASSES = 3
 RNG = np.random.default_rng(0)
 X = RNG.uniform(0, 255, (4, SIZE, SIZE, 3)).astype("float32")
 Y = np.array([0, 1, 2, 1])
 
 TEACHERS = ["resnet50", "efficientnet_b3"]
 STUDENTS = ["resnet18", "vit_small", "deit_small"]
-# teacher tap at 32 px (stride 16): 2x2; students: resnet18 P4 2x2, token grids 4x4
-TEACHER_FEATURES = {"resnet50": (2, 2, 1024), "efficientnet_b3": (2, 2, 136)}
-STUDENT_FEATURES = {"resnet18": (2, 2, 256), "vit_small": (4, 4, 384), "deit_small": (4, 4, 384)}
+# tiny variants' taps at 32 px: teachers stride 16 (2x2); resnet18 P4 2x2; token grids 4x4
+TEACHER_FEATURES = {"resnet50": (2, 2, 128), "efficientnet_b3": (2, 2, 32)}
+STUDENT_FEATURES = {"resnet18": (2, 2, 64), "vit_small": (4, 4, 32), "deit_small": (4, 4, 32)}
 
 
 @pytest.fixture(scope="module")
-def zoo():
-    """One instance of every registered model, built lazily and shared by the module."""
-    built = {}
-
-    def get(arch):
-        if arch not in built:
-            keras.utils.set_random_seed(len(built))
-            if arch in models.TEACHERS:
-                built[arch] = models.build_teacher(arch, CLASSES, SIZE)
-            else:
-                built[arch] = models.build_student(arch, CLASSES, SIZE, patch_size=PATCH)
-        return built[arch]
-
-    return get
-
-
-def test_every_architecture_is_registered():
-    assert list(models.TEACHERS) == TEACHERS
-    assert list(models.STUDENTS) == STUDENTS
+def zoo(tiny_zoo):
+    return lambda arch: tiny_zoo(arch, CLASSES)
 
 
 @pytest.mark.parametrize("beta", [0.0, 1.0], ids=["logits", "features"])
@@ -95,9 +78,7 @@ def head_outputs(student):
 def test_deit_output_is_the_mean_of_its_two_heads(zoo):
     deit = zoo("deit_small")
     backbone = deit.get_layer("deit_backbone")
-    assert (backbone.hidden_dim, backbone.num_layers, backbone.num_heads) == (384, 12, 6)
-    assert backbone.intermediate_dim == 1536
-    assert tuple(backbone.output.shape[1:]) == (2 + (SIZE // PATCH) ** 2, 384)
+    assert tuple(backbone.output.shape[1:]) == (2 + (SIZE // PATCH) ** 2, 32)
     cls, dist, out = (np.asarray(t) for t in head_outputs(deit)(X))
     assert not np.allclose(cls, dist), "two independent heads"
     np.testing.assert_allclose(out, (cls + dist) / 2, rtol=1e-6, atol=1e-6)
@@ -109,6 +90,7 @@ def test_deit_class_head_learns_labels_and_dist_head_the_teacher(zoo, mode):
     d = Distiller(deit, teacher, alpha=0.4, temperature=2.0, beta=0.0, mode=mode)
     terms = {k: float(v) for k, v in
              d.compute_terms(Y, d._student_graph(X), d._teacher_forward(X)).items()}  # fmt: skip
+    assert "reg" not in terms
     cls, dist, _ = (np.asarray(t) for t in head_outputs(deit)(X))
     t_logits = np.asarray(teacher(X, training=False))
     ce = float(np.mean(losses.cross_entropy(Y, cls)))
@@ -119,15 +101,21 @@ def test_deit_class_head_learns_labels_and_dist_head_the_teacher(zoo, mode):
     assert terms["ce"] == pytest.approx(ce, rel=1e-4)
     assert terms["kd"] == pytest.approx(kd, rel=1e-4)
     assert terms["loss"] == pytest.approx(0.4 * ce + 0.6 * kd, rel=1e-4)
-    # with only the teacher term (alpha = 0), the class head gets nothing to learn from
+    # only the teacher term (alpha = 0): it trains the deployed (averaged) output, so the class
+    # head, half of what is deployed, is not left at its random initialisation
     d = Distiller(deit, teacher, alpha=0.0, beta=0.0, mode=mode)
+    t_logits_kd = d.compute_terms(Y, d._student_graph(X), d._teacher_forward(X))["kd"]
+    out = np.asarray(deit(X))
+    expected = (losses.soft_kd(t_logits, out, 4.0) if mode == "soft"
+                else losses.cross_entropy(t_logits.argmax(axis=1), out))  # fmt: skip
+    assert float(t_logits_kd) == pytest.approx(float(np.mean(expected)), rel=1e-4)
     d.compile(optimizer=keras.optimizers.SGD(0.01), run_eagerly=True)
     heads = (models.CLS_LOGITS_LAYER, models.DIST_LOGITS_LAYER)
     before = {n: [w.copy() for w in deit.get_layer(n).get_weights()] for n in heads}
     d.train_on_batch(X, Y)
     after = {n: deit.get_layer(n).get_weights() for n in heads}
-    assert all(np.array_equal(a, b) for a, b in zip(before[heads[0]], after[heads[0]]))
-    assert not np.array_equal(before[heads[1]][0], after[heads[1]][0])
+    for n in heads:
+        assert not np.array_equal(before[n][0], after[n][0]), n
 
 
 def test_deit_without_kd_term_trains_its_deployed_output(zoo):
@@ -137,7 +125,7 @@ def test_deit_without_kd_term_trains_its_deployed_output(zoo):
     d = Distiller(deit, None, alpha=1.0)
     s_out = d._student_graph(X)
     out = np.asarray(deit(X))
-    assert float(d.compute_terms(Y, s_out, [])["ce"]) == pytest.approx(
+    assert float(d.compute_terms(Y, s_out, {})["ce"]) == pytest.approx(
         float(np.mean(losses.cross_entropy(Y, out))), rel=1e-4
     )
     d.compile(optimizer=keras.optimizers.SGD(0.01), run_eagerly=True)
@@ -153,12 +141,14 @@ def test_deit_saves_and_loads_with_identical_outputs_and_feature_tap(zoo, tmp_pa
     path = tmp_path / "deit.keras"
     deit.save(path)
     loaded = models.load_model(path)
-    np.testing.assert_array_equal(loaded.predict(X, verbose=0), deit.predict(X, verbose=0))
+    # equal up to float32 rounding: the two models' compiled functions may pick other kernels
+    np.testing.assert_allclose(loaded.predict(X, verbose=0), deit.predict(X, verbose=0),
+                               rtol=1e-6, atol=1e-6)  # fmt: skip
     assert models.has_layer(loaded, models.CLS_LOGITS_LAYER)
     assert models.has_layer(loaded, models.DIST_LOGITS_LAYER)
     f1, _ = models.feature_extractor(deit)(X)
     f2, _ = models.feature_extractor(loaded)(X)
-    assert tuple(f2.shape) == (4, SIZE // PATCH, SIZE // PATCH, 384)
+    assert tuple(f2.shape) == (4, SIZE // PATCH, SIZE // PATCH, 32)
     np.testing.assert_array_equal(np.asarray(f2), np.asarray(f1))
     # the tap is the patch tokens in grid order: row r, column c = token 2 + r * grid + c
     tokens = np.asarray(deit.get_layer("deit_backbone")(deit.get_layer("preprocessing")(X)))

@@ -1,8 +1,10 @@
+import math
+
 import pytest
 
-from kd_keras.config import build_config
+from kd_keras.config import build_config, toml_value
 from kd_keras.errors import KDError
-from kd_keras.sweep import cell_name, parse_grid, run_sweep
+from kd_keras.sweep import cell_name, parse_grid, run_sweep, summarize
 
 
 def test_parse_grid_types_values():
@@ -13,11 +15,35 @@ def test_parse_grid_types_values():
         parse_grid(["temperature"])
 
 
+def test_override_values_survive_quotes_and_backslashes(tmp_path):
+    """The sweep passes the teacher's path as an override: any path must round-trip."""
+    odd = str(tmp_path / 'my "best" teacher\\v2.keras')
+    cfg = build_config({}, tmp_path, [f"teacher.path={toml_value(odd)}"])
+    assert cfg.teacher.path == odd
+
+
+def test_summary_is_mean_and_sample_std_over_seeds():
+    runs = [
+        {"name": "cell", "setting": {"distill.beta": 1}, "seed": s, "val_bal_acc": v,
+         "test_bal_acc": v, "test_acc": v, "test_auc": v, "subset_bal_acc": v,
+         "subset_minority_recall": v}
+        for s, v in ((42, 0.80), (43, 0.90), (44, 0.85))
+    ]  # fmt: skip
+    (row,) = summarize(runs)
+    mean, std = row["test_bal_acc"]
+    assert row["seeds"] == 3 and mean == pytest.approx(0.85)
+    assert std == pytest.approx(0.05), "sample std (ddof = 1), not the population std 0.0408"
+    (single,) = summarize(runs[:1])
+    assert math.isnan(single["test_bal_acc"][1]), "one seed has no spread"
+
+
 @pytest.mark.slow
 def test_sweep_runs_grid_and_skips_finished_cells(tiny_npz, tmp_path, capsys):
     raw = {
         "run": {"name": "s", "output_dir": str(tmp_path)},
         "data": {"path": str(tiny_npz), "image_size": 32, "batch_size": 16},
+        "teacher": {"variant": "tiny"},
+        "student": {"variant": "tiny"},
         "train": {"epochs": 1, "verbose": 0},
         "eval": {"seed_subset": False},
     }
@@ -27,7 +53,7 @@ def test_sweep_runs_grid_and_skips_finished_cells(tiny_npz, tmp_path, capsys):
     root = tmp_path / "s_sweep"
     names = [r["name"] for r in result["rows"]]
     assert names[:2] == ["teacher", "student_scratch"] and len(names) == 4
-    for f in ("results.csv", "results.md", "ablation.md", "heatmap.png"):
+    for f in ("runs.csv", "results.csv", "results.md", "ablation.md", "heatmap.png"):
         assert (root / f).is_file(), f
     ablation = (root / "ablation.md").read_text()
     assert "logits only" in ablation and "logits + features" in ablation

@@ -319,9 +319,13 @@ def _to_rgb(image: tf.Tensor) -> tf.Tensor:
     return image
 
 
-def random_resized_crop(image, size: int, scale_min: float, seed=None) -> tf.Tensor:
-    """Crop a random region (area in [scale_min, 1], aspect 3/4..4/3) and resize to `size`."""
-    begin, crop, _ = tf.image.sample_distorted_bounding_box(
+def random_resized_crop(image, size: int, scale_min: float, seed) -> tf.Tensor:
+    """Crop a random region (area in [scale_min, 1], aspect 3/4..4/3) and resize to `size`.
+
+    `seed` is a shape-[2] integer tensor: the crop is a pure function of image and seed
+    (stateless), so a pipeline reproduces its crops whatever else ran in the process.
+    """
+    begin, crop, _ = tf.image.stateless_sample_distorted_bounding_box(
         tf.shape(image),
         bounding_boxes=tf.constant([[[0.0, 0.0, 1.0, 1.0]]]),
         area_range=(scale_min, 1.0),
@@ -335,17 +339,24 @@ def random_resized_crop(image, size: int, scale_min: float, seed=None) -> tf.Ten
     return tf.image.resize(image, (size, size))
 
 
-def batch_augmenter(aug: AugmentConfig, seed: int):
-    """Batch-level augmentation (flip, brightness, contrast) as Keras layers, or None."""
-    import keras
-
-    layers = []
+def augment_image(image, size: int, aug: AugmentConfig, seed) -> tf.Tensor:
+    """Random resized crop, horizontal flip, brightness and contrast jitter of one [0, 255]
+    image, all stateless: a pure function of the image and its shape-[2] `seed`, so training
+    batches are reproduced exactly by the run seed (parallel maps and global seeds included).
+    Jitter `j` shifts brightness by up to j * 255 and scales contrast by a factor in [1-j, 1+j],
+    as Keras's RandomBrightness / RandomContrast with the same factor do."""
+    crop_seed, flip_seed, bright_seed, contrast_seed = tf.unstack(
+        tf.random.experimental.stateless_split(seed, 4)
+    )
+    if aug.random_resized_crop:
+        image = random_resized_crop(image, size, aug.crop_scale_min, crop_seed)
     if aug.horizontal_flip:
-        layers.append(keras.layers.RandomFlip("horizontal", seed=seed))
+        image = tf.image.stateless_random_flip_left_right(image, flip_seed)
     if aug.color_jitter > 0:
-        layers.append(keras.layers.RandomBrightness(aug.color_jitter, (0, 255), seed=seed))
-        layers.append(keras.layers.RandomContrast(aug.color_jitter, (0, 255), seed=seed))
-    return keras.layers.Pipeline(layers) if layers else None
+        j = aug.color_jitter
+        image = tf.image.stateless_random_brightness(image, j * 255.0, bright_seed)
+        image = tf.image.stateless_random_contrast(image, 1.0 - j, 1.0 + j, contrast_seed)
+    return tf.clip_by_value(image, 0.0, 255.0)
 
 
 def make_dataset(
@@ -393,23 +404,14 @@ def make_dataset(
         ds = source(split)
     if training and not balanced:
         ds = ds.shuffle(min(len(split), 10_000), seed=seed, reshuffle_each_iteration=True)
-    if training:
-        if augment is not None and augment.random_resized_crop:
-            ds = ds.map(
-                lambda x, y: (
-                    random_resized_crop(x, image_size, augment.crop_scale_min, seed=seed),
-                    y,
-                ),
-                num_parallel_calls=tf.data.AUTOTUNE,
-            )
-    ds = ds.batch(batch_size)
     if training and augment is not None:
-        augmenter = batch_augmenter(augment, seed)
-        if augmenter is not None:
-            ds = ds.map(
-                lambda x, y: (tf.clip_by_value(augmenter(x, training=True), 0.0, 255.0), y),
-                num_parallel_calls=tf.data.AUTOTUNE,
-            )
+        # one seed pair per image and epoch, from a stream seeded by the run seed
+        draws = tf.data.Dataset.random(seed=seed, rerandomize_each_iteration=True).batch(2)
+        ds = tf.data.Dataset.zip(ds, draws).map(
+            lambda xy, pair: (augment_image(xy[0], image_size, augment, pair), xy[1]),
+            num_parallel_calls=tf.data.AUTOTUNE,
+        )
+    ds = ds.batch(batch_size)
     if not labels:
         ds = ds.map(lambda x, y: x)
     return ds.prefetch(tf.data.AUTOTUNE)

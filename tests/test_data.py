@@ -112,3 +112,7 @@ def test_the_run_seed_reaches_every_augmentation(tiny_npz):
     c, _ = first_batch(split, training=True, augment=aug, seed=8)
     np.testing.assert_array_equal(a, b)
     assert not np.array_equal(a, c)
+    ds = make_dataset(split, 32, 8, training=True, augment=aug, seed=7)
+    epoch1, epoch2 = (next(iter(ds))[0].numpy() for _ in range(2))
+    np.testing.assert_array_equal(epoch1, a)
+    assert not np.array_equal(epoch1, epoch2), "every epoch draws new augmentations"

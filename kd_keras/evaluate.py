@@ -7,6 +7,7 @@ chosen on the validation split (`choose_threshold`), never on test.
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -147,6 +148,37 @@ def save_confusion(run: RunFolder, model_name: str, result: dict, class_names: l
                           class_names, f"{model_name} (test)")  # fmt: skip
 
 
+@dataclass
+class Predictions:
+    """One model's per-image outputs on the evaluated split: `probs` (N x classes), `labels`
+    and `predicted` (N), and the `threshold` behind `predicted` (None: argmax)."""
+
+    probs: np.ndarray
+    labels: np.ndarray
+    predicted: np.ndarray
+    threshold: float | None = None
+
+
+def save_predictions(path: str | Path, labels: np.ndarray, probs: np.ndarray,
+                     threshold: float | None) -> Path:  # fmt: skip
+    """Per-image probabilities, labels and decisions of one model as `.npz` (atomically)."""
+    arrays = {
+        "probs": np.asarray(probs, "float32"),
+        "labels": np.asarray(labels, "int64").reshape(-1),
+        "predicted": predict_classes(probs, threshold),
+        "threshold": np.asarray(np.nan if threshold is None else threshold, "float64"),
+    }
+    return atomic_write(path, lambda tmp: np.savez_compressed(tmp, **arrays))
+
+
+def load_predictions(path: str | Path) -> Predictions:
+    """Read what `save_predictions` wrote."""
+    with np.load(path) as data:
+        threshold = float(data["threshold"])
+        return Predictions(data["probs"].astype("float64"), data["labels"], data["predicted"],
+                           None if np.isnan(threshold) else threshold)  # fmt: skip
+
+
 def model_summary_row(name: str, entry: dict, class_names: list[str]) -> str:
     """One markdown table row of the report: a model's test metrics."""
     t = entry["test"]
@@ -195,18 +227,25 @@ def report_markdown(report: dict) -> str:
 
 def evaluate_run(run_dir: str | Path | RunFolder, splits=None) -> dict:
     """(Re)compute validation and test metrics of every model saved in a run folder and write
-    `report.json`, `report.md` and confusion matrices (JSON and PNG)."""
+    `report.json`, `report.md`, confusion matrices (JSON and PNG), per-image predictions
+    (`predictions_<model>.npz`) and `report.html`."""
     from kd_keras.data import make_dataset
     from kd_keras.inference import keras_predictor, predict_probs
-    from kd_keras.models import load_model
+    from kd_keras.models import image_size_of, load_model
 
     run = run_dir if isinstance(run_dir, RunFolder) else RunFolder.find(run_dir)
     cfg = run.cfg
     splits = splits or run.load_splits()
     size, batch = cfg.data.image_size, cfg.data.batch_size
-    val_ds = make_dataset(splits.val, size, batch, labels=False)
     test_split = splits.test if cfg.eval.split == "test" else splits.val
-    test_ds = make_dataset(test_split, size, batch, labels=False)
+    datasets = {}
+
+    def at_size(n: int):  # each model is evaluated at its own input size
+        if n not in datasets:
+            datasets[n] = (make_dataset(splits.val, n, batch, labels=False),
+                           make_dataset(test_split, n, batch, labels=False))  # fmt: skip
+        return datasets[n]
+
     log = run.train_log()
     tune = cfg.eval.threshold != "argmax" and splits.num_classes == 2
     subset = None
@@ -218,6 +257,7 @@ def evaluate_run(run_dir: str | Path | RunFolder, splits=None) -> dict:
     models = {}
     for name, path in run.models().items():
         model = load_model(path, name)
+        val_ds, test_ds = at_size(image_size_of(model))
         predictor = keras_predictor(model)
         val_probs = predict_probs(predictor, val_ds, f"{name} ({path.name})")
         threshold = choose_threshold(splits.val.labels, val_probs) if tune else None
@@ -227,6 +267,7 @@ def evaluate_run(run_dir: str | Path | RunFolder, splits=None) -> dict:
         entry = {
             "file": path.name,
             "arch": model.name,
+            "image_size": image_size_of(model),
             "params": int(model.count_params()),
             "size_mb": path.stat().st_size / 1e6,
             "threshold": threshold,
@@ -243,6 +284,7 @@ def evaluate_run(run_dir: str | Path | RunFolder, splits=None) -> dict:
                      epochs=stage.get("epochs"))  # fmt: skip
         models[name] = entry
         save_confusion(run, name, test, splits.class_names)
+        save_predictions(run.predictions_path(name), test_split.labels, test_probs, threshold)
     if not models:
         names = ", ".join(run.model_path(n).name for n in MODEL_STAGES)
         raise KDError(f"run {run.path} holds no trained model ({names})")
@@ -268,4 +310,18 @@ def evaluate_run(run_dir: str | Path | RunFolder, splits=None) -> dict:
         }  # fmt: skip
     write_json(run.report_path, report)
     write_text(run.report_md_path, report_markdown(report))
+    write_report_after_evaluation(run)
     return report
+
+
+def write_report_after_evaluation(run: RunFolder) -> Path | None:
+    """`report.html` of a just-evaluated run. The metrics are already saved: a failure here
+    is printed as a warning and never fails the evaluation (`cli.py report` retries it)."""
+    from kd_keras.report import write_run_report
+
+    try:
+        return write_run_report(run)
+    except Exception as err:  # noqa: BLE001 - the report is a view; the results are saved
+        print(f"warning: {run.report_html_path} not written ({type(err).__name__}: {err}); "
+              f"retry with `python cli.py report --run {run.path}`")  # fmt: skip
+        return None

@@ -8,7 +8,14 @@
         history_<stage>.csv    per-epoch training and validation metrics of a stage
         train_log.json         wall-clock time and best epoch per stage
         report.json, .md       validation and test metrics of every model
+        report.html            the same, with curves, plots and mistakes, in one file
         confusion_<model>.json / .png
+        predictions_<model>.npz  per-image test probabilities, labels and decisions
+        tensorboard/<stage>/   TensorBoard scalars (with `train.tensorboard = true`)
+
+    <export dir>/<name>/
+        export.json, benchmark.json   exported files and their checks; measured latency
+        MODEL_CARD.md                 the exported student described for its users
 
 Every other module asks a `RunFolder` for these paths; none spells a file name itself.
 """
@@ -31,6 +38,11 @@ CONFIG_FILE = "config.toml"
 REPORT_FILE = "report.json"
 REPORT_MD_FILE = "report.md"
 TRAIN_LOG_FILE = "train_log.json"
+REPORT_HTML_FILE = "report.html"
+TENSORBOARD_DIR = "tensorboard"
+EXPORT_FILE = "export.json"
+BENCHMARK_FILE = "benchmark.json"
+MODEL_CARD_FILE = "MODEL_CARD.md"
 
 
 def resolve_data_source(cfg: Config) -> Config:
@@ -129,6 +141,35 @@ class RunFolder:
 
     def confusion_path(self, name: str, suffix: str) -> Path:
         return self.path / f"confusion_{name}{suffix}"
+
+    @property
+    def report_html_path(self) -> Path:
+        return self.path / REPORT_HTML_FILE
+
+    def predictions_path(self, name: str) -> Path:
+        """Per-image test probabilities of model `name` (written by evaluation)."""
+        return self.path / f"predictions_{name}.npz"
+
+    def tensorboard_dir(self, stage: str) -> Path:
+        """TensorBoard event files of one training stage."""
+        return self.path / TENSORBOARD_DIR / stage
+
+    def export_file(self, out_dir: str | os.PathLike | None = None) -> Path:
+        """`export.json` of this run's export folder."""
+        return self.export_dir(out_dir) / EXPORT_FILE
+
+    def benchmark_file(self, out_dir: str | os.PathLike | None = None) -> Path:
+        """`benchmark.json` (trained image size) of this run's export folder."""
+        return self.export_dir(out_dir) / BENCHMARK_FILE
+
+    def model_card_path(self, out_dir: str | os.PathLike | None = None) -> Path:
+        """`MODEL_CARD.md` beside the exported models."""
+        return self.export_dir(out_dir) / MODEL_CARD_FILE
+
+    @property
+    def teacher_cache_dir(self) -> Path:
+        """Where a disk teacher cache lives while a distillation stage runs."""
+        return self.path / "teacher_cache"
 
     def export_dir(self, out_dir: str | os.PathLike | None = None) -> Path:
         """`<out_dir or export.dir or export>/<run name>/`."""

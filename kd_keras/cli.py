@@ -1,4 +1,4 @@
-"""kd_keras command line: `distill`, `evaluate`, `export`, `benchmark`, `sweep`.
+"""kd_keras command line: `distill`, `evaluate`, `report`, `export`, `benchmark`, `sweep`.
 
 A thin shim over library functions (`python cli.py ...` or the `kd-keras` console script).
 A user mistake (`KDError`) prints one `error:` line and exits with status 2; anything else is
@@ -69,6 +69,22 @@ def evaluate(
     from kd_keras.evaluate import evaluate_run, report_markdown
 
     typer.echo(report_markdown(evaluate_run(run)))
+
+
+@app.command()
+def report(
+    run: Annotated[
+        Path | None, typer.Option("--run", help="Run folder (default: latest under runs/).")
+    ] = None,
+    out: Annotated[
+        Path | None, typer.Option("--out", help="Export parent folder (default: config's).")
+    ] = None,
+) -> None:
+    """(Re)build the run's report.html from its saved files (no model is run)."""
+    from kd_keras.report import write_run_report
+    from kd_keras.run import RunFolder
+
+    typer.echo(f"report: {write_run_report(RunFolder.find(run), out)}")
 
 
 @app.command()

@@ -191,6 +191,19 @@ def model_summary_row(name: str, entry: dict, class_names: list[str]) -> str:
     )
 
 
+def metrics_table(report: dict) -> str:
+    """The markdown table of every model's test metrics (one row per model)."""
+    names = report["class_names"]
+    lines = [
+        "| model | arch | params | size (MB) | accuracy | balanced acc. | "
+        + " | ".join(f"recall {c}" for c in names)
+        + " | macro F1 | ROC AUC |",
+        "|---|---|---|---|---|---|" + "---|" * len(names) + "---|---|",
+    ]
+    lines += [model_summary_row(n, e, names) for n, e in report["models"].items()]
+    return "\n".join(lines)
+
+
 def report_markdown(report: dict) -> str:
     """The run report as markdown: the test table, the imbalanced subset, training times."""
     names = report["class_names"]
@@ -199,13 +212,9 @@ def report_markdown(report: dict) -> str:
         "",
         f"Image size {report['image_size']} px. Decision rule: {report['decision_rule']}.",
         "",
-        "| model | arch | params | size (MB) | accuracy | balanced acc. | "
-        + " | ".join(f"recall {c}" for c in names)
-        + " | macro F1 | ROC AUC |",
-        "|---|---|---|---|---|---|" + "---|" * len(names) + "---|---|",
+        metrics_table(report),
+        "",
     ]
-    lines += [model_summary_row(n, e, names) for n, e in report["models"].items()]
-    lines.append("")
     if "subset" in report:
         sub = report["subset"]
         lines += [

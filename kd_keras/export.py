@@ -404,6 +404,9 @@ def export_run(
     result["created"] = time.strftime("%Y-%m-%dT%H:%M:%S%z")
     write_json(out / "export.json", result)
     result["export_dir"] = str(out)
+    from kd_keras.model_card import write_model_card
+
+    result["model_card"] = str(write_model_card(run, out_dir))
     if not quiet:
         print_summary(result)
     return result

@@ -331,7 +331,7 @@ def _deployment_section(run: RunFolder, export_dir: str | os.PathLike | None) ->
                                f"`python cli.py benchmark --run {run.path}`, then "
                                f"`python cli.py report --run {run.path}`"))  # fmt: skip
         return "\n".join(parts)
-    parts += [f"<h3>Benchmark ({esc(bench.get('title', ''))})</h3>",
+    parts += [f"<h3>{esc(bench.get('title', 'Benchmark'))}</h3>",
               note_html(bench.get("machine", "")),
               markdown_html(benchmark_table_markdown(bench))]  # fmt: skip
     rows = [r for r in bench.get("rows", []) if r.get("balanced_accuracy") is not None]

@@ -36,7 +36,7 @@ def test_cnn_student_and_teacher_pass_parity_with_int8(tmp_path, real_npz, monke
 
     out = tmp_path / "export" / "cnn"
     files = {"student.onnx", "student.int8.onnx", "teacher.onnx", "teacher.int8.onnx"}
-    assert files | {"export.json"} == {p.name for p in out.iterdir()}
+    assert files | {"export.json", "MODEL_CARD.md"} == {p.name for p in out.iterdir()}
     for name in ("student", "teacher"):
         parity = result["artefacts"][name]["parity"]
         assert parity["status"] == "PASS" and parity["max_abs_diff"] <= 1e-4

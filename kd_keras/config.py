@@ -106,7 +106,9 @@ class TrainConfig:
     balanced_sampling: bool = _spec(False, kind=bool)
     logit_adjustment: float = _spec(0.0, kind=float, lo=0.0, hi=10.0)
     stack_prior_corrections: bool = _spec(False, kind=bool)
-    verbose: int = _spec(1, kind=int, lo=0, hi=2)
+    # "auto": Keras's progress bar on a terminal, one line per epoch when output is piped
+    verbose: int | str = _spec("auto", kind=(int, str), choices=(0, 1, 2, "auto"))
+    tensorboard: bool = _spec(False, kind=bool)
 
 
 @dataclass
@@ -166,8 +168,11 @@ def _check_value(section: str, f: dataclasses.Field, value: Any) -> Any:
     if kind is list:
         if not isinstance(value, list) or not all(isinstance(v, str) for v in value):
             raise KDError(f"config key {key} must be a list of strings, got {value!r}")
-    elif not isinstance(value, kind) or (kind is int and isinstance(value, bool)):
-        raise KDError(f"config key {key} must be of type {kind.__name__}, got {value!r}")
+    else:
+        kinds = kind if isinstance(kind, tuple) else (kind,)
+        if not isinstance(value, kinds) or (isinstance(value, bool) and bool not in kinds):
+            names = " or ".join(k.__name__ for k in kinds)
+            raise KDError(f"config key {key} must be of type {names}, got {value!r}")
     if kind is float and not math.isfinite(value):
         raise KDError(f"config key {key} must be a finite number, got {value!r}")
     if meta["choices"] is not None and value not in meta["choices"]:

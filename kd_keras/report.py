@@ -149,8 +149,13 @@ def _config_section(run: RunFolder) -> str:
     return f"<pre>{esc(run.config_path.read_text(encoding='utf-8'))}</pre>"
 
 
+def _evaluated(report: dict) -> bool:
+    """True when report.json holds test metrics (a run folder may hold a bare one)."""
+    return any("test" in entry for entry in report.get("models", {}).values())
+
+
 def _summary_section(report: dict) -> str:
-    if not report.get("models"):
+    if not _evaluated(report):
         return note_html("no report.json with metrics yet — run `python cli.py evaluate`")
     return markdown_html(report_markdown(report))
 
@@ -186,7 +191,7 @@ def _training_section(run: RunFolder) -> str:
 
 
 def _predictions(run: RunFolder, report: dict) -> dict[str, Predictions]:
-    names = [n for n in MODEL_STAGES if n in report.get("models", {})]
+    names = [n for n in MODEL_STAGES if "test" in report.get("models", {}).get(n, {})]
     return {n: load_predictions(run.predictions_path(n)) for n in names
             if run.predictions_path(n).is_file()}  # fmt: skip
 
@@ -362,10 +367,10 @@ def run_report_html(run: RunFolder, export_dir: str | os.PathLike | None = None)
         ("summary", "Results", _summary_section(report)),
         ("training", "Training curves", _training_section(run)),
         ("evaluation", "Teacher, distilled and scratch side by side",
-         _evaluation_section(run, report, preds) if report.get("models") else
+         _evaluation_section(run, report, preds) if _evaluated(report) else
          note_html("not evaluated yet")),
         ("mistakes", "Test images each model got wrong",
-         _mistakes_section(run, report, preds) if report.get("models") else
+         _mistakes_section(run, report, preds) if _evaluated(report) else
          note_html("not evaluated yet")),
         ("deployment", "Exported formats: accuracy, latency and size",
          _deployment_section(run, export_dir)),

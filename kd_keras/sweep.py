@@ -10,6 +10,7 @@ Layout under `<output_dir>/<name>_sweep/`:
     cells/<cell>/seed<k>/    one distilled student per grid cell and seed
     runs.csv                 one flat row per trained run (cell, seed, metrics)
     results.csv, results.md  mean +- sample std (ddof = 1) over seeds per cell
+    results.html             the same with the heatmaps, the ablation and every seed's value
     heatmap.png              balanced accuracy over temperature x alpha (validation | test)
     ablation.md              seed 002's comparison, every row selected on validation
 
@@ -20,6 +21,8 @@ selected on the test split: every choice uses the validation balanced accuracy.
 from __future__ import annotations
 
 import itertools
+import time
+from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
@@ -61,17 +64,58 @@ def _overrides(setting: dict) -> list[str]:
     return [f"{k}={toml_value(v)}" for k, v in setting.items()]
 
 
-def _run(base: Config, raw: dict, base_dir: Path, folder: Path, overrides: list[str], stages):
+def _duration(seconds: float) -> str:
+    minutes, secs = divmod(int(round(seconds)), 60)
+    hours, minutes = divmod(minutes, 60)
+    return f"{hours}h{minutes:02d}m" if hours else f"{minutes}m{secs:02d}s"
+
+
+class SweepProgress:
+    """Which run of how many is starting, time elapsed, and an estimate of what is left (the
+    mean time of the runs trained so far, times the runs left; skipped runs cost nothing)."""
+
+    def __init__(self, total: int, clock: Callable[[], float] = time.perf_counter):
+        self.total, self.clock = total, clock
+        self.started = clock()
+        self.index = 0
+        self.trained = 0
+
+    def start(self, label: str) -> str:
+        """The line announcing the next run (also printed)."""
+        self.index += 1
+        now = self.clock()
+        elapsed = _duration(now - self.started)
+        line = f"[sweep {self.index}/{self.total}] {label} — elapsed {elapsed}"
+        if self.trained:
+            per_run = (now - self.started) / self.trained
+            line += f", about {_duration(per_run * (self.total - self.index + 1))} left"
+        print(line, flush=True)
+        return line
+
+    def done(self, trained: bool) -> None:
+        """Record that the current run finished (`trained` False: it was skipped)."""
+        self.trained += int(trained)
+
+
+def _run(base: Config, raw: dict, base_dir: Path, folder: Path, overrides: list[str], stages,
+         progress: SweepProgress | None = None, label: str = ""):  # fmt: skip
     """Train and evaluate one run folder unless it is already finished."""
     from kd_keras.train import run_distill
 
     run = RunFolder(folder)
+    if progress is not None:
+        progress.start(label or folder.name)
     if run.finished:
         print(f"skip (finished): {folder}")
+        if progress is not None:
+            progress.done(trained=False)
         return run.report
     cfg = build_config(raw, base_dir, overrides, default_name=base.run.name)
     cfg.run.output_dir, cfg.run.name = str(folder.parent), folder.name
-    return run_distill(cfg, stages, copy_teacher=False)
+    report = run_distill(cfg, stages, copy_teacher=False)
+    if progress is not None:
+        progress.done(trained=True)
+    return report
 
 
 def _value(report: dict, model: str, split: str, metric: str):
@@ -93,11 +137,14 @@ def run_sweep(
     root = base.run_dir.parent / f"{base.run.name}_sweep"
     overrides = list(overrides or [])
 
+    keys = list(grid)
+    cells = list(itertools.product(*(grid[k] for k in keys)))
+    progress = SweepProgress((0 if base.teacher.path else 1) + seeds * (1 + len(cells)))
     teacher_dir = root / "teacher"
     if base.teacher.path:
         teacher_file = base.teacher.path
     else:
-        _run(base, raw, base_dir, teacher_dir, overrides, ["teacher"])
+        _run(base, raw, base_dir, teacher_dir, overrides, ["teacher"], progress, "teacher")
         teacher_file = str(teacher_dir / "teacher.keras")
     with_teacher = overrides + [f"teacher.path={toml_value(teacher_file)}"]
 
@@ -108,17 +155,17 @@ def run_sweep(
                             "teacher"))  # fmt: skip
     for seed in seed_list:
         folder = root / "scratch" / f"seed{seed}"
-        report = _run(base, raw, base_dir, folder, overrides + [f"run.seed={seed}"], ["scratch"])
+        report = _run(base, raw, base_dir, folder, overrides + [f"run.seed={seed}"], ["scratch"],
+                      progress, f"scratch, seed {seed}")  # fmt: skip
         runs.append(run_row("student_scratch", {}, seed, report, "student_scratch"))
 
-    keys = list(grid)
-    for values in itertools.product(*(grid[k] for k in keys)):
+    for values in cells:
         setting = dict(zip(keys, values))
         for seed in seed_list:
             folder = root / "cells" / cell_name(setting) / f"seed{seed}"
             report = _run(base, raw, base_dir, folder,
                           with_teacher + _overrides(setting) + [f"run.seed={seed}"],
-                          ["distill"])  # fmt: skip
+                          ["distill"], progress, f"{cell_name(setting)}, seed {seed}")  # fmt: skip
             runs.append(run_row(cell_name(setting), setting, seed, report, "student"))
 
     rows = summarize(runs)
@@ -172,7 +219,8 @@ def _fmt(stat) -> str:
 def write_results(
     root: Path, runs: list[dict], rows: list[dict], keys: list[str], base: Config
 ) -> None:
-    """runs.csv (per run), results.csv / results.md (per cell), ablation.md, heatmap.png."""
+    """runs.csv (per run), results.csv / results.md (per cell), ablation.md, heatmap.png,
+    results.html."""
     per_run = pd.DataFrame([{k: v for k, v in r.items() if k != "setting"} for r in runs])
     write_text(root / "runs.csv", per_run.to_csv(index=False, float_format="%.4f"))
     table = pd.DataFrame(
@@ -189,8 +237,15 @@ def write_results(
               + " |" for r in rows]  # fmt: skip
     write_text(root / "results.md", "\n".join(lines) + "\n")
     write_text(root / "ablation.md", ablation_markdown(rows))
+    heat = None
     if {"distill.temperature", "distill.alpha"} <= set(keys):
-        heatmap(root / "heatmap.png", rows)
+        heat = root / "heatmap.png"
+        heatmap(heat, rows)
+    from kd_keras.report import sweep_report_html
+
+    page = sweep_report_html(f"kd_keras sweep {base.run.name}", "\n".join(lines),
+                             ablation_markdown(rows), heat, per_run)  # fmt: skip
+    write_text(root / "results.html", page)
 
 
 def _best(rows: list[dict], keep) -> dict | None:

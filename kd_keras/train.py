@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import csv
 import io
+import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -122,6 +123,9 @@ class HistoryCSV(keras.callbacks.Callback):
     def on_epoch_end(self, epoch, logs=None):
         row = {"epoch": epoch + 1}
         row.update({k: float(v) for k, v in (logs or {}).items() if np.ndim(v) == 0})
+        optimizer = getattr(self.model, "optimizer", None)
+        if optimizer is not None:  # the rate the last step of the epoch used
+            row["learning_rate"] = float(keras.ops.convert_to_numpy(optimizer.learning_rate))
         self.rows.append(row)
         buf = io.StringIO()
         keys = list(dict.fromkeys(k for r in self.rows for k in r))
@@ -129,6 +133,23 @@ class HistoryCSV(keras.callbacks.Callback):
         writer.writeheader()
         writer.writerows(self.rows)
         write_text(self.path, buf.getvalue())
+
+
+def keras_verbose(setting: int | str, stream=None) -> int:
+    """`train.verbose` as Keras's `fit(verbose=...)`: "auto" is the progress bar (1) on a
+    terminal and one line per epoch (2) when output goes to a file or a pipe."""
+    if setting != "auto":
+        return int(setting)
+    stream = sys.stdout if stream is None else stream
+    return 1 if getattr(stream, "isatty", lambda: False)() else 2
+
+
+def tensorboard_callback(log_dir: Path) -> keras.callbacks.TensorBoard:
+    """Per-epoch scalars (every loss term, metric and the learning rate) for TensorBoard; it
+    must come after `SelectBest`, whose validation metrics it logs."""
+    return keras.callbacks.TensorBoard(
+        log_dir=str(log_dir), write_graph=False, profile_batch=0, update_freq="epoch"
+    )
 
 
 @dataclass
@@ -191,8 +212,9 @@ def fit_stage(
     model.fit(
         train_ds, epochs=epochs, steps_per_epoch=steps if tc.balanced_sampling else None,
         class_weight=weights,
-        verbose=tc.verbose, shuffle=False,
-        callbacks=[select, HistoryCSV(run.history_path(stage))],
+        verbose=keras_verbose(tc.verbose), shuffle=False,
+        callbacks=[select, HistoryCSV(run.history_path(stage))]
+        + ([tensorboard_callback(run.tensorboard_dir(stage))] if tc.tensorboard else []),
     )  # fmt: skip
     return StageResult(
         time.perf_counter() - start, select.best_epoch + 1, select.best_score, epochs

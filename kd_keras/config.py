@@ -62,6 +62,14 @@ class TeacherConfig:
     weights: str = _spec("none", kind=str, path=True)
     variant: str = _spec("full", kind=str, choices=("full", "tiny"))
     path: str | None = _spec(None, kind=str, path=True)
+    image_size: int = _spec(0, kind=int, lo=0, hi=1024)
+    input_scaling: str = _spec(
+        "auto", kind=str, choices=("auto", "raw", "unit", "symmetric", "caffe", "torch")
+    )
+    outputs: str = _spec("auto", kind=str, choices=("auto", "logits", "probabilities"))
+    class_order: list[str] | None = _spec(None, kind=list)
+    feature_layer: str | None = _spec(None, kind=str)
+    cache: str = _spec("auto", kind=str, choices=("auto", "off", "memory", "disk"))
     epochs: int | None = _spec(None, kind=int, lo=0)
     learning_rate: float | None = _spec(None, kind=float, lo=0.0, hi=10.0)
 
@@ -72,6 +80,7 @@ class StudentConfig:
     weights: str = _spec("none", kind=str, path=True)
     variant: str = _spec("full", kind=str, choices=("full", "tiny"))
     patch_size: int = _spec(16, kind=int, lo=1)
+    feature_layer: str | None = _spec(None, kind=str)
     epochs: int | None = _spec(None, kind=int, lo=0)
     learning_rate: float | None = _spec(None, kind=float, lo=0.0, hi=10.0)
 

@@ -370,29 +370,35 @@ def make_dataset(
     cache: bool = True,
     labels: bool = True,
     balanced: bool = False,
+    teacher_cache=None,
 ) -> tf.data.Dataset:
     """Batches of (images, labels), or images only with `labels=False`.
 
     Training pipelines shuffle every epoch and apply `augment`; evaluation pipelines keep order.
     With `balanced=True` (training only) every class is drawn with equal probability from an
-    endless stream: pass `steps_per_epoch` to `fit`.
+    endless stream: pass `steps_per_epoch` to `fit`. With a `teacher_cache`
+    (`kd_keras.teacher.TeacherCache` of this split) the inputs are a dict of the images and the
+    teacher's cached outputs for exactly those images.
     """
     files = not isinstance(split.images, np.ndarray)
 
-    def load(image, label):
+    def load(image, label, index):
         image = _decode_file(image) if files else _to_rgb(image)
         image = tf.image.resize(tf.cast(image, tf.float32), (image_size, image_size))
-        return tf.clip_by_value(image, 0.0, 255.0), label
+        return tf.clip_by_value(image, 0.0, 255.0), label, index
 
-    def source(part: Split) -> tf.data.Dataset:
-        ds = tf.data.Dataset.from_tensor_slices((part.images, part.labels.astype("int32")))
+    def source(index: np.ndarray) -> tf.data.Dataset:
+        part = split.subset(index)
+        ds = tf.data.Dataset.from_tensor_slices(
+            (part.images, part.labels.astype("int32"), index.astype("int64"))
+        )
         ds = ds.map(load, num_parallel_calls=tf.data.AUTOTUNE)
         return ds.cache() if cache else ds
 
     if training and balanced:
         classes = np.unique(split.labels)
         streams = [
-            source(split.subset(np.flatnonzero(split.labels == c)))
+            source(np.flatnonzero(split.labels == c))
             .shuffle(10_000, seed=seed + int(c), reshuffle_each_iteration=True)
             .repeat()
             for c in classes
@@ -401,17 +407,21 @@ def make_dataset(
             streams, weights=[1.0 / len(classes)] * len(classes), seed=seed
         )
     else:
-        ds = source(split)
+        ds = source(np.arange(len(split)))
     if training and not balanced:
         ds = ds.shuffle(min(len(split), 10_000), seed=seed, reshuffle_each_iteration=True)
     if training and augment is not None:
         # one seed pair per image and epoch, from a stream seeded by the run seed
         draws = tf.data.Dataset.random(seed=seed, rerandomize_each_iteration=True).batch(2)
         ds = tf.data.Dataset.zip(ds, draws).map(
-            lambda xy, pair: (augment_image(xy[0], image_size, augment, pair), xy[1]),
+            lambda xyi, pair: (augment_image(xyi[0], image_size, augment, pair), *xyi[1:]),
             num_parallel_calls=tf.data.AUTOTUNE,
         )
     ds = ds.batch(batch_size)
+    if teacher_cache is not None:
+        ds = ds.map(lambda x, y, i: ({"images": x, **teacher_cache.lookup(i)}, y))
+    else:
+        ds = ds.map(lambda x, y, i: (x, y))
     if not labels:
         ds = ds.map(lambda x, y: x)
     return ds.prefetch(tf.data.AUTOTUNE)

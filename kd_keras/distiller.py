@@ -11,7 +11,15 @@ import tensorflow as tf
 from keras import ops
 
 from kd_keras import losses
-from kd_keras.models import CLS_LOGITS_LAYER, DIST_LOGITS_LAYER, feature_tensor, has_layer
+from kd_keras.models import (
+    CLS_LOGITS_LAYER,
+    DIST_LOGITS_LAYER,
+    feature_and_logits,
+    has_layer,
+    model_output,
+)
+
+TEACHER_PREFIX = "teacher_"  # input keys of cached teacher outputs: teacher_logits, ...
 
 MODES = ("soft", "hard")
 FEATURE_NORMS = ("none", "l2")
@@ -76,6 +84,14 @@ class Distiller(keras.Model):
             so the saved model's plain logits are corrected for the training class prior.
         l2_weight_decay: coupled L2 regularisation, (l2_weight_decay / 2) * ||w||^2 over the
             trained variables added to the loss (PyTorch's `weight_decay`); 0 turns it off.
+        teacher_feature_layer, student_feature_layer: the feature taps, dotted through nested
+            models (default: found automatically, see `models.feature_and_logits`).
+
+    Each model sees the batch at its own input size: images are resized (bilinear, antialiased)
+    for the student and for the teacher when their input size differs from the batch's, so a
+    teacher at 224 px can teach a student at 32 px. Inputs may also be a dict with `images` and
+    precomputed teacher outputs (`teacher_logits`, `teacher_feature`: see
+    `kd_keras.teacher.TeacherCache`); the teacher is then not run.
 
     Example:
         >>> d = Distiller(student, teacher, alpha=0.5, temperature=4.0, beta=1.0)
@@ -95,6 +111,8 @@ class Distiller(keras.Model):
         weight_distillation: bool = True,
         logit_adjustment: list[float] | None = None,
         l2_weight_decay: float = 0.0,
+        teacher_feature_layer: str | None = None,
+        student_feature_layer: str | None = None,
         **kwargs,
     ):
         super().__init__(**kwargs)
@@ -126,6 +144,8 @@ class Distiller(keras.Model):
             [float(v) for v in logit_adjustment] if logit_adjustment is not None else None
         )
         self.l2_weight_decay = float(l2_weight_decay)
+        self.teacher_feature_layer = teacher_feature_layer
+        self.student_feature_layer = student_feature_layer
         self.uses_teacher = teacher is not None and (alpha < 1.0 or beta > 0.0)
         if teacher is not None:
             teacher.trainable = False  # frozen whether or not a term uses it
@@ -136,20 +156,24 @@ class Distiller(keras.Model):
             has_layer(student, CLS_LOGITS_LAYER) and has_layer(student, DIST_LOGITS_LAYER)
             and self.uses_teacher and 0.0 < self.alpha < 1.0
         )  # fmt: skip
-        logits = student.outputs[0]
+        s_feature = t_feature = None
+        logits = model_output(student)
+        t_logits = model_output(teacher) if self.uses_teacher else None
+        if self.beta > 0:  # taps re-wired through nested models come with their own logits
+            s_feature, logits = feature_and_logits(student, student_feature_layer)
+            t_feature, t_logits = feature_and_logits(teacher, teacher_feature_layer)
         s_outputs = {
             "logits": logits,
             "ce_logits": student.get_layer(CLS_LOGITS_LAYER).output if split_heads else logits,
             "kd_logits": student.get_layer(DIST_LOGITS_LAYER).output if split_heads else logits,
         }
-        t_outputs = {"logits": teacher.outputs[0]} if self.uses_teacher else {}
+        t_outputs = {"logits": t_logits} if self.uses_teacher else {}
         self.adapter = None
         if self.beta > 0:
-            t_outputs["feature"] = feature_tensor(teacher)
-            s_outputs["feature"] = feature_tensor(student)
-            t_shape = t_outputs["feature"].shape
+            t_outputs["feature"], s_outputs["feature"] = t_feature, s_feature
+            t_shape = t_feature.shape
             self.adapter = FeatureAdapter(t_shape[-1], t_shape[1:3], name="adapter")
-            self.adapter.build(s_outputs["feature"].shape)
+            self.adapter.build(s_feature.shape)
         self._student_graph = keras.Model(student.inputs, s_outputs, name="student_graph")
         self._teacher_graph = (
             keras.Model(teacher.inputs, t_outputs, name="teacher_graph") if t_outputs else None
@@ -177,7 +201,8 @@ class Distiller(keras.Model):
         return list(self.student.trainable_variables) + list(adapter)
 
     def call(self, inputs, training=None):
-        return self.student(inputs, training=training)
+        images, _ = self._split_inputs(inputs)
+        return self.student(self._at_size(images, self.student), training=training)
 
     def compute_terms(self, y, student_out, teacher_out, sample_weight=None) -> dict:
         """The loss and its weighted terms for one batch (scalar tensors).
@@ -214,10 +239,32 @@ class Distiller(keras.Model):
             reg = reg + 0.5 * self.l2_weight_decay * ops.sum(ops.stack(squares))
         return reg
 
+    @staticmethod
+    def _at_size(images, model: keras.Model):
+        """`images` resized to `model`'s input size when it differs (static shapes)."""
+        want = tuple(model.inputs[0].shape[1:3])
+        if None in want or tuple(images.shape[1:3]) == want:
+            return images
+        return tf.image.resize(images, want, method="bilinear", antialias=True)
+
+    def _split_inputs(self, x):
+        """(images, cached teacher outputs or None) of a batch's inputs."""
+        if isinstance(x, dict):
+            cached = {k[len(TEACHER_PREFIX) :]: v for k, v in x.items()
+                      if k.startswith(TEACHER_PREFIX)}  # fmt: skip
+            return x["images"], cached or None
+        return x, None
+
+    def _student_forward(self, images, training: bool) -> dict:
+        return self._student_graph(self._at_size(images, self.student), training=training)
+
     def _teacher_forward(self, x) -> dict:
+        images, cached = self._split_inputs(x)
+        if cached is not None:
+            return cached
         if self._teacher_graph is None:
             return {}
-        out = self._teacher_graph(x, training=False)
+        out = self._teacher_graph(self._at_size(images, self.teacher), training=False)
         return {k: tf.stop_gradient(v) for k, v in out.items()}
 
     def _update_metrics(self, y, student_out, terms, sample_weight):
@@ -229,9 +276,10 @@ class Distiller(keras.Model):
     def train_step(self, data):
         x, y, sample_weight = keras.utils.unpack_x_y_sample_weight(data)
         teacher_out = self._teacher_forward(x)
+        images, _ = self._split_inputs(x)
         variables = self.trained_variables
         with tf.GradientTape() as tape:
-            student_out = self._student_graph(x, training=True)
+            student_out = self._student_forward(images, training=True)
             terms = self.compute_terms(y, student_out, teacher_out, sample_weight)
         grads = tape.gradient(terms["loss"], variables)
         self.optimizer.apply_gradients(zip(grads, variables))
@@ -240,7 +288,7 @@ class Distiller(keras.Model):
     def test_step(self, data):
         """The same terms and metrics in inference mode (`evaluate`, validation data)."""
         x, y, sample_weight = keras.utils.unpack_x_y_sample_weight(data)
-        student_out = self._student_graph(x, training=False)
+        student_out = self._student_forward(self._split_inputs(x)[0], training=False)
         terms = self.compute_terms(y, student_out, self._teacher_forward(x), sample_weight)
         return self._update_metrics(y, student_out, terms, sample_weight)
 
@@ -257,6 +305,8 @@ class Distiller(keras.Model):
             "weight_distillation": self.weight_distillation,
             "logit_adjustment": self.logit_adjustment,
             "l2_weight_decay": self.l2_weight_decay,
+            "teacher_feature_layer": self.teacher_feature_layer,
+            "student_feature_layer": self.student_feature_layer,
         }
 
     @classmethod

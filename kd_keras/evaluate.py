@@ -240,7 +240,7 @@ def evaluate_run(run_dir: str | Path | RunFolder, splits=None) -> dict:
     (`predictions_<model>.npz`) and `report.html`."""
     from kd_keras.data import make_dataset
     from kd_keras.inference import keras_predictor, predict_probs
-    from kd_keras.models import image_size_of, load_model
+    from kd_keras.models import image_size_of
 
     run = run_dir if isinstance(run_dir, RunFolder) else RunFolder.find(run_dir)
     cfg = run.cfg
@@ -265,7 +265,7 @@ def evaluate_run(run_dir: str | Path | RunFolder, splits=None) -> dict:
 
     models = {}
     for name, path in run.models().items():
-        model = load_model(path, name)
+        model = run.load_model(name)
         val_ds, test_ds = at_size(image_size_of(model))
         predictor = keras_predictor(model)
         val_probs = predict_probs(predictor, val_ds, f"{name} ({path.name})")

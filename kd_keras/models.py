@@ -38,15 +38,16 @@ class ImagePreprocessing(keras.layers.Layer):
     Args:
         mode: `"imagenet"` scales to [0, 1] and normalises with ImageNet mean/std (torch/timm and
             keras-hub presets); `"caffe"` flips RGB to BGR and subtracts the ImageNet pixel mean
-            (keras.applications ResNet50 weights); `"none"` passes pixels through (models such as
-            keras.applications EfficientNet normalise internally).
+            (keras.applications ResNet50 weights); `"unit"` scales to [0, 1]; `"symmetric"`
+            scales to [-1, 1] (MobileNet, Inception, ResNetV2 style); `"none"` passes pixels
+            through (models such as keras.applications EfficientNet normalise internally).
 
     Example:
         >>> ImagePreprocessing("imagenet")(np.full((1, 4, 4, 3), 255.0)).shape
         TensorShape([1, 4, 4, 3])
     """
 
-    MODES = ("imagenet", "caffe", "none")
+    MODES = ("imagenet", "caffe", "unit", "symmetric", "none")
 
     def __init__(self, mode: str = "imagenet", **kwargs):
         super().__init__(**kwargs)
@@ -62,6 +63,10 @@ class ImagePreprocessing(keras.layers.Layer):
             return (x / 255.0 - mean) / std
         if self.mode == "caffe":
             return keras.ops.flip(x, axis=-1) - np.asarray(CAFFE_MEAN_BGR, "float32")
+        if self.mode == "unit":
+            return x / 255.0
+        if self.mode == "symmetric":
+            return x / 127.5 - 1.0
         return x
 
     def get_config(self):
@@ -363,17 +368,28 @@ def deit_small(
     return keras.Model(inputs, logits, name="deit_small")
 
 
-def load_model(path: str | Path, what: str = "model") -> keras.Model:
-    """Load a `.keras` file with a clear error when it is missing or unreadable."""
+def load_model(path: str | Path, what: str = "model", safe_mode: bool = True) -> keras.Model:
+    """Load a `.keras` file with a clear error when it is missing or unreadable.
+
+    `safe_mode=False` only for files kd_keras wrote itself (a run's own models): a teacher
+    view around a user's SavedModel holds a `TFSMLayer`, which Keras loads only unsafely."""
     import keras_hub  # noqa: F401  (registers keras-hub layers)
 
     path = Path(path)
     if not path.is_file():
         raise KDError(f"{what} file not found: {path}")
     try:
-        return keras.saving.load_model(path, compile=False)
-    except Exception as err:
-        raise KDError(f"{what} file {path} could not be loaded: {err}") from err
+        return keras.saving.load_model(path, compile=False, safe_mode=safe_mode)
+    except Exception as err:  # Keras reports unreadable files with many exception types
+        missing = re.search(r"Could not locate (?:class|function) '([^']+)'", str(err))
+        if missing:
+            raise KDError(
+                f"{what} file {path} needs the custom class {missing.group(1)!r}, which is not "
+                "registered: import the module that defines it (decorated with "
+                "@keras.saving.register_keras_serializable()) before loading"
+            ) from err
+        reason = str(err).strip().splitlines()[0][:300] if str(err).strip() else type(err).__name__
+        raise KDError(f"{what} file {path} could not be loaded: {reason}") from err
 
 
 def build_teacher(
@@ -393,11 +409,13 @@ def build_student(
     )
 
 
-# Feature taps, tried in order: (layer-name pattern, output index of a nested model, leading
-# tokens to drop before re-shaping a token sequence to its grid; None = already a feature map).
-# The last layer matching a pattern is the tap, so deeper or shallower variants of a family
-# (ResNet101, a tiny EfficientNet) find their own stage output.
+# Feature taps of the registered architectures, tried in order: (layer-name pattern, output
+# index of a nested model, leading tokens to drop before re-shaping a token sequence to its grid;
+# None = already a feature map). The last layer matching a pattern is the tap, so deeper or
+# shallower variants of a family (ResNet101, a tiny EfficientNet) find their own stage output.
+# `kd_taps` is the [feature, logits] model inside a teacher view (kd_keras.teacher).
 FEATURE_TAPS = (
+    (r"kd_taps", 0, None),  # a user's teacher wrapped by kd_keras.teacher.teacher_view
     (r"conv4_block\d+_out", None, None),  # resnet50 (conv4_block6_out), stride 16
     (r"block5[a-z]+_.*", None, None),  # efficientnet_b3 stage 5 output (block5e_add), stride 16
     (r"resnet18_backbone", 0, None),  # resnet18 P4, stride 16
@@ -413,10 +431,106 @@ def _graph_output(layer: keras.layers.Layer):
     return outputs[0] if isinstance(outputs, (list, tuple)) and len(outputs) == 1 else outputs
 
 
-def feature_tensor(model: keras.Model):
-    """Symbolic feature map (batch, h, w, c) of `model` used for feature matching."""
+def model_output(model: keras.Model):
+    """The single output tensor of a classifier, also when Keras gives it as a one-element list
+    (common for `.keras` files of functional models)."""
+    outputs = model.outputs
+    if len(outputs) != 1:
+        raise KDError(f"model {model.name!r} has {len(outputs)} outputs; a classifier needs one")
+    return outputs[0]
+
+
+def _graph(model: keras.Model):
+    """The functional graph behind a model (a Sequential keeps one inside)."""
+    return getattr(model, "_functional", None) or model
+
+
+def _is_spatial(tensor, image_channels: int = 3) -> bool:
+    shape = tuple(tensor.shape) if hasattr(tensor, "shape") else ()
+    return len(shape) == 4 and shape[-1] not in (None, image_channels)
+
+
+def tap_candidates(model: keras.Model, prefix: str = "") -> list[str]:
+    """Names (dotted through nested models) of the layers with a spatial (4-D) output."""
+    names = []
+    for layer in _graph(model).layers:
+        if isinstance(layer, keras.Model) and hasattr(_graph(layer), "_run_through_graph"):
+            names += tap_candidates(layer, f"{prefix}{layer.name}.")
+        try:
+            out = _graph_output(layer)
+        except (AttributeError, IndexError, ValueError):
+            continue
+        if not isinstance(out, (list, tuple, dict)) and _is_spatial(out):
+            names.append(prefix + layer.name)
+    return names
+
+
+def _split_path(model: keras.Model, path: str, full: str) -> tuple[str, str | None]:
+    """(first layer name, rest) of a dotted path; layer names may contain dots themselves
+    ("mobilenetv2_1.00_224"), so the longest matching layer name wins."""
+    names = [layer.name for layer in _graph(model).layers]
+    matches = [n for n in names if path == n or path.startswith(n + ".")]
+    if not matches:
+        shown = ", ".join(tap_candidates(model)[-12:]) or "none"
+        raise KDError(
+            f"feature layer {full!r} not found in model {model.name!r}; layers with a spatial "
+            f"output (last 12): {shown}"
+        )
+    name = max(matches, key=len)
+    return name, (path[len(name) + 1 :] or None)
+
+
+def _tap_through(model: keras.Model, name: str, rest: str, full: str, inputs):
+    """Re-run `model`'s graph on `inputs`, replacing its nested model `name` by one that also
+    returns the inner layer `rest`: (feature, model output), in one pass."""
+    sub = _graph(model).get_layer(name)
+    if not isinstance(sub, keras.Model):
+        raise KDError(f"feature layer {full!r}: {name!r} is not a nested model")
+    inner_feature, inner_out = _tap(sub, rest, full)
+    taps = keras.Model(sub.inputs, [inner_feature, inner_out], name=f"{sub.name}_taps")
+    captured = {}
+
+    def operation(op):
+        if op is not sub:
+            return op
+
+        def run(*args, **kwargs):
+            feature, out = taps(*args, **kwargs)
+            captured["feature"] = feature
+            return out
+
+        return run
+
+    out = _graph(model)._run_through_graph(inputs, operation_fn=operation)
+    out = out[0] if isinstance(out, (list, tuple)) else out
+    return captured["feature"], out
+
+
+def _tap(model: keras.Model, path: str, full: str):
+    """(feature, output) of `model` on its own inputs for a dotted layer path."""
+    name, rest = _split_path(model, path, full)
+    if rest is None:
+        return _graph_output(_graph(model).get_layer(name)), model_output(model)
+    return _tap_through(model, name, rest, full, model.inputs)
+
+
+def feature_and_logits(model: keras.Model, layer: str | None = None):
+    """Symbolic (feature map (batch, h, w, c), logits) of `model`, on `model.inputs`.
+
+    `layer` names the tap (dotted through nested models: `"resnet50.conv4_block6_out"`); else
+    the registered architectures' taps (`FEATURE_TAPS`), else the last layer with a spatial
+    output, nested models included. A model with no spatial feature map (one that only outputs
+    logits) raises `KDError`: distil its logits only (`distill.beta = 0`).
+    """
+    if layer:
+        feature, logits = _tap(model, layer, layer)
+        if not _is_spatial(feature, image_channels=-1):
+            raise KDError(f"feature layer {layer!r} of {model.name!r} is not a (batch, h, w, c) "
+                          f"map (shape {tuple(feature.shape)})")  # fmt: skip
+        return feature, logits
+    graph = _graph(model)
     for pattern, index, skip in FEATURE_TAPS:
-        matches = [layer for layer in model.layers if re.fullmatch(pattern, layer.name)]
+        matches = [lay for lay in graph.layers if re.fullmatch(pattern, lay.name)]
         if not matches:
             continue
         name = matches[-1].name
@@ -426,16 +540,26 @@ def feature_tensor(model: keras.Model):
         if skip is not None:
             grid = int(round((out.shape[1] - skip) ** 0.5))
             out = TokenGrid(skip=skip, grid=grid, name=f"{name}_grid")(out)
-        return out
+        return out, model_output(model)
+    candidates = tap_candidates(model)
+    if candidates:
+        return _tap(model, candidates[-1], candidates[-1])
     raise KDError(
-        f"model {model.name!r} has no known feature tap (looked for "
-        f"{', '.join(t[0] for t in FEATURE_TAPS)}); set distill.beta = 0 to distil logits only"
+        f"model {model.name!r} has no spatial feature map to match (it may output logits only); "
+        "set distill.beta = 0 to distil its logits only, or name a layer in "
+        "teacher.feature_layer / student.feature_layer"
     )
 
 
-def feature_extractor(model: keras.Model) -> keras.Model:
+def feature_tensor(model: keras.Model, layer: str | None = None):
+    """Symbolic feature map (batch, h, w, c) of `model` used for feature matching."""
+    return feature_and_logits(model, layer)[0]
+
+
+def feature_extractor(model: keras.Model, layer: str | None = None) -> keras.Model:
     """A model sharing `model`'s weights that returns [feature map, logits]."""
-    return keras.Model(model.input, [feature_tensor(model), model.output], name=f"{model.name}_fx")
+    feature, logits = feature_and_logits(model, layer)
+    return keras.Model(model.inputs, [feature, logits], name=f"{model.name}_fx")
 
 
 def has_layer(model: keras.Model, name: str) -> bool:

@@ -209,6 +209,15 @@ class RunFolder:
         found = {name: self.model_file(name) for name in MODEL_STAGES}
         return {name: path for name, path in found.items() if path is not None}
 
+    def load_model(self, name: str):
+        """The run's model `name` (None when absent). The run's own files load with Keras's
+        safe mode off: a teacher view around a user's SavedModel needs it (kd_keras wrote
+        the file; the SavedModel is the one the user named in `teacher.path`)."""
+        from kd_keras.models import load_model
+
+        path = self.model_file(name)
+        return None if path is None else load_model(path, f"{name} model", safe_mode=False)
+
     def arch(self, name: str) -> str:
         """The configured architecture of model `name`."""
         return self.cfg.teacher.arch if name == "teacher" else self.cfg.student.arch

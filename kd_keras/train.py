@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import csv
 import io
+import shutil
 import sys
 import time
 from dataclasses import dataclass
@@ -28,7 +29,7 @@ from kd_keras.distiller import Distiller
 from kd_keras.errors import KDError, atomic_write, write_text
 from kd_keras.evaluate import classification_metrics, evaluate_run
 from kd_keras.inference import keras_predictor, predict_probs
-from kd_keras.models import build_student, build_teacher, load_model
+from kd_keras.models import build_student, build_teacher, image_size_of
 from kd_keras.run import STAGE_MODELS, RunFolder
 
 
@@ -146,7 +147,15 @@ def keras_verbose(setting: int | str, stream=None) -> int:
 
 def tensorboard_callback(log_dir: Path) -> keras.callbacks.TensorBoard:
     """Per-epoch scalars (every loss term, metric and the learning rate) for TensorBoard; it
-    must come after `SelectBest`, whose validation metrics it logs."""
+    must come after `SelectBest`, whose validation metrics it logs. Checked before training:
+    TensorFlow writes summaries only with the `tensorboard` package installed."""
+    import importlib.util
+
+    if importlib.util.find_spec("tensorboard") is None:
+        raise KDError(
+            "train.tensorboard = true needs the tensorboard package: pip install tensorboard "
+            '(or pip install -e ".[tensorboard]")'
+        )
     return keras.callbacks.TensorBoard(
         log_dir=str(log_dir), write_graph=False, profile_batch=0, update_freq="epoch"
     )
@@ -169,6 +178,7 @@ def fit_stage(
     epochs: int,
     learning_rate: float,
     run: RunFolder,
+    teacher_feature_layer: str | None = None,
 ) -> StageResult:
     """Train `classifier` in place (best validation epoch restored) for one stage."""
     dc = cfg.distill
@@ -186,13 +196,18 @@ def fit_stage(
         feature_norm=dc.feature_norm, weight_distillation=tc.weight_distillation,
         logit_adjustment=adjustment,
         l2_weight_decay=tc.weight_decay if tc.weight_decay_mode == "l2" else 0.0,
-        name=f"{stage}_trainer",
+        teacher_feature_layer=teacher_feature_layer,
+        student_feature_layer=cfg.student.feature_layer, name=f"{stage}_trainer",
     )  # fmt: skip
     size, batch = cfg.data.image_size, cfg.data.batch_size
+    # the batch is loaded at the larger of the two resolutions; the Distiller resizes it down
+    # for the other model
+    train_size = max(size, image_size_of(teacher)) if model.uses_teacher else size
     seed = cfg.run.seed
+    cache = _teacher_cache(cfg, model, splits, train_size, run) if model.uses_teacher else None
     train_ds = make_dataset(
-        splits.train, size, batch, training=True, augment=cfg.augment, seed=seed,
-        cache=cfg.data.cache, balanced=tc.balanced_sampling,
+        splits.train, train_size, batch, training=True, augment=cfg.augment, seed=seed,
+        cache=cfg.data.cache, balanced=tc.balanced_sampling, teacher_cache=cache,
     )  # fmt: skip
     val_ds = make_dataset(splits.val, size, batch, cache=cfg.data.cache, labels=False)
     steps = int(np.ceil(len(splits.train) / batch))
@@ -216,21 +231,54 @@ def fit_stage(
         callbacks=[select, HistoryCSV(run.history_path(stage))]
         + ([tensorboard_callback(run.tensorboard_dir(stage))] if tc.tensorboard else []),
     )  # fmt: skip
+    if cache is not None and cache.storage == "disk":
+        shutil.rmtree(run.teacher_cache_dir, ignore_errors=True)
     return StageResult(
         time.perf_counter() - start, select.best_epoch + 1, select.best_score, epochs
     )
+
+
+def _augments(cfg: Config) -> bool:
+    a = cfg.augment
+    return a.random_resized_crop or a.horizontal_flip or a.color_jitter > 0
+
+
+def _teacher_cache(cfg: Config, model: Distiller, splits: Splits, size: int, run: RunFolder):
+    """The frozen teacher's outputs on every training image, when `teacher.cache` asks for
+    them (`auto`: whenever augmentation is off, so the cache is exact)."""
+    from kd_keras.teacher import TeacherCache
+
+    mode = cfg.teacher.cache
+    if mode == "off" or (mode == "auto" and _augments(cfg)):
+        return None
+    if mode == "auto":
+        per_image = sum(int(np.prod(t.shape[1:])) for t in model._teacher_graph.outputs)
+        mode = "memory" if per_image * 4 * len(splits.train) < 2e9 else "disk"
+    if _augments(cfg):
+        print("teacher cache: the teacher sees each training image without augmentation "
+              "(the student sees it augmented)")  # fmt: skip
+    start = time.perf_counter()
+    cache = TeacherCache(model, splits.train, size, cfg.data.batch_size, mode,
+                         run.teacher_cache_dir)  # fmt: skip
+    print(f"teacher cache ({mode}): {len(splits.train)} images, {cache.nbytes / 1e6:.1f} MB, "
+          f"{time.perf_counter() - start:.1f} s")  # fmt: skip
+    return cache
 
 
 def _stage_setting(value, default):
     return default if value is None else value
 
 
-def run_distill(cfg: Config, stages: list[str] | None = None, copy_teacher: bool = True) -> dict:
+def run_distill(
+    cfg: Config, stages: list[str] | None = None, copy_teacher: bool = True, force: bool = False
+) -> dict:
     """Run the configured stages, then evaluate every model of the run on the test split.
 
-    A teacher given by `teacher.path` is copied into the run folder (so the run is
-    self-contained for evaluation and export) unless `copy_teacher` is False. `cfg` is not
-    modified: the run works from the config it saved.
+    A teacher given by `teacher.path` (any Keras classifier, SavedModel or keras-hub preset:
+    see `kd_keras.teacher`) is wrapped into its own view of the image, checked on validation
+    (a teacher no better than chance stops the run unless `force`), and saved as the run's
+    teacher (so the run is self-contained for evaluation and export) unless `copy_teacher` is
+    False. `cfg` is not modified: the run works from the config it saved.
     """
     stages = stages or cfg.train.stages
     run = RunFolder.create(cfg)
@@ -243,9 +291,18 @@ def run_distill(cfg: Config, stages: list[str] | None = None, copy_teacher: bool
 
     teacher_file = run.model_path("teacher")
     teacher = None
+    teacher_tap = cfg.teacher.feature_layer
     if cfg.teacher.path:
-        teacher = load_model(cfg.teacher.path, "teacher.path")
-        _check_classifier(teacher, n, size, "teacher.path")
+        from kd_keras.teacher import check_teacher, load_teacher, resolve_view, teacher_view
+
+        user_teacher = load_teacher(cfg.teacher.path)
+        view = resolve_view(user_teacher, cfg, splits.class_names)
+        teacher = teacher_view(user_teacher, view)
+        if teacher is not user_teacher and teacher_tap:  # the tap path is the user's model's
+            teacher_tap = f"{user_teacher.name}.{teacher_tap}"
+        print(f"teacher: {cfg.teacher.path} ({view.describe()})")
+        if "distill" in stages:
+            check_teacher(teacher, view, splits, cfg.data.batch_size, force)
         if copy_teacher:
             save_model(teacher, teacher_file)
     elif "teacher" in stages:
@@ -269,7 +326,7 @@ def run_distill(cfg: Config, stages: list[str] | None = None, copy_teacher: bool
                     f"stage distill needs a teacher: none in {run.path} and teacher.path is not "
                     "set; add the teacher stage or set teacher.path"
                 )
-            teacher = load_model(teacher_file, "teacher")
+            teacher = run.load_model("teacher")
         keras.utils.set_random_seed(cfg.run.seed)  # same initial student for both stages
         student = build_student(
             cfg.student.arch, n, size, cfg.student.weights, cfg.student.patch_size,
@@ -278,18 +335,9 @@ def run_distill(cfg: Config, stages: list[str] | None = None, copy_teacher: bool
         result = fit_stage(
             cfg, splits, stage, student, teacher,
             _stage_setting(cfg.student.epochs, tc.epochs),
-            _stage_setting(cfg.student.learning_rate, tc.learning_rate), run,
+            _stage_setting(cfg.student.learning_rate, tc.learning_rate), run, teacher_tap,
         )  # fmt: skip
         save_model(student, run.model_path(STAGE_MODELS[stage]))
         run.record_stage(stage, result.__dict__)
 
     return evaluate_run(run, splits=splits)
-
-
-def _check_classifier(model: keras.Model, num_classes: int, image_size: int, key: str) -> None:
-    out = model.outputs[0].shape[-1]
-    if out != num_classes:
-        raise KDError(f"{key} model outputs {out} classes but the data has {num_classes}")
-    in_size = model.inputs[0].shape[1]
-    if in_size is not None and in_size != image_size:
-        raise KDError(f"{key} model takes {in_size} px images but data.image_size = {image_size}")

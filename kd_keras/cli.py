@@ -1,4 +1,5 @@
-"""kd_keras command line: `distill`, `evaluate`, `report`, `export`, `benchmark`, `sweep`.
+"""kd_keras command line: `distill`, `evaluate`, `report`, `export`, `predict`, `benchmark`,
+`sweep`.
 
 A thin shim over library functions (`python cli.py ...` or the `kd-keras` console script).
 A user mistake (`KDError`) prints one `error:` line and exits with status 2; anything else is
@@ -92,7 +93,12 @@ def export(
     onnx: Annotated[
         bool, typer.Option("--onnx", help="Export to ONNX (same as --format onnx).")
     ] = False,
-    fmt: Annotated[str | None, typer.Option("--format", help="Export format: onnx.")] = None,
+    tflite: Annotated[
+        bool, typer.Option("--tflite", help="Export to TFLite (same as --format tflite).")
+    ] = False,
+    fmt: Annotated[
+        str | None, typer.Option("--format", help="Export format(s): onnx, tflite, onnx,tflite.")
+    ] = None,
     run: Annotated[
         Path | None, typer.Option("--run", help="Run folder (default: latest under runs/).")
     ] = None,
@@ -103,9 +109,10 @@ def export(
     ] = None,
     teacher: Annotated[bool, typer.Option(help="Export the teacher too.")] = True,
 ) -> None:
-    """Export the student (and teacher) to ONNX with a parity check against Keras."""
-    if not onnx and fmt is None:
-        _fail("choose a format: --onnx (or --format onnx)")
+    """Export the student (and teacher) to ONNX / TFLite with a parity check against Keras."""
+    formats = [f for f, on in (("onnx", onnx), ("tflite", tflite)) if on] + ([fmt] if fmt else [])
+    if not formats:
+        _fail("choose a format: --onnx and/or --tflite (or --format onnx,tflite)")
     from kd_keras.export import export_run
 
     export_run(
@@ -114,8 +121,30 @@ def export(
         models=("student", "teacher") if teacher else ("student",),
         int8=int8,
         tolerance=tolerance,
-        fmt=fmt or "onnx",
+        fmt=",".join(formats),
     )
+
+
+@app.command(name="predict")
+def predict_cmd(
+    model_file: Annotated[Path, typer.Argument(help="An exported .onnx, .tflite or .keras file.")],
+    images: Annotated[
+        list[Path] | None, typer.Argument(help="Image files and/or folders (searched recursively).")
+    ] = None,
+    out: Annotated[
+        Path, typer.Option("--out", help="CSV file the predictions are written to.")
+    ] = Path("predictions.csv"),
+    batch: Annotated[int, typer.Option(help="Images per model call.")] = 32,
+    threads: Annotated[int | None, typer.Option(help="CPU threads (default: runtime's).")] = None,
+) -> None:
+    """Classify image files with an exported model, preprocessed as its training data was.
+
+    Exit status 1 when any file could not be read (its row says why), else 0."""
+    from kd_keras.predict import predict_files
+
+    result = predict_files(model_file, list(images or []), out=out, batch=batch, threads=threads)
+    if result["failed"]:
+        raise typer.Exit(1)
 
 
 @app.command()

@@ -1,4 +1,5 @@
-"""Export trained models to ONNX (FP32 and INT8) and check every file against its Keras model.
+"""Export trained models to ONNX and TFLite (FP32 and INT8) and check every file against its
+Keras model.
 
 One call, `export_run`, turns a run folder into deployable files under `export/<run name>/`:
 
@@ -14,7 +15,15 @@ One call, `export_run`, turns a run folder into deployable files under `export/<
   MatMul/Gemm weights (about 2x faster than FP32 on ViT-small; no calibration). The choice is read
   from the ONNX graph itself (`quantization_method`), not from model names, so a new architecture
   needs no list to be updated.
+- `<model>.tflite`, `<model>.int8.tflite` (format `tflite`): see `kd_keras.tflite` (same
+  interface, metadata, parity check and INT8 threshold rule).
 - `export.json`: per file, the parity check and the test-split metrics.
+
+Metadata also carry the *preprocessing recipe* of the training images (`preprocessing`, JSON;
+`kd_keras.predict.preprocessing_recipe`), so `predict` makes inputs from image files the same way.
+An INT8 file chooses its own decision threshold on its own validation probabilities (the rule
+evaluation used for the FP32 model, `choose_threshold`) when the FP32 model has one, and records
+it in its metadata; its test metrics use it and sit beside the FP32 file's.
 
 Parity: ONNX Runtime and Keras run on the same real images (the whole test split by default);
 the FP32 file passes when the largest absolute logit difference is within the tolerance
@@ -55,9 +64,18 @@ from kd_keras.inference import (
 )
 from kd_keras.run import MODEL_STAGES, RunFolder
 
-FORMATS = ("onnx",)
+FORMATS = ("onnx", "tflite")
+# exported file of each benchmark format, `<model><suffix>` in the run's export folder
+ARTEFACT_SUFFIXES = {
+    "onnx": ".onnx", "int8": ".int8.onnx", "tflite": ".tflite", "tflite_int8": ".int8.tflite",
+}  # fmt: skip
 INPUT_DESCRIPTION = "0-255 RGB NHWC"
 SOFTMAX_NODE = "kd_keras_probabilities"
+
+
+def artefact_path(out: Path, name: str, fmt: str) -> Path:
+    """The exported file of model `name` in format `fmt` (a key of `ARTEFACT_SUFFIXES`)."""
+    return Path(out) / f"{name}{ARTEFACT_SUFFIXES[fmt]}"
 
 
 def kd_keras_version() -> str:
@@ -171,6 +189,7 @@ def to_onnx(
 
 
 def read_metadata(path: str | os.PathLike) -> dict[str, str]:
+    """The metadata_props of an ONNX file."""
     import onnx
 
     model = onnx.load(str(path), load_external_data=False)
@@ -200,6 +219,26 @@ def model_metadata(
         "kd_keras_version": kd_keras_version(),
         **{k: str(v) for k, v in extra.items() if v is not None},
     }
+
+
+def update_metadata(path: str | os.PathLike, metadata: dict[str, Any]) -> None:
+    """Merge `metadata` into an ONNX file's metadata_props (rewritten atomically)."""
+    import onnx
+
+    model = onnx.load(str(path))
+    _set_metadata(model, metadata)
+    atomic_write(path, lambda tmp: onnx.save(model, str(tmp)))
+
+
+def own_threshold(fn, val_batches, val_labels: np.ndarray, fp32_threshold: float | None):
+    """An INT8 file's own decision threshold: chosen by `choose_threshold` on its own validation
+    probabilities when its FP32 model has a threshold; None (argmax) otherwise."""
+    if fp32_threshold is None:
+        return None
+    from kd_keras.evaluate import choose_threshold
+    from kd_keras.inference import softmax
+
+    return float(choose_threshold(val_labels, softmax(predict(fn, val_batches))))
 
 
 def compare_logits(reference: np.ndarray, candidate: np.ndarray) -> dict[str, Any]:
@@ -329,6 +368,17 @@ def quantize(
 # ---------------------------------------------------------------- export_run
 
 
+def check_formats(fmt: str | Iterable[str]) -> tuple[str, ...]:
+    """Export formats from `"onnx"`, `"onnx,tflite"` or a sequence; unknown ones are a KDError."""
+    parts = fmt.split(",") if isinstance(fmt, str) else list(fmt)
+    formats = tuple(dict.fromkeys(p.strip() for p in parts if p.strip()))
+    unknown = [f for f in formats if f not in FORMATS]
+    if unknown or not formats:
+        shown = unknown[0] if unknown else fmt
+        raise KDError(f"unknown export format {shown!r}; valid: {', '.join(FORMATS)}")
+    return formats
+
+
 def export_run(
     run_dir: str | os.PathLike | None = None,
     out_dir: str | os.PathLike | None = None,
@@ -336,7 +386,7 @@ def export_run(
     int8: bool = False,
     tolerance: float | None = None,
     limit: int | None = None,
-    fmt: str = "onnx",
+    fmt: str | Iterable[str] = "onnx",
     quiet: bool = False,
 ) -> dict[str, Any]:
     """Export a run's models to `<out_dir>/<run name>/` and check each file; returns export.json.
@@ -347,14 +397,13 @@ def export_run(
             `export`).
         models: which of the run's models to export. The student is required; another model
             missing from the run is skipped with a note.
-        int8: also write `<model>.int8.onnx` (see module docstring for the method).
+        int8: also write `<model>.int8.onnx` / `<model>.int8.tflite` (see module docstring).
         tolerance: parity tolerance on logits (default `export.tolerance`).
         limit: check on the first `limit` test images only (default: the whole test split).
-        fmt: export format; only `"onnx"` exists today.
+        fmt: export format(s): `"onnx"`, `"tflite"`, `"onnx,tflite"` or a sequence of them.
         quiet: do not print progress and the summary table.
     """
-    if fmt not in FORMATS:
-        raise KDError(f"unknown export format {fmt!r}; valid: {', '.join(FORMATS)}")
+    formats = check_formats(fmt)
     models = tuple(models)
     unknown = [m for m in models if m not in MODEL_STAGES]
     if unknown:
@@ -383,7 +432,7 @@ def export_run(
     test = splits.test.subset(np.arange(min(limit, len(splits.test)))) if limit else splits.test
     result: dict[str, Any] = {
         "run": str(run.path.resolve()),
-        "format": fmt,
+        "format": ",".join(formats),
         "opset": run.cfg.export.opset,
         "tolerance": tolerance,
         "split": "test",
@@ -396,11 +445,14 @@ def export_run(
     for name, source in sources.items():
         model = load_model(source, f"{name} model")
         result["image_size"] = image_size_of(model)
-        result["artefacts"].update(
-            _export_model(run, name, model, source, out, test, splits.train, class_names,
-                          tolerance, int8, say)
-        )  # fmt: skip
-        del model
+        job = ExportJob(run, name, model, source, out, splits, test, class_names, tolerance, say)
+        if "onnx" in formats:
+            result["artefacts"].update(_export_onnx(job, int8))
+        if "tflite" in formats:
+            from kd_keras.tflite import export_tflite
+
+            result["artefacts"].update(export_tflite(job, int8))
+        del model, job
     result["created"] = time.strftime("%Y-%m-%dT%H:%M:%S%z")
     write_json(out / "export.json", result)
     result["export_dir"] = str(out)
@@ -412,70 +464,115 @@ def export_run(
     return result
 
 
-def _export_model(
-    run: RunFolder, name: str, model, source: Path, out: Path, test, train, class_names: list[str],
-    tolerance: float, int8: bool, say: Callable[[str], None],
-) -> dict[str, dict[str, Any]]:  # fmt: skip
-    """`<name>.onnx` checked against Keras on `test` (+ `<name>.int8.onnx`): export.json entries."""
-    from kd_keras.data import make_dataset
-    from kd_keras.evaluate import classification_metrics
-    from kd_keras.inference import softmax
-    from kd_keras.models import image_size_of
+class ExportJob:
+    """One model being exported: what every format needs, computed once (metadata, Keras logits
+    on the test images, test and validation batches, the metrics and threshold rules)."""
 
-    size, arch, threshold = image_size_of(model), model.name, run.threshold(name)
-    params = int(model.count_params())
-    meta = model_metadata(
-        class_names, size, threshold, model=name, architecture=arch,
-        source_run=str(run.path.resolve()), source_file=source.name,
-    )  # fmt: skip
-    test_batches = make_dataset(test, size, run.cfg.data.batch_size, labels=False, cache=False)
+    def __init__(
+        self, run: RunFolder, name: str, model, source: Path, out: Path, splits, test,
+        class_names: list[str], tolerance: float, say: Callable[[str], None],
+    ):  # fmt: skip
+        from kd_keras.data import make_dataset
+        from kd_keras.models import image_size_of
+        from kd_keras.predict import preprocessing_recipe
 
-    def metrics(logits: np.ndarray) -> dict:
-        return classification_metrics(test.labels, softmax(logits), class_names, threshold)
+        self.run, self.name, self.model, self.source, self.out = run, name, model, source, out
+        self.splits, self.test, self.class_names = splits, test, class_names
+        self.tolerance, self.say = tolerance, say
+        self.size, self.arch, self.threshold = image_size_of(model), model.name, run.threshold(name)
+        self.params = int(model.count_params())
+        self.recipe = preprocessing_recipe(run.cfg.data, self.size)
+        batch = run.cfg.data.batch_size
+        self.test_batches = make_dataset(test, self.size, batch, labels=False, cache=False)
+        self.val_batches = make_dataset(splits.val, self.size, batch, labels=False, cache=False)
+        self.keras_logits = predict(keras_predictor(model), self.test_batches)
 
-    onnx_path = out / f"{name}.onnx"
-    say(f"[bold]{name}[/]: converting {source.name} ({arch}, {size} px) to ONNX …")
-    keras_logits = predict(keras_predictor(model), test_batches)
-    to_onnx(model, onnx_path, run.cfg.export.opset, {**meta, "precision": "float32"})
+    def metadata(self, threshold: float | None, **extra: Any) -> dict[str, Any]:
+        """The metadata of one exported file of this model."""
+        return model_metadata(
+            self.class_names, self.size, threshold, model=self.name, architecture=self.arch,
+            source_run=str(self.run.path.resolve()), source_file=self.source.name,
+            preprocessing=json.dumps(self.recipe), **extra,
+        )  # fmt: skip
+
+    def metrics(self, logits: np.ndarray, threshold: float | None) -> dict[str, Any]:
+        """Test-split metrics of `logits` with decision `threshold`."""
+        from kd_keras.evaluate import classification_metrics
+        from kd_keras.inference import softmax
+
+        return classification_metrics(
+            self.test.labels, softmax(logits), self.class_names, threshold
+        )
+
+    def own_threshold(self, fn) -> float | None:
+        """The decision threshold an INT8 predictor `fn` chooses on the validation split."""
+        return own_threshold(fn, self.val_batches, self.splits.val.labels, self.threshold)
+
+    def calibration(self) -> CalibrationBatches:
+        """`export.calibration_samples` stratified TRAIN images for INT8 calibration."""
+        cfg = self.run.cfg
+        return calibration_batches(self.splits.train, self.size, cfg.export.calibration_samples,
+                                   cfg.run.seed, cfg.data.batch_size)  # fmt: skip
+
+    def checked(self, path: Path, logits: np.ndarray, what: str, outputs=None) -> dict[str, Any]:
+        """The FP32 parity check of `logits` against Keras; beyond the tolerance the file is
+        deleted and a `KDError` raised."""
+        parity = check_parity(self.keras_logits, logits, self.tolerance)
+        if outputs is not None:
+            parity["outputs"] = outputs
+        if not parity["passed"]:
+            path.unlink(missing_ok=True)
+            raise KDError(
+                f"{self.name} {what} parity check FAILED: max |logit difference| "
+                f"{parity['max_abs_diff']:.3g} > tolerance {self.tolerance:g} on {parity['n']} "
+                f"test images; {path} was deleted"
+            )
+        return parity
+
+    def entry(self, path: Path, **fields: Any) -> dict[str, Any]:
+        """An export.json entry for `path`."""
+        return {"file": path.name, "architecture": self.arch, "params": self.params,
+                "size_mb": size_mb(path), **fields}  # fmt: skip
+
+
+def _export_onnx(job: ExportJob, int8: bool) -> dict[str, dict[str, Any]]:
+    """`<name>.onnx` checked against Keras on the test images (+ `<name>.int8.onnx`)."""
+    name, threshold = job.name, job.threshold
+    onnx_path = artefact_path(job.out, name, "onnx")
+    job.say(f"[bold]{name}[/]: converting {job.source.name} ({job.arch}, {job.size} px) to ONNX …")
+    to_onnx(job.model, onnx_path, job.run.cfg.export.opset,
+            job.metadata(threshold, precision="float32"))  # fmt: skip
     try:
         session = onnx_session(onnx_path)
-        onnx_logits = predict(onnx_predictor(session), test_batches)
-        parity = check_parity(keras_logits, onnx_logits, tolerance, session)
+        onnx_logits = predict(onnx_predictor(session), job.test_batches)
     except BaseException:
         onnx_path.unlink(missing_ok=True)
         raise
-    if not parity["passed"]:
-        onnx_path.unlink(missing_ok=True)
-        raise KDError(
-            f"{name} ONNX parity check FAILED: max |logit difference| "
-            f"{parity['max_abs_diff']:.3g} > tolerance {tolerance:g} on {parity['n']} test "
-            f"images; {onnx_path} was deleted"
-        )
+    parity = job.checked(onnx_path, onnx_logits, "ONNX", output_shapes(session))
     entries = {
-        name: {
-            "file": onnx_path.name, "source": str(source), "architecture": arch,
-            "params": params, "size_mb": size_mb(onnx_path), "threshold": threshold,
-            "parity": parity, "metrics": metrics(onnx_logits),
-        }
+        name: job.entry(onnx_path, source=str(job.source), threshold=threshold, parity=parity,
+                        metrics=job.metrics(onnx_logits, threshold))
     }  # fmt: skip
     if not int8:
         return entries
-    int8_path = out / f"{name}.int8.onnx"
+    int8_path = artefact_path(job.out, name, "int8")
     method = quantization_method(onnx_path)
-    say(f"[bold]{name}[/]: quantizing to INT8 ({method}) …")
-    calibration = calibration_batches(train, size, run.cfg.export.calibration_samples,
-                                      run.cfg.run.seed, run.cfg.data.batch_size)  # fmt: skip
+    job.say(f"[bold]{name}[/]: quantizing to INT8 ({method}) …")
+    calibration = job.calibration()
     info = quantize(onnx_path, int8_path, method, calibration=calibration,
-                    metadata={**meta, "precision": "int8"})  # fmt: skip
+                    metadata=job.metadata(threshold, precision="int8"))  # fmt: skip
     if method == "static":
         info.update(calibration_split="train", calibration_samples=len(calibration.images))
-    int8_logits = predict(onnx_predictor(onnx_session(int8_path)), test_batches)
-    entries[f"{name}.int8"] = {
-        "file": int8_path.name, "source": onnx_path.name, "architecture": arch,
-        "params": params, "size_mb": size_mb(int8_path), "threshold": threshold,
-        "quantization": info, "vs_keras": compare_logits(keras_logits, int8_logits),
-        "metrics": metrics(int8_logits),
-    }  # fmt: skip
+    fn = onnx_predictor(onnx_session(int8_path))
+    own = job.own_threshold(fn)
+    if own != threshold:
+        update_metadata(int8_path, job.metadata(own, precision="int8"))
+    int8_logits = predict(fn, job.test_batches)
+    entries[f"{name}.int8"] = job.entry(
+        int8_path, source=onnx_path.name, threshold=own, threshold_fp32=threshold,
+        quantization=info, vs_keras=compare_logits(job.keras_logits, int8_logits),
+        metrics=job.metrics(int8_logits, own),
+    )  # fmt: skip
     return entries
 
 
@@ -488,8 +585,10 @@ def summary_table(result: dict[str, Any]):
     from rich.table import Table
 
     run = Path(result["run"]).name
-    table = Table(title=f"ONNX export of run {run} ({result['n_images']} test images)")
-    for col in ("file", "max |Δ logit|", "argmax agree", "check", "MB", "bal. acc", "AUC"):
+    table = Table(title=f"Export of run {run} ({result['n_images']} test images)")
+    columns = ("file", "max |Δ logit|", "argmax agree", "check", "MB", "threshold", "bal. acc",
+               "AUC")  # fmt: skip
+    for col in columns:
         table.add_column(col, justify="left" if col == "file" else "right")
     for entry in result["artefacts"].values():
         metrics = entry["metrics"]
@@ -501,7 +600,8 @@ def summary_table(result: dict[str, Any]):
             status = f"int8 {entry['quantization']['method']}"
         table.add_row(
             entry["file"], f"{check['max_abs_diff']:.1e}", f"{check['argmax_agreement']:.1%}",
-            status, f"{entry['size_mb']:.1f}", _fmt(metrics["balanced_accuracy"]),
+            status, f"{entry['size_mb']:.1f}", _fmt(entry.get("threshold"), 4),
+            _fmt(metrics["balanced_accuracy"]),
             _fmt(metrics["roc_auc"]),
         )  # fmt: skip
     return table
@@ -510,7 +610,8 @@ def summary_table(result: dict[str, Any]):
 def summary_notes(result: dict[str, Any]) -> list[str]:
     """Lines printed under the table: tolerance, outputs, skipped models, where files went."""
     lines = [f"check: FP32 logits vs Keras, PASS when max |Δ| ≤ {result['tolerance']:g}; "
-             "int8 rows show their difference and metrics (no pass/fail)"]  # fmt: skip
+             "int8 rows show their difference and metrics (no pass/fail) with their own "
+             "validation-chosen threshold"]  # fmt: skip
     first = next((e for e in result["artefacts"].values() if "parity" in e), None)
     if first:
         outputs = ", ".join(f"{o['name']} {o['shape']}" for o in first["parity"]["outputs"])

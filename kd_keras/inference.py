@@ -1,4 +1,5 @@
-"""Running models: one predictor interface over Keras models and ONNX Runtime sessions.
+"""Running models: one predictor interface over Keras models, ONNX Runtime sessions and LiteRT
+(TFLite) interpreters.
 
 A predictor is a function from a float32 batch of [0, 255] RGB NHWC pixels to logits (numpy).
 Evaluation, export parity checks and the benchmark all call models through it, so every format
@@ -19,6 +20,7 @@ from kd_keras.errors import KDError
 INPUT_NAME = "images"
 LOGITS = "logits"
 PROBABILITIES = "probabilities"
+TFLITE_SIGNATURE = "serving_default"
 
 Predictor = Callable[[np.ndarray], np.ndarray]
 
@@ -39,24 +41,53 @@ def keras_predictor(model) -> Predictor:
     return lambda x: np.asarray(forward(tf.convert_to_tensor(x, tf.float32)))
 
 
-def providers() -> list[str]:
-    """CUDA when onnxruntime-gpu sees a GPU, always with the CPU as fallback."""
+PROVIDERS = {"cpu": "CPUExecutionProvider", "cuda": "CUDAExecutionProvider"}
+PROVIDER_CHOICES = ("auto", *PROVIDERS)
+
+
+def default_threads() -> int:
+    """The number of CPU cores this process may run on (its affinity mask, else cpu_count)."""
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:  # not on Linux
+        return os.cpu_count() or 1
+
+
+def providers(provider: str = "auto") -> list[str]:
+    """ONNX Runtime execution providers, in order of preference, for `provider`:
+
+    - `auto`: CUDA when onnxruntime-gpu sees a GPU, always with the CPU as fallback;
+    - `cpu`: the CPU only;
+    - `cuda`: CUDA (then the CPU for operators CUDA lacks); a `KDError` when ONNX Runtime has no
+      CUDA provider (onnxruntime instead of onnxruntime-gpu, or no GPU driver).
+    """
     import onnxruntime as ort
 
+    if provider not in PROVIDER_CHOICES:
+        raise KDError(f"unknown provider {provider!r}; valid: {', '.join(PROVIDER_CHOICES)}")
     available = ort.get_available_providers()
-    return [p for p in ("CUDAExecutionProvider", "CPUExecutionProvider") if p in available]
+    if provider == "cuda" and PROVIDERS["cuda"] not in available:
+        raise KDError(
+            f"provider cuda: ONNX Runtime {ort.__version__} offers only {', '.join(available)} "
+            '— install the GPU build (`pip install -e ".[gpu]"`, which replaces onnxruntime by '
+            "onnxruntime-gpu) on a machine with an NVIDIA driver"
+        )
+    wanted = {"auto": ["cuda", "cpu"], "cpu": ["cpu"], "cuda": ["cuda", "cpu"]}[provider]
+    return [PROVIDERS[p] for p in wanted if PROVIDERS[p] in available]
 
 
-def onnx_session(path: str | os.PathLike, threads: int | None = None):
-    """An ONNX Runtime session; a file it cannot load is a `KDError` naming the file."""
+def onnx_session(path: str | os.PathLike, threads: int | None = None, provider: str = "auto"):
+    """An ONNX Runtime session (`threads` intra-op threads, default ONNX Runtime's choice;
+    `provider` as in `providers`); a file it cannot load is a `KDError` naming the file."""
     import onnxruntime as ort
 
     options = ort.SessionOptions()
     options.log_severity_level = 3
     if threads:
         options.intra_op_num_threads = threads
+    chosen = providers(provider)
     try:
-        return ort.InferenceSession(str(path), options, providers=providers())
+        return ort.InferenceSession(str(path), options, providers=chosen)
     except Exception as err:  # onnxruntime raises its own exception types for bad files
         raise KDError(f"ONNX Runtime could not load {path}: {str(err).splitlines()[0]}") from err
 
@@ -66,16 +97,75 @@ def onnx_predictor(session) -> Predictor:
     return lambda x: session.run([LOGITS], {INPUT_NAME: np.asarray(x, "float32")})[0]
 
 
-def load_predictor(path: str | os.PathLike, threads: int | None = None) -> Predictor:
-    """A predictor for a `.keras` or `.onnx` file, chosen by its suffix."""
+def tflite_interpreter(source: str | os.PathLike | bytes, threads: int | None = None):
+    """A LiteRT interpreter of a file (or of flatbuffer bytes) with `threads` CPU threads
+    (default: every core available to this process)."""
+    from ai_edge_litert.interpreter import Interpreter
+
+    kwargs = {"model_content": source} if isinstance(source, bytes) else {"model_path": str(source)}
+    try:
+        return Interpreter(**kwargs, num_threads=threads or default_threads())
+    except Exception as err:
+        what = "TFLite flatbuffer" if isinstance(source, bytes) else source
+        reason = str(err).strip().splitlines()[0] if str(err).strip() else repr(err)
+        raise KDError(f"LiteRT could not load {what}: {reason}") from err
+
+
+def tflite_io(interp) -> dict[str, Any]:
+    """Dtype and (scale, zero point) of the input and of each output of a LiteRT interpreter's
+    serving signature (scale 0: not quantised)."""
+
+    def describe(details: dict) -> dict[str, Any]:
+        scale, zero = details["quantization"]
+        kind = np.dtype(details["dtype"]).name
+        return {"dtype": kind, "scale": float(scale), "zero_point": int(zero)}
+
+    runner = interp.get_signature_runner(TFLITE_SIGNATURE)
+    inputs, outputs = runner.get_input_details(), runner.get_output_details()
+    return {name: describe(d) for name, d in {**inputs, **outputs}.items()}
+
+
+def _quantize(x: np.ndarray, dtype: np.dtype, scale: float, zero: int) -> np.ndarray:
+    info = np.iinfo(dtype)
+    return np.clip(np.round(x / scale) + zero, info.min, info.max).astype(dtype)
+
+
+def tflite_predictor(interp) -> Predictor:
+    """Logits (float32) from a LiteRT interpreter of an exported `.tflite` file: the input is
+    quantised and the logits dequantised when the file is integer-only."""
+    runner = interp.get_signature_runner(TFLITE_SIGNATURE)
+    quant = tflite_io(interp)
+    fin, fout = quant[INPUT_NAME], quant[LOGITS]
+    in_dtype = np.dtype(fin["dtype"])
+
+    def run(x: np.ndarray) -> np.ndarray:
+        x = np.asarray(x, "float32")
+        if in_dtype != np.float32:
+            x = _quantize(x, in_dtype, fin["scale"], fin["zero_point"])
+        logits = runner(**{INPUT_NAME: x})[LOGITS]
+        if fout["dtype"] != "float32":
+            return ((logits.astype("float32") - fout["zero_point"]) * fout["scale"]).astype(
+                "float32"
+            )
+        return logits
+
+    return run
+
+
+def load_predictor(
+    path: str | os.PathLike, threads: int | None = None, provider: str = "auto"
+) -> Predictor:
+    """A predictor for a `.keras`, `.onnx` or `.tflite` file, chosen by its suffix."""
     path = Path(path)
     if path.suffix == ".onnx":
-        return onnx_predictor(onnx_session(path, threads))
+        return onnx_predictor(onnx_session(path, threads, provider))
+    if path.suffix == ".tflite":
+        return tflite_predictor(tflite_interpreter(path, threads))
     if path.suffix == ".keras":
         from kd_keras.models import load_model
 
         return keras_predictor(load_model(path))
-    raise KDError(f"cannot run {path}: expected a .keras or .onnx file")
+    raise KDError(f"cannot run {path}: expected a .keras, .onnx or .tflite file")
 
 
 def predict(fn: Predictor, batches: Iterable) -> np.ndarray:

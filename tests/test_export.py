@@ -93,16 +93,17 @@ def test_vit_student_exports_gelu_and_quantizes_dynamically(tmp_path, real_npz):
     assert result["skipped"] == {}
 
 
-def test_parity_failure_deletes_the_file_and_raises(tmp_path, real_npz, monkeypatch):
+@pytest.mark.parametrize("fmt, what", [("onnx", "ONNX"), ("tflite", "TFLite")])
+def test_parity_failure_deletes_the_file_and_raises(tmp_path, real_npz, monkeypatch, fmt, what):
     run = make_run(tmp_path / "bad", real_npz, {"student": tiny_classifier()})
-    stale = tmp_path / "export" / "bad" / "student.onnx"
+    stale = tmp_path / "export" / "bad" / f"student.{fmt}"
     stale.parent.mkdir(parents=True)
     stale.write_bytes(b"an older export")
 
     real = export.keras_predictor
     monkeypatch.setattr(export, "keras_predictor", lambda m: lambda x: real(m)(x) + 1.0)
-    with pytest.raises(KDError, match="parity check FAILED.*deleted"):
-        export_run(run, tmp_path / "export", models=["student"], quiet=True)
+    with pytest.raises(KDError, match=f"{what} parity check FAILED.*deleted"):
+        export_run(run, tmp_path / "export", models=["student"], fmt=fmt, limit=64, quiet=True)
     assert not stale.exists(), "a file that disagrees with its model is never left behind"
     assert not (tmp_path / "export" / "bad" / "export.json").exists()
 
@@ -129,8 +130,8 @@ def test_unwritable_output_folder_is_an_error(tmp_path, real_npz):
 
 
 def test_unknown_format_lists_the_valid_ones(tmp_path):
-    with pytest.raises(KDError, match="unknown export format 'tflite'; valid: onnx"):
-        export_run(tmp_path, fmt="tflite")
+    with pytest.raises(KDError, match="unknown export format 'coreml'; valid: onnx, tflite"):
+        export_run(tmp_path, fmt="coreml")
 
 
 def test_find_run(tmp_path):

@@ -1,0 +1,88 @@
+"""TFLite / LiteRT export: FP32 parity, full-integer INT8 with its own threshold, metadata."""
+
+import json
+
+import keras
+import numpy as np
+import pytest
+from conftest import CLASSES, make_run, tiny_classifier
+
+from kd_keras import tflite
+from kd_keras.data import make_dataset
+from kd_keras.evaluate import choose_threshold
+from kd_keras.export import export_run, read_metadata
+from kd_keras.inference import (
+    keras_predictor,
+    load_predictor,
+    predict,
+    softmax,
+    tflite_interpreter,
+    tflite_io,
+)
+from kd_keras.run import RunFolder
+
+
+def test_fp32_parity_metadata_and_predictor(tmp_path, real_npz):
+    keras.utils.set_random_seed(0)
+    model = tiny_classifier("tiny_student", 4)
+    run = make_run(tmp_path / "r", real_npz, {"student": model})
+    result = export_run(run, tmp_path / "export", fmt="tflite", limit=64, quiet=True)
+
+    entry = result["artefacts"]["student.tflite"]
+    assert entry["parity"]["status"] == "PASS" and entry["parity"]["max_abs_diff"] <= 1e-4
+    assert entry["parity"]["n"] == 64 and entry["parity"]["argmax_agreement"] == 1.0
+    path = tmp_path / "export" / "r" / "student.tflite"
+    assert {p.suffix for p in path.parent.iterdir()} == {".tflite", ".json", ".md"}, "no .onnx"
+
+    meta = tflite.read_tflite_metadata(path)
+    assert json.loads(meta["class_names"]) == CLASSES
+    assert meta["image_size"] == "32" and meta["input_range"] == "0-255 RGB NHWC"
+    assert meta["decision_threshold"] == "0.4" and meta["precision"] == "float32"
+    assert meta["source_run"] == str(run.resolve())
+    assert json.loads(meta["preprocessing"])["source"] == "medmnist"
+    io = tflite_io(tflite_interpreter(path))
+    assert io["images"]["dtype"] == io["logits"]["dtype"] == "float32"
+    assert set(io) == {"images", "logits", "probabilities"}
+
+    images = np.random.default_rng(0).uniform(0, 255, (5, 32, 32, 3)).astype("float32")
+    np.testing.assert_allclose(load_predictor(path)(images), keras_predictor(model)(images),
+                               atol=1e-5)  # fmt: skip
+
+
+def test_int8_files_choose_their_own_threshold_on_validation(tmp_path, real_npz):
+    """ONNX INT8 and full-integer TFLite INT8: each file's metadata threshold is what
+    `choose_threshold` gives on that file's own validation probabilities. The FP32 threshold
+    is chosen the same way on the Keras model, as evaluation does; quantisation moves the
+    probabilities, so the INT8 thresholds land elsewhere."""
+    keras.utils.set_random_seed(3)
+    model = tiny_classifier("tiny_student", 8)
+    folder = tmp_path / "q"
+    run = RunFolder(make_run(folder, real_npz, {"student": model}, threshold=None))
+    val = run.load_splits().val
+    val_batches = make_dataset(val, 32, 128, labels=False, cache=False)
+    fp32 = choose_threshold(val.labels, softmax(predict(keras_predictor(model), val_batches)))
+    report = json.loads(run.report_path.read_text())
+    report["models"]["student"]["threshold"] = fp32
+    run.report_path.write_text(json.dumps(report))
+
+    result = export_run(folder, tmp_path / "export", fmt="onnx,tflite", int8=True, limit=64,
+                        quiet=True)  # fmt: skip
+    out = tmp_path / "export" / "q"
+    chosen = {}
+    for key, meta_of in (("student.int8", read_metadata),
+                         ("student.int8.tflite", tflite.read_tflite_metadata)):  # fmt: skip
+        entry = result["artefacts"][key]
+        path = out / entry["file"]
+        own = choose_threshold(val.labels, softmax(predict(load_predictor(path), val_batches)))
+        assert float(meta_of(path)["decision_threshold"]) == pytest.approx(own)
+        assert entry["threshold"] == pytest.approx(own) and entry["threshold_fp32"] == fp32
+        assert entry["metrics"]["threshold"] == pytest.approx(own)
+        assert entry["vs_keras"]["argmax_agreement"] > 0.5
+        chosen[key] = own
+    assert chosen["student.int8.tflite"] != pytest.approx(fp32), "quantisation moved it"
+
+    meta = tflite.read_tflite_metadata(out / "student.int8.tflite")
+    io = json.loads(meta["io_quantization"])
+    assert io["images"]["dtype"] == "int8" and "zero_point" in meta["input"]
+    assert json.loads(meta["quantization"])["calibration_samples"] == 32
+    assert result["artefacts"]["student.tflite"]["parity"]["passed"]

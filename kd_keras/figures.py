@@ -144,7 +144,8 @@ def roc_figure(preds: dict[str, Predictions], class_names: Sequence[str]) -> Fig
                     markeredgecolor="black")  # fmt: skip
         ax.plot([0, 1], [0, 1], ":", color="grey", linewidth=1)
         ax.set(xlim=(0, 1), ylim=(0, 1.01), xlabel="false positive rate",
-               ylabel="true positive rate", title=f"{name} ({_rule(p)})")  # fmt: skip
+               ylabel="true positive rate")  # fmt: skip
+        ax.set_title(f"{name}\n{_rule(p)}", fontsize=9)
         ax.legend(fontsize=7, title="positive class (dot: decision)", title_fontsize=7)
         ax.grid(alpha=0.3)
     fig.tight_layout()
@@ -167,8 +168,8 @@ def pr_figure(preds: dict[str, Predictions], class_names: Sequence[str]) -> Figu
             if np.isfinite(op_precision):
                 ax.plot([op_recall], [op_precision], "o", color=line.get_color(), markersize=8,
                         markeredgecolor="black")  # fmt: skip
-        ax.set(xlim=(0, 1), ylim=(0, 1.01), xlabel="recall", ylabel="precision",
-               title=f"{name} ({_rule(p)})")  # fmt: skip
+        ax.set(xlim=(0, 1), ylim=(0, 1.01), xlabel="recall", ylabel="precision")
+        ax.set_title(f"{name}\n{_rule(p)}", fontsize=9)
         ax.legend(fontsize=7, title="class (dot: decision)", title_fontsize=7)
         ax.grid(alpha=0.3)
     fig.tight_layout()
@@ -209,7 +210,8 @@ def reliability_figure(preds: dict[str, Predictions], bins: int = 10) -> Figure:
                     ha="center", fontsize=6)  # fmt: skip
         ax.plot([0, 1], [0, 1], ":", color="grey")
         ax.set(xlim=(0, 1), ylim=(0, 1.01), xlabel="confidence (top-class probability)",
-               ylabel="accuracy", title=f"{name}: ECE {ece:.3f}")  # fmt: skip
+               ylabel="accuracy")  # fmt: skip
+        ax.set_title(f"{name}\nECE {ece:.3f}", fontsize=9)
         ax.grid(alpha=0.3)
     fig.tight_layout()
     return fig

@@ -1,32 +1,44 @@
 """Benchmark a run's teacher and student: size, latency, throughput and accuracy per format.
 
 One row per (model, format), for the teacher and the student, formats `keras` (the `.keras`
-file), `onnx` (FP32) and `int8` (the files `export_run` wrote to `export/<run>/`):
+file), `onnx` (FP32) and `int8` (ONNX Runtime), `tflite` and `tflite_int8` (full-integer, LiteRT
+interpreter): the files `export_run` wrote to `export/<run>/`.
 
 | field | meaning |
 |---|---|
-| `params` | parameters of the Keras model (the same for its ONNX and INT8 files) |
+| `params` | parameters of the Keras model (the same for its exported files) |
 | `size_mb` | size on disk of that very file (10^6 bytes) |
-| `p50_ms`, `p90_ms`, `p99_ms` | latency at batch 1: `warmup` untimed calls, then `iters` timed |
-| `throughput_ips` | images/s at batch `batch`: 1 untimed call, `throughput_iters` timed |
+| `p50_ms`, `p90_ms`, `p99_ms`, `mean_ms`, `std_ms` | latency at batch 1 over `calls` timed calls |
+| `calls`, `timed_s` | timed calls: at least `iters` AND at least `min_time` seconds (time-based) |
+| `throughput_ips` | images/s at batch `batch`: 1 untimed call, then >= 2 calls, >= `min_time` s |
+| `threads` | CPU threads the runtime was given (read back from the session / interpreter / TF) |
+| `runtime` | what ran it: TensorFlow, the ONNX Runtime execution provider, LiteRT |
+| `flops` | FLOPs of one forward pass at batch 1 (`kd_keras.compute.onnx_flops`, FP32 ONNX graph) |
+| `compute_bound_ms` | flops / the machine's float32 peak measured in the same run (`peak`) |
+| `x_compute_bound` | FP32 rows on the CPU: p50 / compute bound (1.0 = the machine's peak) |
 | `balanced_accuracy`, `accuracy` | on the test split, with the model's decision threshold |
 | `note` | why a value is missing, or how the model was rebuilt |
 
-`throughput_iters` = max(2, iters // 5), so a large batch does not multiply the run time by 50.
+Timing is time-based so percentiles are stable whatever the model's speed: a fast model gets
+many calls, a slow one at least `iters` (defaults: 200 calls and 2 s per row, whichever comes
+later). Student / teacher ratios (size, p50, throughput) are reported FP32/FP32 (each runtime),
+INT8/INT8 and INT8-student/FP32-teacher.
 
 Keras is timed through a `tf.function`-compiled forward pass, not `model.predict`: `predict`
 builds a data pipeline and runs callbacks on every call, which at batch 1 costs more than the
-model. ONNX Runtime uses CUDA when `onnxruntime-gpu` sees a GPU, else the CPU; `threads` sets its
-`intra_op_num_threads` and, if TensorFlow has not started yet, TensorFlow's intra-op pool.
+model. `provider` chooses ONNX Runtime's execution provider (`auto`: CUDA when onnxruntime-gpu
+sees a GPU, else the CPU; `cpu`; `cuda`). `threads` (default: every core this process may use)
+is given to ONNX Runtime (`intra_op_num_threads`), LiteRT (`num_threads`), the peak measurement
+and, if TensorFlow has not started yet, TensorFlow's intra-op pool.
 
 `image_size` other than the trained size measures the same architectures at another resolution
 (e.g. 224 px for deployment): each model is rebuilt at that size and takes the trained weights
 when their shapes allow (CNNs: yes; ViT/DeiT position embeddings are tied to the trained patch
 grid: no, so they get fresh weights — latency does not depend on weight values). The rebuilt
-models are converted to ONNX (and INT8) in a temporary folder. Accuracy is not measured then (a
-model evaluated at a size it was not trained at says nothing useful), and the row says so.
-Results go to `export/<run>/benchmark.json` and `benchmark.md` (`benchmark_<N>px.*` for another
-size, so the trained-size table is never overwritten).
+models are converted (ONNX, TFLite, INT8 as asked) in a temporary folder. Accuracy is not
+measured then (a model evaluated at a size it was not trained at says nothing useful), and the
+row says so. Results go to `export/<run>/benchmark.json` and `benchmark.md`
+(`benchmark_<N>px.*` for another size, so the trained-size table is never overwritten).
 """
 
 from __future__ import annotations
@@ -42,8 +54,10 @@ from typing import Any
 
 import numpy as np
 
+from kd_keras.compute import FLOPS_METHOD, matmul_peak, onnx_flops
 from kd_keras.errors import KDError, check_writable_dir, write_json, write_text
 from kd_keras.export import (
+    artefact_path,
     calibration_batches,
     quantization_method,
     quantize,
@@ -51,40 +65,109 @@ from kd_keras.export import (
     to_onnx,
 )
 from kd_keras.inference import (
+    PROVIDER_CHOICES,
     console,
+    default_threads,
     keras_predictor,
     onnx_predictor,
     onnx_session,
     predict,
     printer,
-    providers,
     size_mb,
+    tflite_interpreter,
+    tflite_predictor,
 )
 from kd_keras.run import RunFolder
 
-FORMATS = ("keras", "onnx", "int8")
+FORMATS = ("keras", "onnx", "int8", "tflite", "tflite_int8")
+FP32_FORMATS = ("keras", "onnx", "tflite")
 MODELS = ("teacher", "student")  # of a run: the pair whose ratio the benchmark is about
 TOKEN_ARCHS = ("vit_small", "deit_small")
-RATIOS = (("keras", "keras"), ("onnx", "onnx"), ("int8", "onnx"))
+# (student format, teacher format): FP32/FP32 per runtime, INT8/INT8, INT8 student/FP32 teacher
+RATIOS = (
+    ("keras", "keras"), ("onnx", "onnx"), ("tflite", "tflite"), ("int8", "int8"),
+    ("tflite_int8", "tflite_int8"), ("int8", "onnx"), ("tflite_int8", "tflite"),
+)  # fmt: skip
+FORMAT_NAMES = {
+    "keras": "Keras FP32", "onnx": "ONNX FP32", "int8": "ONNX INT8", "tflite": "TFLite FP32",
+    "tflite_int8": "TFLite INT8",
+}  # fmt: skip
+EXPORT_FLAGS = {
+    "onnx": "--onnx", "int8": "--onnx --int8", "tflite": "--tflite",
+    "tflite_int8": "--tflite --int8",
+}  # fmt: skip
+
+
+Loaded = tuple[Callable[[np.ndarray], np.ndarray], dict[str, Any]]
 
 
 @dataclass
 class Candidate:
-    """One (model, format) to measure. `load` returns a numpy -> logits function; None when the
-    file is unavailable (`note` says why)."""
+    """One (model, format) to measure. `load` returns a numpy -> logits function and what runs
+    it (`runtime`, `threads`); None when the file is unavailable (`note` says why)."""
 
     model: str
     arch: str
     fmt: str
     file: Path | None
     params: int | None
-    load: Callable[[], Callable[[np.ndarray], np.ndarray]] | None
+    load: Callable[[], Loaded] | None
     threshold: float | None = None
     note: str = ""
+    flops: int | None = None
+
+
+def keras_loader(model) -> Callable[[], Loaded]:
+    """Load function of a Keras row: the compiled forward pass and TensorFlow's thread count."""
+
+    def load() -> Loaded:
+        import tensorflow as tf
+
+        threads = tf.config.threading.get_intra_op_parallelism_threads()
+        device = "GPU" if tf.config.list_logical_devices("GPU") else "CPU"
+        info = {"runtime": f"TensorFlow {device}", "threads": threads or default_threads()}
+        return keras_predictor(model), info
+
+    return load
+
+
+def onnx_loader(path: Path, threads: int | None, provider: str) -> Callable[[], Loaded]:
+    """Load function of an ONNX row: the session's provider and intra-op thread count."""
+
+    def load() -> Loaded:
+        session = onnx_session(path, threads, provider)
+        used = session.get_session_options().intra_op_num_threads
+        info = {"runtime": session.get_providers()[0], "threads": used or default_threads()}
+        return onnx_predictor(session), info
+
+    return load
+
+
+def tflite_loader(path: Path, threads: int | None) -> Callable[[], Loaded]:
+    """Load function of a TFLite row (LiteRT interpreter, `threads` CPU threads)."""
+    from kd_keras.tflite import RUNTIME
+
+    def load() -> Loaded:
+        used = threads or default_threads()
+        return tflite_predictor(tflite_interpreter(path, used)), {"runtime": RUNTIME,
+                                                                  "threads": used}  # fmt: skip
+
+    return load
 
 
 def _ms(seconds: list[float], q: float) -> float:
     return round(float(np.percentile(seconds, q)) * 1000, 3)
+
+
+def _timed_calls(call: Callable[[], Any], min_calls: int, min_time: float) -> list[float]:
+    """Durations of calls of `call`: at least `min_calls` and at least `min_time` seconds."""
+    times: list[float] = []
+    start = time.perf_counter()
+    while len(times) < min_calls or time.perf_counter() - start < min_time:
+        t = time.perf_counter()
+        call()
+        times.append(time.perf_counter() - t)
+    return times
 
 
 def time_predictor(
@@ -92,30 +175,29 @@ def time_predictor(
     images: np.ndarray,
     batch: int,
     warmup: int = 10,
-    iters: int = 50,
+    iters: int = 200,
+    min_time: float = 2.0,
 ) -> dict[str, Any]:
-    """Batch-1 latency percentiles (ms) and batch-`batch` throughput (images/s)."""
+    """Batch-1 latency (ms: percentiles, mean, sample std) over at least `iters` timed calls and
+    at least `min_time` seconds, and batch-`batch` throughput (images/s) over at least 2 calls
+    and `min_time` seconds."""
     one = images[:1]
     many = np.resize(images, (batch, *images.shape[1:]))  # repeats images if there are too few
     for _ in range(warmup):
         fn(one)
-    times = []
-    for _ in range(iters):
-        start = time.perf_counter()
-        fn(one)
-        times.append(time.perf_counter() - start)
+    times = _timed_calls(lambda: fn(one), iters, min_time)
     fn(many)  # first call at a new batch size traces / allocates
-    n = max(2, iters // 5)
-    start = time.perf_counter()
-    for _ in range(n):
-        fn(many)
-    elapsed = time.perf_counter() - start
+    big = _timed_calls(lambda: fn(many), 2, min_time)
     return {
         "p50_ms": _ms(times, 50),
         "p90_ms": _ms(times, 90),
         "p99_ms": _ms(times, 99),
-        "throughput_ips": round(batch * n / elapsed, 2),
-        "throughput_iters": n,
+        "mean_ms": round(float(np.mean(times)) * 1000, 3),
+        "std_ms": round(float(np.std(times, ddof=1)) * 1000, 3) if len(times) > 1 else 0.0,
+        "calls": len(times),
+        "timed_s": round(float(np.sum(times)), 3),
+        "throughput_ips": round(batch * len(big) / float(np.sum(big)), 2),
+        "throughput_iters": len(big),
     }
 
 
@@ -124,9 +206,24 @@ def _row(c: Candidate, image_size: int, batch: int) -> dict[str, Any]:
         "model": c.model, "arch": c.arch, "format": c.fmt,
         "file": str(c.file) if c.file else None, "params": c.params,
         "size_mb": size_mb(c.file), "image_size": image_size, "batch": batch,
-        "p50_ms": None, "p90_ms": None, "p99_ms": None, "throughput_ips": None,
-        "throughput_iters": None, "balanced_accuracy": None, "accuracy": None, "note": c.note,
+        "runtime": None, "threads": None, "p50_ms": None, "p90_ms": None, "p99_ms": None,
+        "mean_ms": None, "std_ms": None, "calls": None, "timed_s": None, "throughput_ips": None,
+        "throughput_iters": None, "flops": c.flops, "compute_bound_ms": None,
+        "x_compute_bound": None, "balanced_accuracy": None, "accuracy": None, "note": c.note,
     }  # fmt: skip
+
+
+def compute_bound(row: dict[str, Any], peak: dict[str, Any] | None) -> dict[str, Any]:
+    """`compute_bound_ms` of a row with FLOPs, and for FP32 rows on the CPU measured at the
+    peak's thread count, p50 as a multiple of it (`x_compute_bound`)."""
+    if not row["flops"] or not peak:
+        return {}
+    bound = row["flops"] / (peak["gflops"] * 1e9) * 1000
+    out: dict[str, Any] = {"compute_bound_ms": round(bound, 3)}
+    on_cpu = row["runtime"] and "CUDA" not in row["runtime"] and "GPU" not in row["runtime"]
+    if row["format"] in FP32_FORMATS and on_cpu and row["threads"] == peak["threads"]:
+        out["x_compute_bound"] = round(row["p50_ms"] / bound, 2)
+    return out
 
 
 def benchmark_candidates(
@@ -134,18 +231,23 @@ def benchmark_candidates(
     images: np.ndarray,
     batch: int = 32,
     warmup: int = 10,
-    iters: int = 50,
+    iters: int = 200,
     evaluate: Callable[[Callable, float | None], dict] | None = None,
     say: Callable[[str], None] = lambda text: None,
+    min_time: float = 2.0,
+    peak: dict[str, Any] | None = None,
 ) -> list[dict[str, Any]]:
-    """Measure each candidate in turn (one model in memory at a time) and return table rows."""
+    """Measure each candidate in turn (one model in memory at a time) and return table rows;
+    `peak` (`kd_keras.compute.matmul_peak`) gives each row its compute bound."""
     rows = []
     for c in candidates:
         row = _row(c, int(images.shape[1]), batch)
         if c.load is not None:
             say(f"timing {c.model} ({c.arch}) as {c.fmt} …")
-            fn = c.load()
-            row.update(time_predictor(fn, images, batch, warmup, iters))
+            fn, info = c.load()
+            row.update(info)
+            row.update(time_predictor(fn, images, batch, warmup, iters, min_time))
+            row.update(compute_bound(row, peak))
             if evaluate is not None:
                 metrics = evaluate(fn, c.threshold)
                 row["balanced_accuracy"] = metrics["balanced_accuracy"]
@@ -156,7 +258,8 @@ def benchmark_candidates(
 
 
 def ratios(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
-    """Student / teacher ratios of size, p50 latency and throughput for each format pair."""
+    """Student / teacher ratios of size, p50 latency and throughput for each format pair of
+    `RATIOS` (FP32/FP32, INT8/INT8, INT8 student / FP32 teacher) that was measured."""
     found = {(r["model"], r["format"]): r for r in rows if r["p50_ms"] is not None}
     out = []
     for student_fmt, teacher_fmt in RATIOS:
@@ -173,8 +276,7 @@ def ratios(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
 
 
 def _ratio_label(r: dict[str, Any]) -> str:
-    names = {"keras": "Keras FP32", "onnx": "ONNX FP32", "int8": "ONNX INT8"}
-    return f"student {names[r['student']]} / teacher {names[r['teacher']]}"
+    return f"student {FORMAT_NAMES[r['student']]} / teacher {FORMAT_NAMES[r['teacher']]}"
 
 
 def ratio_lines(result: dict[str, Any]) -> list[str]:
@@ -195,20 +297,29 @@ def _num(value: float | None, fmt: str) -> str:
 
 
 def _cells(row: dict[str, Any]) -> list[str]:
+    mean = (
+        "—" if row["mean_ms"] is None else f"{row['mean_ms']:.2f} ± {row['std_ms']:.2f}"
+    )  # fmt: skip
     return [
-        row["model"], row["arch"], row["format"],
+        row["model"], row["arch"], row["format"], row["runtime"] or "—",
+        _num(row["threads"], "d"),
         _num(None if row["params"] is None else row["params"] / 1e6, ".2f"),
-        _num(row["size_mb"], ".1f"), _num(row["p50_ms"], ".2f"), _num(row["p90_ms"], ".2f"),
-        _num(row["p99_ms"], ".2f"), _num(row["throughput_ips"], ".1f"),
-        _num(row["balanced_accuracy"], ".3f"),
+        _num(row["size_mb"], ".1f"), _num(None if not row["flops"] else row["flops"] / 1e9, ".2f"),
+        _num(row["p50_ms"], ".2f"), _num(row["p90_ms"], ".2f"), _num(row["p99_ms"], ".2f"),
+        mean, _num(row["calls"], "d"), _num(row["x_compute_bound"], ".2f"),
+        _num(row["throughput_ips"], ".1f"), _num(row["balanced_accuracy"], ".3f"),
     ]  # fmt: skip
 
 
 def _headers(result: dict[str, Any]) -> list[str]:
     return [
-        "model", "arch", "format", "params M", "size MB", "p50 ms", "p90 ms", "p99 ms",
+        "model", "arch", "format", "runtime", "threads", "params M", "size MB", "GFLOPs",
+        "p50 ms", "p90 ms", "p99 ms", "mean ± std ms", "calls", "× bound",
         f"img/s @{result['batch']}", "bal. acc",
     ]  # fmt: skip
+
+
+LEFT_COLUMNS = 4  # model, arch, format, runtime
 
 
 def _notes(result: dict[str, Any]) -> list[str]:
@@ -216,11 +327,18 @@ def _notes(result: dict[str, Any]) -> list[str]:
 
 
 def _settings(result: dict[str, Any]) -> str:
+    peak = result.get("peak")
+    bound = (
+        f"× bound = FP32 p50 / (GFLOPs / {peak['gflops']} GFLOP/s, the float32 peak measured "
+        f"in this run: {peak['method']}); "
+        if peak else ""
+    )  # fmt: skip
     return (
-        f"{result['image_size']} px, latency at batch 1 ({result['warmup']} warm-up + "
-        f"{result['iters']} timed calls), throughput at batch {result['batch']}; ONNX Runtime "
-        f"{result['onnxruntime']} on {result['provider']}, threads {result['threads'] or 'auto'}; "
-        f"{result['machine']}"
+        f"{result['image_size']} px, latency at batch 1 ({result['warmup']} warm-up calls, then "
+        f"at least {result['iters']} timed calls and {result['min_time']:g} s per row), "
+        f"throughput at batch {result['batch']}; ONNX Runtime {result['onnxruntime']} "
+        f"(provider {result['provider']}), threads {result['threads']}; {bound}"
+        f"GFLOPs: {FLOPS_METHOD}; {result['machine']}"
     )
 
 
@@ -229,7 +347,7 @@ def benchmark_table(result: dict[str, Any]):
 
     table = Table(title=result["title"], caption=_settings(result))
     for i, header in enumerate(_headers(result)):
-        table.add_column(header, justify="left" if i < 3 else "right")
+        table.add_column(header, justify="left" if i < LEFT_COLUMNS else "right")
     for row in result["rows"]:
         table.add_row(*_cells(row))
     return table
@@ -253,7 +371,7 @@ def benchmark_markdown(result: dict[str, Any]) -> str:
         _settings(result),
         "",
         "| " + " | ".join(headers) + " |",
-        "|" + "|".join("---" if i < 3 else "---:" for i in range(len(headers))) + "|",
+        "|" + "|".join("---" if i < LEFT_COLUMNS else "---:" for i in range(len(headers))) + "|",
     ]
     lines += ["| " + " | ".join(_cells(row)) + " |" for row in result["rows"]]
     extra = ratio_lines(result) + _notes(result)
@@ -282,8 +400,10 @@ def set_tensorflow_threads(threads: int | None) -> str:
 
 
 def result_header(
-    title: str, image_size: int, warmup: int, iters: int, batch: int, threads: int | None
-) -> dict[str, Any]:
+    title: str, image_size: int, warmup: int, iters: int, batch: int, threads: int,
+    min_time: float = 2.0, provider: str = "auto", peak: dict[str, Any] | None = None,
+) -> dict[str, Any]:  # fmt: skip
+    """The settings and environment every benchmark result starts with."""
     import onnxruntime as ort
     import tensorflow as tf
 
@@ -292,9 +412,12 @@ def result_header(
         "image_size": image_size,
         "warmup": warmup,
         "iters": iters,
+        "min_time": min_time,
         "batch": batch,
         "threads": threads,
-        "provider": providers()[0],
+        "provider": provider,
+        "peak": peak,
+        "flops_method": FLOPS_METHOD,
         "onnxruntime": ort.__version__,
         "tensorflow": tf.__version__,
         "machine": machine_summary(),
@@ -302,15 +425,23 @@ def result_header(
     }
 
 
-def check_settings(warmup: int, iters: int, batch: int, threads: int | None, formats) -> tuple:
+def check_settings(
+    warmup: int, iters: int, batch: int, threads: int | None, formats,
+    min_time: float = 2.0, provider: str = "auto",
+) -> tuple:  # fmt: skip
+    """The formats to measure, once every setting is known to be valid (else a KDError)."""
     formats = tuple(formats)
     unknown = [f for f in formats if f not in FORMATS]
     if unknown:
         raise KDError(f"unknown benchmark format {unknown[0]!r}; valid: {', '.join(FORMATS)}")
-    if warmup < 0 or iters < 1 or batch < 1 or (threads is not None and threads < 0):
+    if provider not in PROVIDER_CHOICES:
+        raise KDError(f"unknown provider {provider!r}; valid: {', '.join(PROVIDER_CHOICES)}")
+    bad = warmup < 0 or iters < 1 or batch < 1 or min_time < 0
+    if bad or (threads is not None and threads < 1):
         raise KDError(
-            f"need warmup >= 0, iters >= 1, batch >= 1, threads >= 0; got warmup={warmup}, "
-            f"iters={iters}, batch={batch}, threads={threads}"
+            f"need warmup >= 0, iters >= 1, batch >= 1, threads >= 1, min_time >= 0; got "
+            f"warmup={warmup}, iters={iters}, batch={batch}, threads={threads}, "
+            f"min_time={min_time}"
         )
     return formats
 
@@ -353,40 +484,69 @@ def _stale(path: Path, source: Path) -> bool:
     return path.stat().st_mtime < source.stat().st_mtime
 
 
-def _onnx_candidate(name, arch, fmt, path, params, threshold, source, size, threads):
-    flag = "--onnx --int8" if fmt == "int8" else "--onnx"
+def _file_metadata(path: Path) -> dict[str, str]:
+    if path.suffix == ".tflite":
+        from kd_keras.tflite import read_tflite_metadata
+
+        return read_tflite_metadata(path)
+    return read_metadata(path)
+
+
+def _loader(fmt: str, path: Path, threads: int, provider: str) -> Callable[[], Loaded]:
+    if fmt in ("tflite", "tflite_int8"):
+        return tflite_loader(path, threads)
+    return onnx_loader(path, threads, provider)
+
+
+def _file_candidate(name, arch, fmt, path, params, threshold, source, size, threads, provider):
+    """An exported file of the run (a note instead of a loader when it is missing or stale)."""
+    flag = EXPORT_FLAGS[fmt]
     if not path.is_file():
         note = f"no {path.name}: run `python cli.py export {flag}` first"
         return Candidate(name, arch, fmt, None, params, None, threshold, note)
-    exported = read_metadata(path).get("image_size")
+    meta = _file_metadata(path)
+    exported = meta.get("image_size")
     if exported is not None and exported != str(size):
         note = f"{path.name} was exported at {exported} px, not {size} px: re-run export"
         return Candidate(name, arch, fmt, path, params, None, threshold, note)
     note = ""
     if _stale(path, source):
         note = f"{path.name} is older than {source.name}: re-run `python cli.py export {flag}`"
-    return Candidate(
-        name, arch, fmt, path, params, lambda: onnx_predictor(onnx_session(path, threads)),
-        threshold, note,
-    )  # fmt: skip
+    if meta.get("decision_threshold"):  # INT8 files carry their own validation-chosen threshold
+        threshold = float(meta["decision_threshold"])
+    load = _loader(fmt, path, threads, provider)
+    return Candidate(name, arch, fmt, path, params, load, threshold, note)
 
 
-def trained_candidates(run: RunFolder, name: str, model, source: Path, out: Path, formats, threads):
-    """The run's own files at the trained size: the .keras file and the exported ONNX files."""
+def model_flops(onnx_path: Path | None) -> int | None:
+    """FLOPs at batch 1 from an FP32 ONNX file (None without one)."""
+    if onnx_path is None or not onnx_path.is_file():
+        return None
+    return onnx_flops(onnx_path)["flops"]
+
+
+def trained_candidates(
+    run: RunFolder, name: str, model, source: Path, out: Path, formats, threads: int,
+    provider: str = "auto",
+) -> list[Candidate]:  # fmt: skip
+    """The run's own files at the trained size: the .keras file and the exported files."""
     from kd_keras.models import image_size_of
 
     arch, params, threshold = model.name, int(model.count_params()), run.threshold(name)
+    size = image_size_of(model)
     candidates = []
     if "keras" in formats:
-        load = lambda: keras_predictor(model)  # noqa: E731
-        candidates.append(Candidate(name, arch, "keras", source, params, load, threshold))
-    for fmt, suffix in (("onnx", ".onnx"), ("int8", ".int8.onnx")):
+        candidates.append(
+            Candidate(name, arch, "keras", source, params, keras_loader(model), threshold)
+        )
+    for fmt in FORMATS[1:]:
         if fmt in formats:
-            path = out / f"{name}{suffix}"
-            size = image_size_of(model)
-            candidates.append(
-                _onnx_candidate(name, arch, fmt, path, params, threshold, source, size, threads)
-            )
+            path = artefact_path(out, name, fmt)
+            candidates.append(_file_candidate(name, arch, fmt, path, params, threshold, source,
+                                              size, threads, provider))  # fmt: skip
+    flops = model_flops(artefact_path(out, name, "onnx"))
+    for c in candidates:
+        c.flops = flops
     return candidates
 
 
@@ -402,28 +562,34 @@ def benchmark_run(
     export_dir: str | os.PathLike | None = None,
     image_size: int | None = None,
     warmup: int = 10,
-    iters: int = 50,
+    iters: int = 200,
     batch: int = 32,
     threads: int | None = None,
     formats: tuple[str, ...] = FORMATS,
     limit: int | None = None,
     quiet: bool = False,
+    min_time: float = 2.0,
+    provider: str = "auto",
 ) -> dict[str, Any]:
     """Benchmark a run's teacher and student (see module docstring); returns benchmark.json.
 
     Args:
         run_dir: run folder; None picks the most recent run under `runs/`.
-        export_dir: parent of the per-run export folder holding the ONNX files and receiving
-            the results (default `export.dir`, else `export`).
+        export_dir: parent of the per-run export folder holding the exported files and
+            receiving the results (default `export.dir`, else `export`).
         image_size: measure at this size instead of the trained one (no accuracy then).
-        warmup, iters: untimed and timed batch-1 calls per row.
+        warmup: untimed batch-1 calls per row.
+        iters, min_time: at least `iters` timed batch-1 calls and `min_time` seconds per row.
         batch: batch size of the throughput measurement.
-        threads: ONNX Runtime intra-op threads (default: ONNX Runtime's choice).
-        formats: any of `keras`, `onnx`, `int8`.
+        threads: CPU threads of every runtime and of the peak measurement (default: every core
+            this process may use).
+        formats: any of `keras`, `onnx`, `int8`, `tflite`, `tflite_int8`.
         limit: evaluate accuracy on the first `limit` test images only.
         quiet: do not print progress and the table.
+        provider: ONNX Runtime execution provider: `auto`, `cpu` or `cuda`.
     """
-    formats = check_settings(warmup, iters, batch, threads, formats)
+    formats = check_settings(warmup, iters, batch, threads, formats, min_time, provider)
+    threads = threads or default_threads()
     keras_threads = set_tensorflow_threads(threads)
     run = RunFolder.find(run_dir)
     out = check_writable_dir(run.export_dir(export_dir))
@@ -447,13 +613,17 @@ def benchmark_run(
         return classification_metrics(test.labels, probs, class_names, threshold)
 
     calibration = None
-    if size != trained and "int8" in formats:
+    if size != trained and {"int8", "tflite_int8"} & set(formats):
         calibration = calibration_batches(splits.train, size, run.cfg.export.calibration_samples,
                                           run.cfg.run.seed, run.cfg.data.batch_size)  # fmt: skip
 
-    result = result_header(f"Benchmark of run {run.name}", size, warmup, iters, batch, threads)
+    say(f"measuring this machine's float32 peak ({threads} threads) …")
+    peak = matmul_peak(threads)
+    result = result_header(f"Benchmark of run {run.name}", size, warmup, iters, batch, threads,
+                           min_time, provider, peak)  # fmt: skip
     result.update(run=str(run.path.resolve()), trained_image_size=trained,
                   keras_threads=keras_threads, formats=list(formats))  # fmt: skip
+    timing = dict(warmup=warmup, iters=iters, say=say, min_time=min_time, peak=peak)
     rows: list[dict[str, Any]] = []
     with tempfile.TemporaryDirectory(prefix="kd_keras_bench_") as tmp:
         for name in MODELS:
@@ -465,18 +635,16 @@ def benchmark_run(
                 continue
             model = load_model(source, f"{name} model")
             if size == trained:
-                candidates = trained_candidates(run, name, model, source, out, formats, threads)
-                rows += benchmark_candidates(
-                    candidates, images, batch, warmup, iters, evaluate, say
-                )
+                candidates = trained_candidates(run, name, model, source, out, formats, threads,
+                                                provider)  # fmt: skip
+                rows += benchmark_candidates(candidates, images, batch, evaluate=evaluate, **timing)
                 continue
             say(f"rebuilding {name} ({arch}) at {size} px …")
             model, note = rebuild_at_size(run, name, model, size, len(class_names))
             note += f"; accuracy not measured (trained at {trained} px)"
-            candidates = fresh_candidates(
-                name, model.name, model, Path(tmp), formats, threads, calibration, note, say
-            )
-            rows += benchmark_candidates(candidates, images, batch, warmup, iters, None, say)
+            candidates = fresh_candidates(name, model.name, model, Path(tmp), formats, threads,
+                                          calibration, note, say, provider)  # fmt: skip
+            rows += benchmark_candidates(candidates, images, batch, **timing)
     result["rows"] = rows
     result["ratios"] = ratios(rows)
     stem = "benchmark" if size == trained else f"benchmark_{size}px"
@@ -494,40 +662,52 @@ def fresh_candidates(
     model,
     folder: Path,
     formats: tuple[str, ...],
-    threads: int | None,
+    threads: int,
     calibration=None,
     note: str = "",
     say: Callable[[str], None] = lambda text: None,
+    provider: str = "auto",
 ) -> list[Candidate]:
-    """Save `model` to `folder` as .keras / .onnx / .int8.onnx (as asked) and wrap each file."""
+    """Save `model` to `folder` in every format asked (.keras, .onnx, .int8.onnx, .tflite,
+    .int8.tflite) and wrap each file; FLOPs come from the FP32 ONNX file, written whenever an
+    exported format is asked (a Keras-only benchmark has no FLOPs)."""
     from kd_keras.models import image_size_of
+    from kd_keras.tflite import convert, write_tflite
 
     size = image_size_of(model)
     params = int(model.count_params())
+    path = {fmt: artefact_path(folder, f"{name}_{size}px", fmt) for fmt in FORMATS[1:]}
     candidates = []
-    keras_path = folder / f"{name}_{size}px.keras"
-    onnx_path = folder / f"{name}_{size}px.onnx"
-    int8_path = folder / f"{name}_{size}px.int8.onnx"
     if "keras" in formats:
+        keras_path = folder / f"{name}_{size}px.keras"
         model.save(keras_path)
-        candidates.append(Candidate(name, arch, "keras", keras_path, params,
-                                    lambda: keras_predictor(model), None, note))  # fmt: skip
-    if "onnx" in formats or "int8" in formats:
-        say(f"converting {name} ({arch}, {size} px) to ONNX …")
-        to_onnx(model, onnx_path)
-    if "onnx" in formats:
-        candidates.append(Candidate(name, arch, "onnx", onnx_path, params,
-                                    lambda: onnx_predictor(onnx_session(onnx_path, threads)),
+        candidates.append(Candidate(name, arch, "keras", keras_path, params, keras_loader(model),
                                     None, note))  # fmt: skip
-    if "int8" in formats:
-        method = quantization_method(onnx_path)
-        if method == "static" and calibration is None:
-            raise KDError("static INT8 quantization needs calibration images")
-        say(f"quantizing {name} to INT8 ({method}) …")
-        quantize(onnx_path, int8_path, method, calibration)
-        candidates.append(Candidate(name, arch, "int8", int8_path, params,
-                                    lambda: onnx_predictor(onnx_session(int8_path, threads)),
-                                    None, f"{note}; INT8 {method}".lstrip("; ")))  # fmt: skip
+    if set(formats) - {"keras"}:  # the FP32 ONNX file gives every row its FLOPs
+        say(f"converting {name} ({arch}, {size} px) to ONNX …")
+        to_onnx(model, path["onnx"])
+    needs_calibration = {"int8", "tflite_int8"} & set(formats)
+    if needs_calibration and calibration is None:
+        raise KDError("static INT8 quantization needs calibration images")
+    for fmt in FORMATS[1:]:
+        if fmt not in formats:
+            continue
+        extra = ""
+        if fmt == "int8":
+            method = quantization_method(path["onnx"])
+            say(f"quantizing {name} to INT8 ({method}) …")
+            quantize(path["onnx"], path[fmt], method, calibration)
+            extra = f"INT8 {method}"
+        elif fmt.startswith("tflite"):
+            say(f"converting {name} to TFLite ({fmt}) …")
+            write_tflite(path[fmt], convert(model, calibration if fmt == "tflite_int8" else None),
+                         {"image_size": str(size)})  # fmt: skip
+        candidates.append(Candidate(name, arch, fmt, path[fmt], params,
+                                    _loader(fmt, path[fmt], threads, provider), None,
+                                    "; ".join(x for x in (note, extra) if x)))  # fmt: skip
+    flops = model_flops(path["onnx"])
+    for c in candidates:
+        c.flops = flops
     return candidates
 
 
@@ -559,11 +739,13 @@ def benchmark_fresh(
     calibration_samples: int = 128,
     out: str | os.PathLike | None = None,
     warmup: int = 10,
-    iters: int = 50,
+    iters: int = 200,
     batch: int = 32,
     threads: int | None = None,
     formats: tuple[str, ...] = FORMATS,
     quiet: bool = False,
+    min_time: float = 2.0,
+    provider: str = "auto",
 ) -> dict[str, Any]:
     """Latency of freshly built (untrained) teacher and student architectures at `image_size`:
     latency does not depend on weight values, so no trained run is needed. Static INT8
@@ -572,7 +754,7 @@ def benchmark_fresh(
     from kd_keras.config import MIN_IMAGE_SIZE
     from kd_keras.models import STUDENTS, TEACHERS, build_student, build_teacher
 
-    formats = check_settings(warmup, iters, batch, threads, formats)
+    formats = check_settings(warmup, iters, batch, threads, formats, min_time, provider)
     for kind, arch, registry in (("teacher", teacher, TEACHERS), ("student", student, STUDENTS)):
         if arch not in registry:
             raise KDError(f"unknown {kind} architecture {arch!r}; valid: {', '.join(registry)}")
@@ -581,9 +763,12 @@ def benchmark_fresh(
             raise KDError(f"image size {image_size} is too small for {arch} (needs {need or 1})")
     if student in TOKEN_ARCHS and (image_size % patch_size or image_size // patch_size < 2):
         raise KDError(f"image size {image_size} is not a multiple of patch size {patch_size}")
+    threads = threads or default_threads()
     keras_threads = set_tensorflow_threads(threads)
     folder = check_writable_dir(Path(out or "export"))
     say = printer(quiet)
+    say(f"measuring this machine's float32 peak ({threads} threads) …")
+    peak = matmul_peak(threads)
     calibration = _calibration_images(data, image_size, calibration_samples, batch)
     first = next(iter(calibration))
     images = np.resize(np.asarray(first, "float32"), (batch, image_size, image_size, 3))
@@ -595,15 +780,16 @@ def benchmark_fresh(
                 model = build_teacher(arch, num_classes, image_size)
             else:
                 model = build_student(arch, num_classes, image_size, patch_size=patch_size)
-            candidates = fresh_candidates(
-                name, arch, model, Path(tmp), formats, threads, calibration, "fresh weights", say
-            )
-            rows += benchmark_candidates(candidates, images, batch, warmup, iters, None, say)
+            candidates = fresh_candidates(name, arch, model, Path(tmp), formats, threads,
+                                          calibration, "fresh weights", say, provider)  # fmt: skip
+            rows += benchmark_candidates(candidates, images, batch, warmup, iters, None, say,
+                                         min_time, peak)  # fmt: skip
             del model, candidates
     for row in rows:
         row["file"] = Path(row["file"]).name if row["file"] else None  # temp files are gone
     title = f"Latency at {image_size} px: {teacher} vs {student} (fresh weights)"
-    result = result_header(title, image_size, warmup, iters, batch, threads)
+    result = result_header(title, image_size, warmup, iters, batch, threads, min_time, provider,
+                           peak)  # fmt: skip
     result.update(keras_threads=keras_threads, formats=list(formats),
                   calibration=str(data) if data else "random pixels", rows=rows,
                   ratios=ratios(rows))  # fmt: skip

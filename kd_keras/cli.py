@@ -156,9 +156,19 @@ def benchmark(
         int | None, typer.Option("--image-size", help="Measure at this size (default: run's).")
     ] = None,
     warmup: Annotated[int, typer.Option(help="Untimed warm-up iterations.")] = 10,
-    iters: Annotated[int, typer.Option(help="Timed iterations at batch 1.")] = 50,
+    iters: Annotated[int, typer.Option(help="Minimum timed calls at batch 1 per row.")] = 200,
+    min_time: Annotated[
+        float, typer.Option("--min-time", help="Minimum timed seconds per row (with --iters).")
+    ] = 2.0,
     batch: Annotated[int, typer.Option(help="Batch size for the throughput figure.")] = 32,
     threads: Annotated[int | None, typer.Option(help="Intra-op threads (default: all).")] = None,
+    provider: Annotated[
+        str, typer.Option(help="ONNX Runtime execution provider: auto, cpu or cuda.")
+    ] = "auto",
+    formats: Annotated[
+        str,
+        typer.Option(help="Comma-separated subset of keras,onnx,int8,tflite,tflite_int8."),
+    ] = "keras,onnx,int8,tflite,tflite_int8",
     out: Annotated[Path | None, typer.Option("--out", help="Export parent folder.")] = None,
     fresh: Annotated[
         bool,
@@ -174,28 +184,23 @@ def benchmark(
         typer.Option(help="With --fresh: MedMNIST .npz for INT8 calibration (else random)."),
     ] = None,
 ) -> None:
-    """Latency, throughput, size and accuracy: teacher vs student, Keras / ONNX / INT8."""
+    """Latency, throughput, size, FLOPs and accuracy: teacher vs student, every format."""
     if image_size is not None and image_size < 1:
         _fail(f"--image-size must be a positive number of pixels, got {image_size}")
+    chosen = tuple(f.strip() for f in formats.split(",") if f.strip())
+    timing = dict(warmup=warmup, iters=iters, batch=batch, threads=threads, min_time=min_time,
+                  provider=provider, formats=chosen)  # fmt: skip
     if fresh:
         from kd_keras.benchmark import benchmark_fresh
 
         benchmark_fresh(
             teacher, student, image_size or 224, patch_size=patch_size, data=data, out=out,
-            warmup=warmup, iters=iters, batch=batch, threads=threads,
+            **timing,
         )  # fmt: skip
         return
     from kd_keras.benchmark import benchmark_run
 
-    benchmark_run(
-        run,
-        export_dir=out,
-        image_size=image_size,
-        warmup=warmup,
-        iters=iters,
-        batch=batch,
-        threads=threads,
-    )
+    benchmark_run(run, export_dir=out, image_size=image_size, **timing)
 
 
 @app.command()

@@ -1,6 +1,7 @@
 """Benchmark: the documented row fields, files, ratios, other image sizes and user errors."""
 
 import json
+import time
 
 import keras
 import numpy as np
@@ -14,11 +15,15 @@ from kd_keras.models import build_student, image_size_of
 from kd_keras.run import RunFolder
 
 ROW_FIELDS = {
-    "model", "arch", "format", "file", "params", "size_mb", "image_size", "batch", "p50_ms",
-    "p90_ms", "p99_ms", "throughput_ips", "throughput_iters", "balanced_accuracy", "accuracy",
-    "note",
+    "model", "arch", "format", "file", "params", "size_mb", "image_size", "batch", "runtime",
+    "threads", "p50_ms", "p90_ms", "p99_ms", "mean_ms", "std_ms", "calls", "timed_s",
+    "throughput_ips", "throughput_iters", "flops", "compute_bound_ms", "x_compute_bound",
+    "balanced_accuracy", "accuracy", "note",
 }  # fmt: skip
-FAST = dict(warmup=1, iters=3, batch=4, limit=64, quiet=True)
+FAST = dict(warmup=1, iters=3, batch=4, limit=64, quiet=True, min_time=0)
+FORMATS = ("keras", "onnx", "int8", "tflite", "tflite_int8")
+# tiny_classifier(width w) at 32 px: a 3x3 stride-2 conv to 15x15xw, then a w -> 2 dense layer
+TINY_FLOPS = {w: 2 * (15 * 15 * w * 27 + w * 2) for w in (4, 16)}
 
 
 def test_rows_files_and_ratios(tmp_path, real_npz):
@@ -26,32 +31,49 @@ def test_rows_files_and_ratios(tmp_path, real_npz):
               "teacher": tiny_classifier("tiny_teacher", 16)}  # fmt: skip
     run = make_run(tmp_path / "runs" / "r", real_npz, models, threshold=None,
                    calibration_samples=16)  # fmt: skip
-    export_run(run, tmp_path / "export", int8=True, limit=32, quiet=True)
-    result = benchmark_run(run, tmp_path / "export", threads=1, **FAST)
+    export_run(run, tmp_path / "export", fmt="onnx,tflite", int8=True, limit=32, quiet=True)
+    result = benchmark_run(run, tmp_path / "export", threads=1, provider="cpu", **FAST)
 
     rows = result["rows"]
     assert [(r["model"], r["format"]) for r in rows] == [
-        (m, f) for m in ("teacher", "student") for f in ("keras", "onnx", "int8")
+        (m, f) for m in ("teacher", "student") for f in FORMATS
     ]
+    runtimes = {"keras": "TensorFlow CPU", "onnx": "CPUExecutionProvider",
+                "int8": "CPUExecutionProvider", "tflite": "LiteRT (ai-edge-litert) CPU",
+                "tflite_int8": "LiteRT (ai-edge-litert) CPU"}  # fmt: skip
     for row in rows:
         assert set(row) == ROW_FIELDS
         assert row["arch"] == f"tiny_{row['model']}", "arch is read from the model file"
         assert 0 < row["p50_ms"] <= row["p90_ms"] <= row["p99_ms"]
+        assert row["mean_ms"] > 0 and row["std_ms"] >= 0 and row["calls"] >= 3
         assert row["throughput_ips"] > 0 and row["throughput_iters"] == 2
         assert 0 <= row["balanced_accuracy"] <= 1 and row["size_mb"] > 0
         assert row["image_size"] == 32 and row["batch"] == 4 and row["note"] == ""
+        assert row["runtime"] == runtimes[row["format"]]
+        width = 4 if row["model"] == "student" else 16
+        assert row["flops"] == TINY_FLOPS[width], "FLOPs of the model, on every row"
+        assert row["compute_bound_ms"] == pytest.approx(
+            row["flops"] / result["peak"]["gflops"] / 1e6, rel=1e-2, abs=1e-3
+        )
+        if row["format"] in ("onnx", "tflite"):
+            assert row["threads"] == 1 and row["x_compute_bound"] > 0
+        if row["format"] in ("int8", "tflite_int8"):
+            assert row["x_compute_bound"] is None, "the bound is a float32 one"
     assert [(r["student"], r["teacher"]) for r in result["ratios"]] == [
-        ("keras", "keras"), ("onnx", "onnx"), ("int8", "onnx"),
+        ("keras", "keras"), ("onnx", "onnx"), ("tflite", "tflite"), ("int8", "int8"),
+        ("tflite_int8", "tflite_int8"), ("int8", "onnx"), ("tflite_int8", "tflite"),
     ]  # fmt: skip
     assert set(result["ratios"][0]) == {"student", "teacher", "size", "p50_latency", "throughput"}
-    assert result["provider"] == "CPUExecutionProvider" and result["threads"] == 1
+    assert result["provider"] == "cpu" and result["threads"] == 1
+    assert result["peak"]["threads"] == 1 and result["peak"]["gflops"] > 0
     assert result["image_size"] == result["trained_image_size"] == 32
 
     out = tmp_path / "export" / "r"
     assert json.loads((out / "benchmark.json").read_text())["rows"] == rows
     md = (out / "benchmark.md").read_text()
-    assert "| model | arch | format | params M | size MB | p50 ms |" in md
+    assert "| model | arch | format | runtime | threads | params M | size MB | GFLOPs |" in md
     assert "student ONNX INT8 / teacher ONNX FP32" in md
+    assert "student TFLite INT8 / teacher TFLite INT8" in md
 
 
 def test_missing_files_are_reported_not_timed(tmp_path, real_npz):
@@ -62,6 +84,7 @@ def test_missing_files_are_reported_not_timed(tmp_path, real_npz):
     assert rows[("student", "onnx")]["p50_ms"] is None
     assert "python cli.py export --onnx" in rows[("student", "onnx")]["note"]
     assert "--int8" in rows[("student", "int8")]["note"]
+    assert "export --tflite --int8" in rows[("student", "tflite_int8")]["note"]
     assert rows[("teacher", "keras")]["note"] == "run has no teacher.keras"
     assert result["ratios"] == []
 
@@ -102,16 +125,27 @@ def test_rebuild_keeps_cnn_weights_but_not_vit_position_embeddings(tmp_path, tin
 def test_time_predictor_percentiles():
     images = np.zeros((3, 8, 8, 3), "float32")
     seen = []
-    timing = time_predictor(lambda x: seen.append(len(x)), images, batch=5, warmup=2, iters=10)
+    timing = time_predictor(lambda x: seen.append(len(x)), images, batch=5, warmup=2, iters=10,
+                            min_time=0)  # fmt: skip
     assert seen == [1] * 12 + [5] * 3, "warm-up, timed batch-1 calls, 1 + 2 throughput calls"
     assert timing["p50_ms"] <= timing["p90_ms"] <= timing["p99_ms"]
     assert timing["throughput_iters"] == 2 and timing["throughput_ips"] > 0
+    assert timing["calls"] == 10 and timing["std_ms"] >= 0
+
+    def slow(x):
+        time.sleep(0.002)
+
+    timing = time_predictor(slow, images, batch=2, warmup=0, iters=3, min_time=0.1)
+    assert timing["calls"] > 3 and timing["timed_s"] >= 0.1, "time-based: more calls than iters"
+    assert timing["throughput_iters"] > 2
 
 
 @pytest.mark.parametrize(
     "kwargs, message",
     [
-        ({"formats": ("keras", "tflite")}, "unknown benchmark format 'tflite'; valid: keras"),
+        ({"formats": ("keras", "coreml")}, "unknown benchmark format 'coreml'; valid: keras"),
+        ({"provider": "tpu"}, "unknown provider 'tpu'; valid: auto, cpu, cuda"),
+        ({"min_time": -1}, "min_time >= 0"),
         ({"iters": 0}, "iters >= 1"),
         ({"batch": 0}, "batch >= 1"),
     ],
@@ -130,7 +164,8 @@ def test_no_run(tmp_path, monkeypatch):
 def test_fresh_models_need_no_run(tmp_path):
     """`benchmark --fresh`: untrained architectures at a given size, files under --out."""
     result = benchmark_fresh("resnet50", "resnet18", 32, out=tmp_path / "bench", warmup=1,
-                             iters=3, batch=2, formats=("keras",), quiet=True)  # fmt: skip
+                             iters=3, batch=2, formats=("keras",), quiet=True,
+                             min_time=0)  # fmt: skip
     rows = {r["model"]: r for r in result["rows"]}
     assert rows["teacher"]["params"] > rows["student"]["params"] > 1e7, "real sizes"
     assert all(r["p50_ms"] > 0 and r["note"] == "fresh weights" for r in rows.values())
@@ -141,3 +176,28 @@ def test_fresh_models_need_no_run(tmp_path):
         benchmark_fresh("resnet50", "vgg", 32, out=tmp_path, quiet=True)
     with pytest.raises(KDError, match="too small"):
         benchmark_fresh("resnet50", "resnet18", 16, out=tmp_path, quiet=True)
+
+
+def test_flops_and_peak(tmp_path):
+    """FLOPs counted from the ONNX graph (a ViT's MatMuls need one run for their shapes)."""
+    from conftest import build
+
+    from kd_keras.compute import matmul_peak, onnx_flops
+    from kd_keras.export import to_onnx
+
+    to_onnx(tiny_classifier(width=4), tmp_path / "t.onnx")
+    assert onnx_flops(tmp_path / "t.onnx") == {"flops": TINY_FLOPS[4], "uncounted": 0}
+    to_onnx(build("vit_small"), tmp_path / "vit.onnx")
+    vit = onnx_flops(tmp_path / "vit.onnx")
+    assert vit["uncounted"] == 0 and vit["flops"] > 0
+    peak = matmul_peak(1, n=64, seconds=0.01)
+    assert peak["gflops"] > 0 and peak["threads"] == 1 and peak["calls"] >= 5
+
+
+def test_providers():
+    from kd_keras.inference import providers
+
+    assert providers("cpu") == ["CPUExecutionProvider"]
+    assert providers("auto")[-1] == "CPUExecutionProvider"
+    with pytest.raises(KDError, match="provider cuda: ONNX Runtime .* onnxruntime-gpu"):
+        providers("cuda")

@@ -86,3 +86,15 @@ def test_int8_files_choose_their_own_threshold_on_validation(tmp_path, real_npz)
     assert io["images"]["dtype"] == "int8" and "zero_point" in meta["input"]
     assert json.loads(meta["quantization"])["calibration_samples"] == 32
     assert result["artefacts"]["student.tflite"]["parity"]["passed"]
+
+
+def test_cli_exports_both_formats_and_needs_one(tmp_path, real_npz):
+    from conftest import run_cli
+
+    run = make_run(tmp_path / "c", real_npz, {"student": tiny_classifier()})
+    code, out, err = run_cli("export", "--onnx", "--tflite", "--run", str(run), "--out",
+                             str(tmp_path / "export"), "--no-teacher")  # fmt: skip
+    assert code == 0, err
+    assert "student.onnx" in out and "student.tflite" in out and "PASS" in out
+    code, _, err = run_cli("export", "--run", str(run))
+    assert code == 2 and "choose a format: --onnx and/or --tflite" in err

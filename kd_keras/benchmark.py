@@ -592,6 +592,7 @@ def benchmark_run(
     threads = threads or default_threads()
     keras_threads = set_tensorflow_threads(threads)
     run = RunFolder.find(run_dir)
+    run.check_consistent()
     out = check_writable_dir(run.export_dir(export_dir))
     trained = int(run.report.get("image_size") or run.cfg.data.image_size)
     size = int(image_size or trained)
@@ -600,7 +601,6 @@ def benchmark_run(
     from kd_keras.data import make_dataset
     from kd_keras.evaluate import classification_metrics
     from kd_keras.inference import softmax
-    from kd_keras.models import load_model
 
     splits = run.load_splits()
     class_names = run.report.get("class_names") or splits.class_names
@@ -633,7 +633,7 @@ def benchmark_run(
                 rows += [_row(Candidate(name, arch, f, None, None, None, None, note), size, batch)
                          for f in formats]  # fmt: skip
                 continue
-            model = load_model(source, f"{name} model")
+            model = run.load_model(name)
             if size == trained:
                 candidates = trained_candidates(run, name, model, source, out, formats, threads,
                                                 provider)  # fmt: skip

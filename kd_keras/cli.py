@@ -41,11 +41,25 @@ def distill(
         str | None,
         typer.Option(help="Comma-separated subset of teacher,distill,scratch (default: config)."),
     ] = None,
+    force: Annotated[
+        bool, typer.Option("--force", help="Distil from a teacher that fails the teacher check.")
+    ] = False,
+    resume: Annotated[
+        bool, typer.Option("--resume", help="Continue a killed or partial run of this config.")
+    ] = False,
+    overwrite: Annotated[
+        bool, typer.Option("--overwrite", help="Replace the results of an existing run folder.")
+    ] = False,
 ) -> None:
     """Fine-tune the teacher, distil the student, train the baseline, evaluate all three."""
-    from kd_keras.config import STAGES, load_config
+    from kd_keras.config import STAGES, load_config, read_toml
 
+    if resume and overwrite:
+        _fail("choose one of --resume and --overwrite")
     # validate everything the user typed before TensorFlow loads (and logs)
+    if not read_toml(config):
+        typer.echo(f"note: {config} sets no keys: every value is a default (README, Configs)",
+                   err=True)  # fmt: skip
     cfg = load_config(config, set_ or [])
     chosen = None
     if stages:
@@ -57,7 +71,8 @@ def distill(
     from kd_keras.evaluate import report_markdown
     from kd_keras.train import run_distill
 
-    report = run_distill(cfg, chosen)
+    mode = "resume" if resume else "overwrite" if overwrite else "new"
+    report = run_distill(cfg, chosen, force=force, mode=mode)
     typer.echo("\n" + report_markdown(report))
     typer.echo(f"run folder: {cfg.run_dir}")
 
@@ -235,21 +250,30 @@ def sweep(
 def main(argv: list[str] | None = None) -> None:
     """Entry point of `python cli.py` and the `kd-keras` console script (`argv` defaults to the
     process's arguments); always ends with `SystemExit`."""
-    from kd_keras.errors import KDError
+    import signal
+
+    from kd_keras.errors import Interrupted, KDError
+
+    def interrupted(signum, frame):  # click would turn KeyboardInterrupt into "Aborted!"
+        raise Interrupted("interrupted")
 
     args = list(sys.argv[1:] if argv is None else argv)
     debug = "--debug" in args
     args = [a for a in args if a != "--debug"]
     try:
+        previous = signal.signal(signal.SIGINT, interrupted)
+    except ValueError:  # not the main thread (an embedding application): keep its handler
+        previous = None
+    try:
         app(args=args, prog_name="cli.py")
     except KDError as err:
         if debug:
             raise
-        typer.echo(f"error: {err}", err=True)
-        sys.exit(2)
-    except KeyboardInterrupt:
-        typer.echo("interrupted", err=True)
-        sys.exit(130)
+        typer.echo(f"error: {err}" if err.exit_code == 2 else str(err), err=True)
+        sys.exit(err.exit_code)
+    finally:
+        if previous is not None:
+            signal.signal(signal.SIGINT, previous)
 
 
 if __name__ == "__main__":

@@ -46,6 +46,7 @@ class DataConfig:
     val_fraction: float = _spec(0.1, kind=float, lo=0.01, hi=0.5)
     limit_train: int = _spec(0, kind=int, lo=0)
     cache: bool = _spec(True, kind=bool)
+    skip_bad_files: bool = _spec(False, kind=bool)
 
 
 @dataclass
@@ -305,6 +306,9 @@ def _check_consistency(cfg: Config) -> None:
 def read_toml(path: str | Path) -> dict[str, Any]:
     """The raw table of a TOML file, with clear errors for a missing or malformed file."""
     path = Path(path)
+    if path.is_dir():
+        raise KDError(f"config file {path} is a folder; give a .toml file such as "
+                      "configs/xray.toml")  # fmt: skip
     if not path.is_file():
         raise KDError(f"config file not found: {path}")
     try:

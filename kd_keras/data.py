@@ -173,30 +173,52 @@ def load_folder(root: Path, class_names: list[str] | None) -> tuple[list[str], d
     return class_names, splits
 
 
-def load_csv(root: Path, class_names: list[str] | None) -> tuple[list[str], dict[str, Split]]:
-    rows: dict[str, list[tuple[str, str]]] = {}
-    for split in SPLITS:
-        table = root / f"{split}.csv"
-        if not table.is_file():
-            continue
+def _read_csv_rows(table: Path) -> list[tuple[str, str]]:
+    try:
         with table.open(newline="", encoding="utf-8") as fh:
             reader = csv.DictReader(fh)
             if not reader.fieldnames or not {"filename", "label"} <= set(reader.fieldnames):
                 raise KDError(f"{table} must have a header with columns filename,label")
-            rows[split] = [(r["filename"], r["label"].strip()) for r in reader]
+            rows = []
+            for line, r in enumerate(reader, start=2):
+                if not r.get("filename") or r.get("label") is None or not r["label"].strip():
+                    raise KDError(f"{table}, line {line}: needs a filename and a label")
+                rows.append((r["filename"], r["label"].strip()))
+            return rows
+    except (UnicodeDecodeError, csv.Error) as err:
+        raise KDError(f"{table} is not a readable UTF-8 CSV file: {err}") from err
+
+
+def load_csv(root: Path, class_names: list[str] | None) -> tuple[list[str], dict[str, Split]]:
+    """Seed 000's layout: `<split>.csv` rows of filename,label; images in `<root>/<split>/`.
+
+    Without `data.classes` the classes are the labels of train.csv (numbers sorted
+    numerically); a label elsewhere that train does not have is an error, never a new class.
+    """
+    rows = {split: _read_csv_rows(root / f"{split}.csv") for split in SPLITS
+            if (root / f"{split}.csv").is_file()}  # fmt: skip
     if "train" not in rows or "test" not in rows:
         raise KDError(f"data folder {root} needs train.csv and test.csv (filename,label rows)")
-    raw = sorted({label for split in rows.values() for _, label in split})
-    if class_names is None:
-        numeric = all(label.lstrip("-").isdigit() for label in raw)
-        class_names = [str(v) for v in sorted(int(x) for x in raw)] if numeric else raw
+    inferred = class_names is None
+    if inferred:
+        seen = sorted({label for _, label in rows["train"]})
+        numeric = all(label.lstrip("-").isdigit() for label in seen)
+        if numeric and any(int(label) < 0 for label in seen):
+            bad = min(seen, key=int)
+            raise KDError(f"{root / 'train.csv'}: label {bad} is negative; labels are 0..k-1 "
+                          "or class names")  # fmt: skip
+        class_names = [str(v) for v in sorted(int(x) for x in seen)] if numeric else seen
     index = {name: i for i, name in enumerate(class_names)}
     splits = {}
     for split, items in rows.items():
         paths, labels = [], []
         for filename, label in items:
             if label not in index:
-                raise KDError(f"{root / (split + '.csv')}: label {label!r} not in {class_names}")
+                where = "the labels of train.csv" if inferred else "data.classes"
+                raise KDError(
+                    f"{root / (split + '.csv')}: label {label!r} is not among {where} "
+                    f"{class_names}; fix the file or set data.classes"
+                )
             path = root / split / filename
             if not path.is_file():
                 raise KDError(f"image listed in {split}.csv not found: {path}")
@@ -285,7 +307,10 @@ def load_splits(cfg: DataConfig, seed: int = 0) -> Splits:
     else:
         names, splits = load_cifar10(cfg.path, cfg.classes)
 
-    for split in splits.values():
+    for name, split in splits.items():
+        if len(split) and split.labels.min() < 0:
+            raise KDError(f"the {name} split has a negative label ({split.labels.min()}); "
+                          "labels must be 0..k-1")  # fmt: skip
         if len(split) and split.labels.max() >= len(names):
             raise KDError(f"labels go up to {split.labels.max()} but only {len(names)} class names")
     train = splits["train"]
@@ -301,6 +326,66 @@ def load_splits(cfg: DataConfig, seed: int = 0) -> Splits:
     if cfg.limit_train:
         train = train.subset(stratified_subset(train.labels, cfg.limit_train, seed))
     return Splits(names, train, splits["val"], splits["test"])
+
+
+def bad_image_files(split: Split) -> list[str]:
+    """Paths of a file-based split that do not decode as images (empty for arrays)."""
+    if isinstance(split.images, np.ndarray):
+        return []
+    bad = []
+    for path in split.images:
+        try:
+            image = tf.io.decode_image(tf.io.read_file(path), channels=3, expand_animations=False)
+            if image.shape[0] == 0 or image.shape[1] == 0:
+                bad.append(path)
+        except (tf.errors.InvalidArgumentError, tf.errors.NotFoundError):
+            bad.append(path)
+    return bad
+
+
+def check_splits(splits: Splits, cfg) -> Splits:
+    """Everything training needs from the data, checked before the first step; prints the
+    classes and counts. Every file decodes (bad ones are listed; with `data.skip_bad_files`
+    they are dropped and counted); every class has images in train, val and test; the
+    imbalanced-subset evaluation finds its images in the test split."""
+    for name in ("train", "val", "test"):
+        split = getattr(splits, name)
+        bad = bad_image_files(split)
+        if bad and not cfg.data.skip_bad_files:
+            shown = ", ".join(bad[:5]) + (f" and {len(bad) - 5} more" if len(bad) > 5 else "")
+            raise KDError(
+                f"{len(bad)} file(s) of the {name} split are not readable images: {shown}; "
+                "remove them or set data.skip_bad_files = true"
+            )
+        if bad:
+            unreadable = set(bad)
+            keep = np.flatnonzero([p not in unreadable for p in split.images])
+            setattr(splits, name, split.subset(keep))
+            print(f"data: skipped {len(bad)} unreadable file(s) of the {name} split")
+    counts = splits.summary()
+    for name, per_class in counts.items():
+        empty = [c for c, k in per_class.items() if k == 0]
+        if empty:
+            raise KDError(
+                f"the {name} split has no images of class(es) {empty} (classes "
+                f"{splits.class_names}); every class needs images in train, val and test"
+            )
+    print(f"data: classes {splits.class_names}; images per split and class {counts}")
+    ev = cfg.eval
+    if ev.seed_subset and splits.num_classes == 2:
+        minority = int(np.argmin(np.bincount(splits.train.labels, minlength=2)))
+        need = {minority: ev.subset_minority, 1 - minority: ev.subset_majority}
+        test = splits.test if ev.split == "test" else splits.val
+        for cls, n in need.items():
+            have = int((test.labels == cls).sum())
+            if have < n:
+                raise KDError(
+                    f"the {ev.split} split has {have} images of class "
+                    f"{splits.class_names[cls]!r}; the imbalanced-subset evaluation needs {n}: "
+                    "set eval.seed_subset = false or lower eval.subset_minority / "
+                    "eval.subset_majority"
+                )
+    return splits
 
 
 # ---------------------------------------------------------------- pipelines

@@ -184,6 +184,7 @@ class Distiller(keras.Model):
         self.kd_tracker = keras.metrics.Mean(name="kd")
         self.feat_tracker = keras.metrics.Mean(name="feat")
         self.accuracy_tracker = keras.metrics.SparseCategoricalAccuracy(name="accuracy")
+        self.built = True  # every variable exists: checkpoints can save and restore it
 
     @property
     def metrics(self):

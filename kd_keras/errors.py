@@ -16,6 +16,14 @@ from pathlib import Path
 class KDError(Exception):
     """An error caused by user input; its message says what to fix."""
 
+    exit_code = 2
+
+
+class Interrupted(KDError):
+    """Ctrl-C: the message says where the work stopped and how to continue (exit 130)."""
+
+    exit_code = 130
+
 
 def atomic_write(path: str | os.PathLike, write: Callable[[Path], None]) -> Path:
     """Write a file via a temporary sibling and rename it into place.

@@ -243,6 +243,7 @@ def evaluate_run(run_dir: str | Path | RunFolder, splits=None) -> dict:
     from kd_keras.models import image_size_of
 
     run = run_dir if isinstance(run_dir, RunFolder) else RunFolder.find(run_dir)
+    run.check_consistent(report=False)
     cfg = run.cfg
     splits = splits or run.load_splits()
     size, batch = cfg.data.image_size, cfg.data.batch_size

@@ -409,6 +409,7 @@ def export_run(
     if unknown:
         raise KDError(f"unknown model {unknown[0]!r} to export; valid: {', '.join(MODEL_STAGES)}")
     run = RunFolder.find(run_dir)
+    run.check_consistent()
     tolerance = run.cfg.export.tolerance if tolerance is None else float(tolerance)
     if tolerance < 0:
         raise KDError(f"tolerance must be >= 0, got {tolerance}")
@@ -425,7 +426,7 @@ def export_run(
     out = check_writable_dir(run.export_dir(out_dir))
     say = printer(quiet)
 
-    from kd_keras.models import image_size_of, load_model
+    from kd_keras.models import image_size_of
 
     splits = run.load_splits()
     class_names = run.report.get("class_names") or splits.class_names
@@ -443,7 +444,7 @@ def export_run(
         "skipped": skipped,
     }
     for name, source in sources.items():
-        model = load_model(source, f"{name} model")
+        model = run.load_model(name)
         result["image_size"] = image_size_of(model)
         job = ExportJob(run, name, model, source, out, splits, test, class_names, tolerance, say)
         if "onnx" in formats:

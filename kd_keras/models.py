@@ -373,11 +373,16 @@ def load_model(path: str | Path, what: str = "model", safe_mode: bool = True) ->
 
     `safe_mode=False` only for files kd_keras wrote itself (a run's own models): a teacher
     view around a user's SavedModel holds a `TFSMLayer`, which Keras loads only unsafely."""
+    import zipfile
+
     import keras_hub  # noqa: F401  (registers keras-hub layers)
 
     path = Path(path)
     if not path.is_file():
         raise KDError(f"{what} file not found: {path}")
+    if not zipfile.is_zipfile(path):
+        raise KDError(f"{what} file {path} could not be loaded: it is not a .keras archive "
+                      "(corrupt, truncated or another format)")  # fmt: skip
     try:
         return keras.saving.load_model(path, compile=False, safe_mode=safe_mode)
     except Exception as err:  # Keras reports unreadable files with many exception types

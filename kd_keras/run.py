@@ -23,7 +23,11 @@ Every other module asks a `RunFolder` for these paths; none spells a file name i
 from __future__ import annotations
 
 import dataclasses
+import hashlib
+import json
 import os
+import shutil
+import time
 from functools import cached_property
 from pathlib import Path
 from typing import Any
@@ -38,6 +42,36 @@ CONFIG_FILE = "config.toml"
 REPORT_FILE = "report.json"
 REPORT_MD_FILE = "report.md"
 TRAIN_LOG_FILE = "train_log.json"
+STATE_FILE = "run_state.json"
+CHECKPOINT_DIR = "checkpoints"
+# what each stage's result depends on: (section, keys to ignore); a run is resumed, and a saved
+# model counts as belonging to the run, only while these are unchanged
+STAGE_INPUTS = {
+    "teacher": (("run", ("name", "output_dir")), ("data", ("cache",)), ("augment", ()),
+                ("teacher", ("cache",)), ("train", ("verbose", "tensorboard", "stages"))),
+    "scratch": (("run", ("name", "output_dir")), ("data", ("cache",)), ("augment", ()),
+                ("student", ()), ("train", ("verbose", "tensorboard", "stages"))),
+}  # fmt: skip
+STAGE_INPUTS["distill"] = STAGE_INPUTS["teacher"] + (("student", ()), ("distill", ()))
+
+
+def stage_inputs(cfg: Config, stage: str) -> dict[str, Any]:
+    """The config values a stage's result depends on (paths of files included)."""
+    data = cfg.to_dict()
+    return {
+        f"{section}.{key}": value
+        for section, ignored in STAGE_INPUTS[stage]
+        for key, value in data[section].items()
+        if key not in ignored
+    }
+
+
+def stage_hash(cfg: Config, stage: str) -> str:
+    """A short fingerprint of `stage_inputs`."""
+    text = json.dumps(stage_inputs(cfg, stage), sort_keys=True, default=str)
+    return hashlib.sha256(text.encode()).hexdigest()[:16]
+
+
 REPORT_HTML_FILE = "report.html"
 TENSORBOARD_DIR = "tensorboard"
 EXPORT_FILE = "export.json"
@@ -73,11 +107,32 @@ class RunFolder:
     # ------------------------------------------------------------ opening
 
     @classmethod
-    def create(cls, cfg: Config) -> RunFolder:
-        """The folder of `cfg` (made if needed) with `cfg`, data source resolved, saved in it."""
+    def create(cls, cfg: Config, mode: str = "new", stages: list[str] | None = None) -> RunFolder:
+        """The folder of `cfg` (made if needed) with `cfg`, data source resolved, saved in it.
+
+        `mode` says what may happen to a folder that already holds results: `"new"` refuses it;
+        `"resume"` continues it (finished stages are kept, the interrupted one resumes from its
+        last epoch) and refuses a config that changes any stage's result; `"overwrite"`
+        replaces the `stages` to run and removes what no longer belongs to the new config.
+        """
+        if mode not in ("new", "resume", "overwrite"):
+            raise ValueError(f"mode must be new, resume or overwrite, got {mode!r}")
+        cfg = resolve_data_source(cfg)
         run = cls(cfg.run_dir)
+        held = run.results()
+        if mode == "new" and held:
+            raise KDError(
+                f"run folder {run.path} already holds results ({', '.join(held[:4])}); add "
+                "--resume to continue it, --overwrite to replace it, or choose another run.name"
+            )
+        if mode == "resume":
+            if not held and not run.state_path.is_file():
+                raise KDError(f"nothing to resume in {run.path}: drop --resume to start the run")
+            run._check_resumable(cfg)
+        if mode == "overwrite" and held:
+            run._clear_for(cfg, stages or cfg.train.stages)
         run.path.mkdir(parents=True, exist_ok=True)
-        resolve_data_source(cfg).save(run.config_path)
+        cfg.save(run.config_path)
         run.__dict__.pop("cfg", None)
         return run
 
@@ -236,6 +291,111 @@ class RunFolder:
         log = self.train_log()
         log[stage] = entry
         write_json(self.train_log_path, log)
+
+    # ------------------------------------------------------------ state
+
+    @property
+    def state_path(self) -> Path:
+        return self.path / STATE_FILE
+
+    def checkpoint_dir(self, stage: str) -> Path:
+        """Where an unfinished stage keeps its last completed epoch (for --resume)."""
+        return self.path / CHECKPOINT_DIR / stage
+
+    def drop_checkpoint(self, stage: str) -> None:
+        """Delete a finished stage's checkpoint (and the checkpoints folder once empty)."""
+        shutil.rmtree(self.checkpoint_dir(stage), ignore_errors=True)
+        parent = self.path / CHECKPOINT_DIR
+        if parent.is_dir() and not any(parent.iterdir()):
+            parent.rmdir()
+
+    def state(self) -> dict[str, Any]:
+        """`{"stages": {stage: {"status": "running" | "done", "hash": ..., ...}}}`."""
+        if not self.state_path.is_file():
+            return {"stages": {}}
+        return read_json(self.state_path)
+
+    def set_stage(self, stage: str, status: str, cfg: Config, **extra: Any) -> None:
+        """Record a stage as running or done, with the fingerprint of what it depends on."""
+        state = self.state()
+        updated = time.strftime("%Y-%m-%dT%H:%M:%S")
+        entry = {"status": status, "hash": stage_hash(cfg, stage), "updated": updated, **extra}
+        state["stages"][stage] = entry
+        write_json(self.state_path, state)
+
+    def stage_done(self, stage: str, cfg: Config) -> bool:
+        """Whether `stage` finished under a config giving the same result as `cfg`."""
+        entry = self.state()["stages"].get(stage, {})
+        return entry.get("status") == "done" and entry.get("hash") == stage_hash(cfg, stage)
+
+    def results(self) -> list[str]:
+        """Names of the result files this folder holds (models, report, checkpoints, state)."""
+        names = [self.model_path(m).name for m in MODEL_STAGES if self.model_path(m).is_file()]
+        for path in (self.report_path, self.state_path, self.path / CHECKPOINT_DIR):
+            if path.exists():
+                names.append(path.name)
+        return names
+
+    def _saved_inputs(self) -> Config | None:
+        return load_config(self.config_path) if self.config_path.is_file() else None
+
+    def _check_resumable(self, cfg: Config) -> None:
+        saved = self._saved_inputs()
+        if saved is None:
+            return
+        for stage in ("teacher", "distill", "scratch"):
+            old, new = stage_inputs(saved, stage), stage_inputs(cfg, stage)
+            changed = sorted(k for k in new if old.get(k) != new[k])
+            if changed:
+                shown = ", ".join(f"{k} ({old.get(k)!r} -> {new[k]!r})" for k in changed[:3])
+                raise KDError(
+                    f"cannot resume {self.path}: the config changes {shown}; resume with the "
+                    "saved config (its config.toml), or use --overwrite to train anew"
+                )
+
+    def _clear_for(self, cfg: Config, stages: list[str]) -> None:
+        """Remove the models of `stages`, and of finished stages whose inputs changed, with the
+        report (it no longer describes the folder) and stale checkpoints."""
+        state = self.state()["stages"]
+        for model, stage in MODEL_STAGES.items():
+            entry = state.get(stage, {})
+            stale = stage in stages or entry.get("hash") != stage_hash(cfg, stage)
+            if stale:
+                self.model_path(model).unlink(missing_ok=True)
+                self.history_path(stage).unlink(missing_ok=True)
+                self.drop_checkpoint(stage)
+                state.pop(stage, None)
+        self.report_path.unlink(missing_ok=True)
+        self.report_md_path.unlink(missing_ok=True)
+        if self.path.is_dir():
+            write_json(self.state_path, {"stages": state})
+
+    def check_consistent(self, report: bool = True) -> None:
+        """Refuse a folder whose parts do not belong together: a model whose stage is not
+        recorded as done under the saved config, or (with `report`) a report older than a
+        model."""
+        if not self.state_path.is_file():
+            return  # written before run states existed, or by hand: nothing to compare
+        cfg = self.cfg
+        for model, stage in MODEL_STAGES.items():
+            path = self.model_path(model)
+            if not path.is_file():
+                continue
+            if not self.stage_done(stage, cfg):
+                raise KDError(
+                    f"{path} does not belong to this run's config (stage {stage} did not finish "
+                    f"under it); finish the run with `python cli.py distill --config "
+                    f"{self.config_path} --resume`, or retrain with --overwrite"
+                )
+            stale_report = (
+                report and self.report_path.is_file()
+                and self.report_path.stat().st_mtime < path.stat().st_mtime
+            )  # fmt: skip
+            if stale_report:
+                raise KDError(
+                    f"{self.report_path} is older than {path.name}: re-run `python cli.py "
+                    f"evaluate --run {self.path}`"
+                )
 
     def load_splits(self):
         """The run's train/val/test splits, from its saved config (nothing is mutated)."""

@@ -112,7 +112,8 @@ def _run(base: Config, raw: dict, base_dir: Path, folder: Path, overrides: list[
         return run.report
     cfg = build_config(raw, base_dir, overrides, default_name=base.run.name)
     cfg.run.output_dir, cfg.run.name = str(folder.parent), folder.name
-    report = run_distill(cfg, stages, copy_teacher=False)
+    mode = "resume" if run.results() else "new"  # a cell killed mid-way continues
+    report = run_distill(cfg, stages, copy_teacher=False, mode=mode)
     if progress is not None:
         progress.done(trained=True)
     return report

@@ -24,9 +24,16 @@ import keras
 import numpy as np
 
 from kd_keras.config import Config, TrainConfig
-from kd_keras.data import Splits, make_dataset
+from kd_keras.data import Splits, check_splits, make_dataset
 from kd_keras.distiller import Distiller
-from kd_keras.errors import KDError, atomic_write, write_text
+from kd_keras.errors import (
+    Interrupted,
+    KDError,
+    atomic_write,
+    read_json,
+    write_json,
+    write_text,
+)
 from kd_keras.evaluate import classification_metrics, evaluate_run
 from kd_keras.inference import keras_predictor, predict_probs
 from kd_keras.models import build_student, build_teacher, image_size_of
@@ -111,6 +118,100 @@ class SelectBest(keras.callbacks.Callback):
     def on_train_end(self, logs=None):
         if self.best_weights is not None:
             self.classifier.set_weights(self.best_weights)
+
+    def state(self) -> tuple[dict, list[np.ndarray]]:
+        """What a checkpoint needs to resume the selection: (scalars, best weights)."""
+        return {"best_score": float(self.best_score), "best_epoch": self.best_epoch}, (
+            self.best_weights or []
+        )
+
+    def restore(self, scalars: dict, weights: list[np.ndarray]) -> None:
+        """Resume the selection from a checkpoint's `state()`."""
+        self.best_score, self.best_epoch = scalars["best_score"], scalars["best_epoch"]
+        self.best_weights = list(weights) or None
+
+
+class FiniteGuard(keras.callbacks.Callback):
+    """Stops training at the first batch whose loss or loss term is not finite, naming the
+    stage, epoch and term; the last completed epoch's checkpoint is kept."""
+
+    def __init__(self, stage: str):
+        super().__init__()
+        self.stage = stage
+        self.epoch = 0
+
+    def on_epoch_begin(self, epoch, logs=None):
+        self.epoch = epoch
+
+    def on_train_batch_end(self, batch, logs=None):
+        bad = sorted(k for k, v in (logs or {}).items() if not np.all(np.isfinite(np.asarray(v))))
+        if bad:
+            raise KDError(
+                f"training diverged in stage {self.stage}, epoch {self.epoch + 1}, batch "
+                f"{batch + 1}: {', '.join(bad)} not finite. Nothing of this stage was saved "
+                "except its last completed epoch (checkpoints/); lower the stage's learning rate "
+                "and train again with --overwrite"
+            )
+
+
+class StageCheckpoint(keras.callbacks.Callback):
+    """Keeps the last completed epoch of a stage, so `--resume` continues a killed run.
+
+    Each epoch writes `epoch_<k>/` (the trainer's weights with optimizer and schedule state,
+    the best-so-far weights) and then, atomically, `latest.json` naming it (with the best-so-far
+    score and the history rows): a kill at any moment leaves a complete previous epoch. Must be
+    the last callback, after those whose state it saves."""
+
+    def __init__(self, folder: Path, select: SelectBest, history: HistoryCSV):
+        super().__init__()
+        self.folder = Path(folder)
+        self.select = select
+        self.history = history
+        self.seconds_before = 0.0
+        self._start = time.perf_counter()
+
+    @property
+    def latest(self) -> Path:
+        return self.folder / "latest.json"
+
+    def saved_epochs(self) -> int:
+        """Completed epochs kept on disk (0: none, the stage starts from scratch)."""
+        return read_json(self.latest)["epochs_done"] if self.latest.is_file() else 0
+
+    def on_train_begin(self, logs=None):
+        self._start = time.perf_counter()
+        if not self.latest.is_file():
+            return
+        meta = read_json(self.latest)
+        saved = self.folder / meta["dir"]
+        if not self.model.optimizer.built:
+            self.model.optimizer.build(self.model.trained_variables)
+        self.model.load_weights(saved / "trainer.weights.h5")
+        with np.load(saved / "best.npz") as best:
+            self.select.restore(meta["select"], [best[f"w{i}"] for i in range(len(best.files))])
+        self.history.rows = meta["history"]
+        self.seconds_before = meta["seconds"]
+        self.model._initial_epoch = meta["epochs_done"]
+        print(f"  resuming after epoch {meta['epochs_done']} (checkpoint {saved})")
+
+    def on_epoch_end(self, epoch, logs=None):
+        target = self.folder / f"epoch_{epoch + 1}"
+        shutil.rmtree(target, ignore_errors=True)
+        target.mkdir(parents=True)
+        self.model.save_weights(target / "trainer.weights.h5")
+        scalars, weights = self.select.state()
+        np.savez(target / "best.npz", **{f"w{i}": w for i, w in enumerate(weights)})
+        seconds = self.seconds_before + time.perf_counter() - self._start
+        write_json(self.latest, {"dir": target.name, "epochs_done": epoch + 1, "select": scalars,
+                                 "history": self.history.rows, "seconds": seconds})  # fmt: skip
+        for old in self.folder.glob("epoch_*"):
+            if old != target:
+                shutil.rmtree(old, ignore_errors=True)
+
+    @property
+    def seconds(self) -> float:
+        """Training time of the stage, resumed parts included."""
+        return self.seconds_before + time.perf_counter() - self._start
 
 
 class HistoryCSV(keras.callbacks.Callback):
@@ -223,19 +324,26 @@ def fit_stage(
         kd = f", {dc.mode} KD" + (f" at T {dc.temperature}" if dc.mode == "soft" else "")
     print(f"\n== stage {stage}: {classifier.name}, {classifier.count_params():,} parameters, "
           f"{epochs} epochs, lr {learning_rate}, alpha {alpha}, beta {beta}{kd}")  # fmt: skip
-    start = time.perf_counter()
-    model.fit(
-        train_ds, epochs=epochs, steps_per_epoch=steps if tc.balanced_sampling else None,
-        class_weight=weights,
-        verbose=keras_verbose(tc.verbose), shuffle=False,
-        callbacks=[select, HistoryCSV(run.history_path(stage))]
-        + ([tensorboard_callback(run.tensorboard_dir(stage))] if tc.tensorboard else []),
-    )  # fmt: skip
-    if cache is not None and cache.storage == "disk":
-        shutil.rmtree(run.teacher_cache_dir, ignore_errors=True)
-    return StageResult(
-        time.perf_counter() - start, select.best_epoch + 1, select.best_score, epochs
-    )
+    history = HistoryCSV(run.history_path(stage))
+    checkpoint = StageCheckpoint(run.checkpoint_dir(stage), select, history)
+    if checkpoint.saved_epochs() and not tc.balanced_sampling:
+        # Keras opens one iterator per epoch and each advances the shuffle and augmentation
+        # streams: open as many as the finished epochs, so the resumed epochs see the data the
+        # uninterrupted run would have seen (an endless balanced stream restarts instead)
+        for _ in range(checkpoint.saved_epochs()):
+            next(iter(train_ds))
+    callbacks = [FiniteGuard(stage), select, history]
+    callbacks += [tensorboard_callback(run.tensorboard_dir(stage))] if tc.tensorboard else []
+    try:
+        model.fit(
+            train_ds, epochs=epochs, steps_per_epoch=steps if tc.balanced_sampling else None,
+            class_weight=weights, verbose=keras_verbose(tc.verbose), shuffle=False,
+            callbacks=callbacks + [checkpoint],
+        )  # fmt: skip
+    finally:
+        if cache is not None and cache.storage == "disk":
+            shutil.rmtree(run.teacher_cache_dir, ignore_errors=True)
+    return StageResult(checkpoint.seconds, select.best_epoch + 1, select.best_score, epochs)
 
 
 def _augments(cfg: Config) -> bool:
@@ -270,7 +378,11 @@ def _stage_setting(value, default):
 
 
 def run_distill(
-    cfg: Config, stages: list[str] | None = None, copy_teacher: bool = True, force: bool = False
+    cfg: Config,
+    stages: list[str] | None = None,
+    copy_teacher: bool = True,
+    force: bool = False,
+    mode: str = "new",
 ) -> dict:
     """Run the configured stages, then evaluate every model of the run on the test split.
 
@@ -278,16 +390,41 @@ def run_distill(
     see `kd_keras.teacher`) is wrapped into its own view of the image, checked on validation
     (a teacher no better than chance stops the run unless `force`), and saved as the run's
     teacher (so the run is self-contained for evaluation and export) unless `copy_teacher` is
-    False. `cfg` is not modified: the run works from the config it saved.
+    False. `mode` (`new`, `resume`, `overwrite`) says what may happen to a folder that already
+    holds results (`RunFolder.create`); with `resume`, finished stages are kept and the
+    interrupted one continues from its last completed epoch. `cfg` is not modified: the run
+    works from the config it saved.
     """
     stages = stages or cfg.train.stages
-    run = RunFolder.create(cfg)
+    run = RunFolder.create(cfg, mode, stages)
     cfg = run.cfg
-    splits = run.load_splits()
-    print(f"data: {cfg.data.source} {cfg.data.dataset if cfg.data.source == 'medmnist' else ''} "
-          f"classes {splits.class_names}; counts {splits.summary()}")  # fmt: skip
+    splits = check_splits(run.load_splits(), cfg)
+    current = {"stage": None}
+    try:
+        _run_stages(cfg, run, splits, stages, copy_teacher, force, current)
+    except (KeyboardInterrupt, Interrupted):
+        where = f" in stage {current['stage']}" if current["stage"] else ""
+        raise Interrupted(
+            f"interrupted{where}; completed stages and the last completed epoch are kept in "
+            f"{run.path}; continue with: python cli.py distill --config {run.config_path} "
+            "--resume"
+        ) from None
+    return evaluate_run(run, splits=splits)
+
+
+def _run_stages(cfg, run: RunFolder, splits, stages, copy_teacher, force, current) -> None:
     n, size = splits.num_classes, cfg.data.image_size
     tc = cfg.train
+
+    def train(stage: str, model: keras.Model, teacher, epochs, learning_rate, tap=None):
+        current["stage"] = stage
+        run.set_stage(stage, "running", cfg)
+        result = fit_stage(cfg, splits, stage, model, teacher, epochs, learning_rate, run, tap)
+        save_model(model, run.model_path(STAGE_MODELS[stage]))
+        run.record_stage(stage, result.__dict__)
+        run.set_stage(stage, "done", cfg)
+        run.drop_checkpoint(stage)
+        current["stage"] = None
 
     teacher_file = run.model_path("teacher")
     teacher = None
@@ -305,20 +442,23 @@ def run_distill(
             check_teacher(teacher, view, splits, cfg.data.batch_size, force)
         if copy_teacher:
             save_model(teacher, teacher_file)
+            run.set_stage("teacher", "done", cfg, source=cfg.teacher.path)
+    elif "teacher" in stages and run.stage_done("teacher", cfg) and teacher_file.is_file():
+        print(f"\n== stage teacher: finished earlier, kept ({teacher_file})")
+        teacher = run.load_model("teacher")
     elif "teacher" in stages:
         keras.utils.set_random_seed(cfg.run.seed)
         teacher = build_teacher(cfg.teacher.arch, n, size, cfg.teacher.weights,
                                 tiny=cfg.teacher.variant == "tiny")  # fmt: skip
-        result = fit_stage(
-            cfg, splits, "teacher", teacher, None,
-            _stage_setting(cfg.teacher.epochs, tc.epochs),
-            _stage_setting(cfg.teacher.learning_rate, tc.learning_rate), run,
-        )  # fmt: skip
-        save_model(teacher, teacher_file)
-        run.record_stage("teacher", result.__dict__)
+        train("teacher", teacher, None, _stage_setting(cfg.teacher.epochs, tc.epochs),
+              _stage_setting(cfg.teacher.learning_rate, tc.learning_rate))  # fmt: skip
 
     for stage in ("distill", "scratch"):
         if stage not in stages:
+            continue
+        target = run.model_path(STAGE_MODELS[stage])
+        if run.stage_done(stage, cfg) and target.is_file():
+            print(f"\n== stage {stage}: finished earlier, kept ({target})")
             continue
         if stage == "distill" and teacher is None:
             if not teacher_file.is_file():
@@ -332,12 +472,5 @@ def run_distill(
             cfg.student.arch, n, size, cfg.student.weights, cfg.student.patch_size,
             tiny=cfg.student.variant == "tiny",
         )  # fmt: skip
-        result = fit_stage(
-            cfg, splits, stage, student, teacher,
-            _stage_setting(cfg.student.epochs, tc.epochs),
-            _stage_setting(cfg.student.learning_rate, tc.learning_rate), run, teacher_tap,
-        )  # fmt: skip
-        save_model(student, run.model_path(STAGE_MODELS[stage]))
-        run.record_stage(stage, result.__dict__)
-
-    return evaluate_run(run, splits=splits)
+        train(stage, student, teacher, _stage_setting(cfg.student.epochs, tc.epochs),
+              _stage_setting(cfg.student.learning_rate, tc.learning_rate), teacher_tap)  # fmt: skip

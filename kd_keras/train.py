@@ -34,7 +34,7 @@ from kd_keras.errors import (
     write_json,
     write_text,
 )
-from kd_keras.evaluate import classification_metrics, evaluate_run
+from kd_keras.evaluate import choose_threshold, classification_metrics, evaluate_run
 from kd_keras.inference import keras_predictor, predict_probs
 from kd_keras.models import build_student, build_teacher, image_size_of
 from kd_keras.run import STAGE_MODELS, RunFolder
@@ -76,10 +76,16 @@ def class_weights(labels: np.ndarray, num_classes: int) -> dict[int, float]:
 class SelectBest(keras.callbacks.Callback):
     """Evaluates the trained classifier on the validation split after every epoch, adds
     `val_accuracy`, `val_balanced_accuracy`, `val_macro_f1`, `val_auc` to the epoch logs, keeps
-    the weights of the best epoch by `monitor`, and restores them when training ends."""
+    the weights of the best epoch by `monitor`, and restores them when training ends.
+
+    The metrics use the decision rule evaluation will use: with `tune_threshold` (binary tasks,
+    `eval.threshold = "val_balanced_accuracy"`) the threshold chosen on validation, not argmax —
+    else a model that ranks well but is mis-calibrated at 0.5 ties with every other epoch at
+    balanced accuracy 0.5. Ties on `monitor` go to the higher validation AUC (threshold-free),
+    then to the later epoch."""
 
     def __init__(self, classifier: keras.Model, val_ds, y_val, class_names, monitor: str,
-                 stage: str = "train"):  # fmt: skip
+                 stage: str = "train", tune_threshold: bool = False):  # fmt: skip
         super().__init__()
         self.classifier = classifier
         self.predictor = keras_predictor(classifier)
@@ -88,15 +94,17 @@ class SelectBest(keras.callbacks.Callback):
         self.y_val = y_val
         self.class_names = class_names
         self.monitor = monitor
+        self.tune_threshold = tune_threshold and len(class_names) == 2
         self.best_score = -np.inf
+        self.best_auc = -np.inf
         self.best_epoch = -1
         self.best_weights = None
 
     def on_epoch_end(self, epoch, logs=None):
         what = f"the {self.stage} stage's model after epoch {epoch + 1}"
-        m = classification_metrics(
-            self.y_val, predict_probs(self.predictor, self.val_ds, what), self.class_names
-        )
+        probs = predict_probs(self.predictor, self.val_ds, what)
+        threshold = choose_threshold(self.y_val, probs) if self.tune_threshold else None
+        m = classification_metrics(self.y_val, probs, self.class_names, threshold)
         values = {
             "val_accuracy": m["accuracy"],
             "val_balanced_accuracy": m["balanced_accuracy"],
@@ -106,11 +114,13 @@ class SelectBest(keras.callbacks.Callback):
         if logs is not None:
             logs.update(values)
         score = values[self.monitor]
-        if score > self.best_score:
-            self.best_score, self.best_epoch = score, epoch
+        auc = values["val_auc"] if np.isfinite(values["val_auc"]) else -np.inf
+        if (score, auc) >= (self.best_score, self.best_auc):
+            self.best_score, self.best_auc, self.best_epoch = score, auc, epoch
             self.best_weights = [w.copy() for w in self.classifier.get_weights()]
+        rule = f" at threshold {threshold:.3f}" if threshold is not None else ""
         print(
-            f"  val: balanced_accuracy {values['val_balanced_accuracy']:.4f}  "
+            f"  val{rule}: balanced_accuracy {values['val_balanced_accuracy']:.4f}  "
             f"auc {values['val_auc']:.4f}  (best {self.monitor} {self.best_score:.4f} "
             f"at epoch {self.best_epoch + 1})"
         )
@@ -121,13 +131,14 @@ class SelectBest(keras.callbacks.Callback):
 
     def state(self) -> tuple[dict, list[np.ndarray]]:
         """What a checkpoint needs to resume the selection: (scalars, best weights)."""
-        return {"best_score": float(self.best_score), "best_epoch": self.best_epoch}, (
-            self.best_weights or []
-        )
+        scalars = {"best_score": float(self.best_score), "best_auc": float(self.best_auc),
+                   "best_epoch": self.best_epoch}  # fmt: skip
+        return scalars, (self.best_weights or [])
 
     def restore(self, scalars: dict, weights: list[np.ndarray]) -> None:
         """Resume the selection from a checkpoint's `state()`."""
         self.best_score, self.best_epoch = scalars["best_score"], scalars["best_epoch"]
+        self.best_auc = scalars.get("best_auc", -np.inf)
         self.best_weights = list(weights) or None
 
 
@@ -313,8 +324,9 @@ def fit_stage(
     val_ds = make_dataset(splits.val, size, batch, cache=cfg.data.cache, labels=False)
     steps = int(np.ceil(len(splits.train) / batch))
     model.compile(optimizer=make_optimizer(tc, learning_rate, epochs, steps))
+    tune = cfg.eval.threshold != "argmax"
     select = SelectBest(classifier, val_ds, splits.val.labels, splits.class_names, tc.monitor,
-                        stage)  # fmt: skip
+                        stage, tune_threshold=tune)  # fmt: skip
     weights = (
         class_weights(splits.train.labels, splits.num_classes)
         if tc.class_weight == "balanced" else None

@@ -21,7 +21,8 @@ from kd_keras.models import (
 
 TEACHER_PREFIX = "teacher_"  # input keys of cached teacher outputs: teacher_logits, ...
 
-MODES = ("soft", "hard")
+MODES = tuple(losses.KD_LOSSES)  # soft, hard, dkd
+FEATURE_LOSSES = tuple(losses.FEATURE_LOSSES)  # fitnet, attention
 FEATURE_NORMS = ("none", "l2")
 
 
@@ -76,8 +77,12 @@ class Distiller(keras.Model):
         alpha: weight of the label CE term, in [0, 1].
         temperature: softmax temperature T of the soft KD term, > 0.
         beta: weight of the feature-matching term, >= 0 (0 turns it off).
-        mode: "soft" (T^2 KL on tempered probabilities) or "hard" (CE on teacher argmax).
-        feature_norm: "l2" or "none"; see `losses.feature_l2`.
+        mode: the teacher-logits loss, a name in `losses.KD_LOSSES`: "soft" (T^2 KL on tempered
+            probabilities), "hard" (CE on teacher argmax) or "dkd" (decoupled KD).
+        feature_norm: "l2" or "none"; see `losses.feature_l2` (FitNet feature loss).
+        feature_loss: a name in `losses.FEATURE_LOSSES`: "fitnet" (through the learned
+            adapter) or "attention" (attention transfer, channel-free, no adapter).
+        dkd_alpha, dkd_beta: DKD's target- and non-target-class weights.
         weight_distillation: apply sample weights to the KD and feature terms as well.
         logit_adjustment: per-class offsets added to the student's logits in the CE term only
             (Menon et al., 2021, "Long-tail learning via logit adjustment": tau * log prior),
@@ -108,6 +113,9 @@ class Distiller(keras.Model):
         beta: float = 0.0,
         mode: str = "soft",
         feature_norm: str = "l2",
+        feature_loss: str = "fitnet",
+        dkd_alpha: float = 1.0,
+        dkd_beta: float = 8.0,
         weight_distillation: bool = True,
         logit_adjustment: list[float] | None = None,
         l2_weight_decay: float = 0.0,
@@ -128,6 +136,9 @@ class Distiller(keras.Model):
             raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
         if feature_norm not in FEATURE_NORMS:
             raise ValueError(f"feature_norm must be one of {FEATURE_NORMS}, got {feature_norm!r}")
+        self.kd_term = losses.kd_loss(mode, temperature=temperature, dkd_alpha=dkd_alpha,
+                                      dkd_beta=dkd_beta)  # fmt: skip
+        self.feature_term = losses.feature_loss(feature_loss, feature_norm=feature_norm)
         if teacher is None and (alpha < 1.0 or beta > 0.0):
             raise ValueError(
                 f"a teacher is needed when alpha < 1 or beta > 0 (alpha={alpha}, beta={beta})"
@@ -139,6 +150,9 @@ class Distiller(keras.Model):
         self.beta = float(beta)
         self.mode = mode
         self.feature_norm = feature_norm
+        self.feature_loss = feature_loss
+        self.dkd_alpha = float(dkd_alpha)
+        self.dkd_beta = float(dkd_beta)
         self.weight_distillation = bool(weight_distillation)
         self.logit_adjustment = (
             [float(v) for v in logit_adjustment] if logit_adjustment is not None else None
@@ -169,7 +183,9 @@ class Distiller(keras.Model):
         }
         t_outputs = {"logits": t_logits} if self.uses_teacher else {}
         self.adapter = None
-        if self.beta > 0:
+        if self.beta > 0 and not self.feature_term.needs_adapter:
+            t_outputs["feature"], s_outputs["feature"] = t_feature, s_feature
+        elif self.beta > 0:
             t_outputs["feature"], s_outputs["feature"] = t_feature, s_feature
             t_shape = t_feature.shape
             self.adapter = FeatureAdapter(t_shape[-1], t_shape[1:3], name="adapter")
@@ -219,15 +235,14 @@ class Distiller(keras.Model):
         total = self.alpha * ce
         terms = {"ce": ce}
         if self.uses_teacher and self.alpha < 1.0:
-            if self.mode == "soft":
-                kd = losses.soft_kd(teacher_out["logits"], kd_logits, self.temperature)
-            else:
-                kd = losses.hard_kd(teacher_out["logits"], kd_logits)
+            kd = self.kd_term(y, teacher_out["logits"], kd_logits)
             terms["kd"] = losses.weighted_mean(kd, kd_weight)
             total = total + (1.0 - self.alpha) * terms["kd"]
         if self.beta > 0:
-            projected = self.adapter(student_out["feature"])
-            feat = losses.feature_l2(teacher_out["feature"], projected, self.feature_norm)
+            s_feature = student_out["feature"]
+            if self.adapter is not None:
+                s_feature = self.adapter(s_feature)
+            feat = self.feature_term(teacher_out["feature"], s_feature)
             terms["feat"] = losses.weighted_mean(feat, kd_weight)
             total = total + self.beta * terms["feat"]
         terms["loss"] = total + self._regularization()
@@ -303,6 +318,9 @@ class Distiller(keras.Model):
             "beta": self.beta,
             "mode": self.mode,
             "feature_norm": self.feature_norm,
+            "feature_loss": self.feature_loss,
+            "dkd_alpha": self.dkd_alpha,
+            "dkd_beta": self.dkd_beta,
             "weight_distillation": self.weight_distillation,
             "logit_adjustment": self.logit_adjustment,
             "l2_weight_decay": self.l2_weight_decay,

@@ -305,7 +305,8 @@ def fit_stage(
         adjustment = (tc.logit_adjustment * np.log(np.maximum(prior, 1e-12))).tolist()
     model = Distiller(
         classifier, teacher, alpha=alpha, temperature=dc.temperature, beta=beta, mode=dc.mode,
-        feature_norm=dc.feature_norm, weight_distillation=tc.weight_distillation,
+        feature_norm=dc.feature_norm, feature_loss=dc.feature_loss, dkd_alpha=dc.dkd_alpha,
+        dkd_beta=dc.dkd_beta, weight_distillation=tc.weight_distillation,
         logit_adjustment=adjustment,
         l2_weight_decay=tc.weight_decay if tc.weight_decay_mode == "l2" else 0.0,
         teacher_feature_layer=teacher_feature_layer,
@@ -333,7 +334,7 @@ def fit_stage(
     )  # fmt: skip
     kd = ""
     if stage == "distill" and alpha < 1.0:
-        kd = f", {dc.mode} KD" + (f" at T {dc.temperature}" if dc.mode == "soft" else "")
+        kd = f", {dc.mode} KD" + (f" at T {dc.temperature}" if dc.mode != "hard" else "")
     print(f"\n== stage {stage}: {classifier.name}, {classifier.count_params():,} parameters, "
           f"{epochs} epochs, lr {learning_rate}, alpha {alpha}, beta {beta}{kd}")  # fmt: skip
     history = HistoryCSV(run.history_path(stage))

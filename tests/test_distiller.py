@@ -194,3 +194,20 @@ def test_evaluate_reports_the_same_terms_as_compute_terms(pair):
     terms = d.compute_terms(Y, d._student_graph(X, training=False), d._teacher_forward(X))
     for key in ("loss", "ce", "kd", "feat"):
         assert logs[key] == pytest.approx(float(terms[key]), rel=1e-4), key
+
+
+@pytest.mark.parametrize("mode, feature", [("dkd", "fitnet"), ("soft", "attention")])
+def test_registered_losses_train_through_the_distiller(pair, mode, feature):
+    teacher, student = pair
+    d = Distiller(student, teacher, alpha=0.5, beta=1.0, mode=mode, feature_loss=feature)
+    assert (d.adapter is None) == (feature == "attention"), "attention transfer needs no adapter"
+    d.compile(optimizer=keras.optimizers.SGD(0.01))
+    logs = d.train_on_batch(X, Y, return_dict=True)
+    assert {"kd", "feat"} <= set(logs) and all(np.isfinite(v) for v in logs.values())
+    terms = d.compute_terms(Y, d._student_graph(X), d._teacher_forward(X))
+    t_out = d._teacher_forward(X)
+    expected_kd = np.mean(losses.kd_loss(mode, temperature=4.0)(Y, t_out["logits"],
+                                                                 student(X)))  # fmt: skip
+    assert float(terms["kd"]) == pytest.approx(float(expected_kd), rel=1e-4)
+    again = Distiller.from_config(d.get_config())
+    assert (again.mode, again.feature_loss) == (mode, feature)

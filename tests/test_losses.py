@@ -53,3 +53,68 @@ def test_weighted_mean_uses_keras_convention():
     weights = np.array([2.0, 0.0, 1.0, 1.0], "float32")
     assert float(losses.weighted_mean(per_sample)) == pytest.approx(2.5)
     assert float(losses.weighted_mean(per_sample, weights)) == pytest.approx((2 + 3 + 4) / 4)
+
+
+# ---------------------------------------------------------------- registry
+
+
+def np_log_softmax(z):
+    z = z - z.max(axis=-1, keepdims=True)
+    return z - np.log(np.exp(z).sum(axis=-1, keepdims=True))
+
+
+def np_dkd(labels, t, s, temperature, alpha, beta):
+    """Decoupled KD written from the paper's equations (Zhao et al., 2022, eq. 1-4)."""
+    out = []
+    for y, tt, ss in zip(labels, t / temperature, s / temperature):
+        p_t, p_s = np.exp(np_log_softmax(tt)), np.exp(np_log_softmax(ss))
+        b_t, b_s = np.array([p_t[y], 1 - p_t[y]]), np.array([p_s[y], 1 - p_s[y]])
+        tckd = np.sum(b_t * np.log(b_t / b_s))
+        rest = [k for k in range(len(tt)) if k != y]
+        q_t, q_s = p_t[rest] / p_t[rest].sum(), p_s[rest] / p_s[rest].sum()
+        nckd = np.sum(q_t * np.log(q_t / q_s))
+        out.append(temperature**2 * (alpha * tckd + beta * nckd))
+    return np.array(out)
+
+
+def test_registry_lists_valid_names_and_keeps_the_existing_terms():
+    with pytest.raises(ValueError, match="unknown distillation loss 'crd'; valid: soft, hard, dkd"):
+        losses.kd_loss("crd")
+    with pytest.raises(ValueError, match="valid: fitnet, attention"):
+        losses.feature_loss("vid")
+    rng = np.random.default_rng(1)
+    t, s = rng.normal(size=(6, 4)) * 3, rng.normal(size=(6, 4)) * 3
+    y = rng.integers(0, 4, 6)
+    np.testing.assert_allclose(losses.kd_loss("soft", temperature=2.5)(y, t, s),
+                               losses.soft_kd(t, s, 2.5), rtol=1e-6)  # fmt: skip
+    np.testing.assert_allclose(losses.kd_loss("hard")(y, t, s), losses.hard_kd(t, s), rtol=1e-6)
+    ft, fs = rng.normal(size=(2, 3, 3, 8)), rng.normal(size=(2, 3, 3, 8))
+    np.testing.assert_allclose(losses.feature_loss("fitnet", feature_norm="none")(ft, fs),
+                               losses.feature_l2(ft, fs, "none"), rtol=1e-6)  # fmt: skip
+
+
+def test_decoupled_kd_matches_the_paper_by_numpy():
+    rng = np.random.default_rng(2)
+    t, s = rng.normal(size=(8, 5)) * 2, rng.normal(size=(8, 5)) * 2
+    y = rng.integers(0, 5, 8)
+    got = np.asarray(losses.kd_loss("dkd", temperature=3.0, dkd_alpha=1.0, dkd_beta=8.0)(y, t, s))
+    np.testing.assert_allclose(got, np_dkd(y, t, s, 3.0, 1.0, 8.0), rtol=1e-4, atol=1e-6)
+    # with two classes NCKD vanishes and TCKD is the whole KL: DKD = alpha * soft KD
+    t2, s2, y2 = t[:, :2], s[:, :2], (y % 2)
+    dkd2 = losses.kd_loss("dkd", temperature=3.0, dkd_alpha=0.7, dkd_beta=8.0)(y2, t2, s2)
+    np.testing.assert_allclose(dkd2, 0.7 * np.asarray(losses.soft_kd(t2, s2, 3.0)), rtol=1e-4)
+
+
+def test_attention_transfer_matches_numpy():
+    rng = np.random.default_rng(3)
+    ft = rng.normal(size=(2, 4, 4, 16)).astype("float32")
+    fs = rng.normal(size=(2, 4, 4, 8)).astype("float32")  # other channel count: AT is free of it
+
+    def np_at(f):
+        a = (np.abs(f) ** 2).mean(axis=-1).reshape(len(f), -1)
+        return a / np.linalg.norm(a, axis=1, keepdims=True)
+
+    expected = ((np_at(ft) - np_at(fs)) ** 2).mean(axis=1)
+    got = losses.feature_loss("attention")(ft, fs)
+    np.testing.assert_allclose(got, expected, rtol=1e-5)
+    assert float(np.max(losses.feature_loss("attention")(ft, ft))) < 1e-12

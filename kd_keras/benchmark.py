@@ -59,7 +59,7 @@ from kd_keras.errors import KDError, check_writable_dir, write_json, write_text
 from kd_keras.export import (
     artefact_path,
     calibration_batches,
-    quantization_method,
+    quantization_plan,
     quantize,
     read_metadata,
     to_onnx,
@@ -503,6 +503,9 @@ def _file_candidate(name, arch, fmt, path, params, threshold, source, size, thre
     flag = EXPORT_FLAGS[fmt]
     if not path.is_file():
         note = f"no {path.name}: run `python cli.py export {flag}` first"
+        fp32 = path.with_name(path.name.replace(".int8.onnx", ".onnx"))
+        if fmt == "int8" and fp32.is_file() and quantization_plan(fp32)["method"] == "none":
+            note = quantization_plan(fp32)["reason"]
         return Candidate(name, arch, fmt, None, params, None, threshold, note)
     meta = _file_metadata(path)
     exported = meta.get("image_size")
@@ -694,10 +697,14 @@ def fresh_candidates(
             continue
         extra = ""
         if fmt == "int8":
-            method = quantization_method(path["onnx"])
-            say(f"quantizing {name} to INT8 ({method}) …")
-            quantize(path["onnx"], path[fmt], method, calibration)
-            extra = f"INT8 {method}"
+            plan = quantization_plan(path["onnx"])
+            if plan["method"] == "none":
+                candidates.append(Candidate(name, arch, fmt, None, params, None, None,
+                                            plan["reason"]))  # fmt: skip
+                continue
+            say(f"quantizing {name} to INT8 ({plan['method']}) …")
+            quantize(path["onnx"], path[fmt], plan["method"], calibration)
+            extra = f"INT8 {plan['method']}"
         elif fmt.startswith("tflite"):
             say(f"converting {name} to TFLite ({fmt}) …")
             write_tflite(path[fmt], convert(model, calibration if fmt == "tflite_int8" else None),

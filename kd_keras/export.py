@@ -266,14 +266,60 @@ def check_parity(
 # ---------------------------------------------------------------- INT8
 
 
+# Measured on a 2-core AVX-512 VNNI CPU, ONNX Runtime 1.31, 224 px, batch 1 (README): U8S8
+# static QDQ runs ResNet18 at 0.47x and ResNet50 at 0.38x of FP32; dynamic MatMul INT8 runs
+# ViT/DeiT-small at 0.49-0.62x; every INT8 variant of EfficientNetB3 was 1.24-3.0x SLOWER.
+NO_GAIN_REASON = (
+    "no INT8 file: INT8 is slower than FP32 on this graph here — its {sigmoids} Sigmoid nodes "
+    "(swish activations, squeeze-excite) become QLinearSigmoid/QLinearMul, which cost more than "
+    "the Conv time INT8 saves (EfficientNetB3 measured at 1.24-1.29x FP32 latency); the FP32 "
+    "file is the fast one"
+)
+
+
 def quantization_method(onnx_path: str | os.PathLike) -> str:
-    """`"dynamic"` for attention-dominated graphs (more MatMul/Gemm than Conv nodes: ViT and
-    DeiT have four per block and a single patch-embedding Conv), `"static"` otherwise (CNNs have
-    one Conv per layer and a single classifier MatMul)."""
+    """How to quantize a graph, read from its operators (not from model names):
+
+    - `"dynamic"` for attention-dominated graphs (more MatMul/Gemm than Conv nodes: ViT and DeiT
+      have four per block and a single patch-embedding Conv);
+    - `"none"` for convolution graphs dominated by Sigmoid gates (swish, squeeze-excite:
+      EfficientNet), where INT8 measured slower than FP32;
+    - `"static"` otherwise (CNNs with one Conv per layer and a single classifier MatMul).
+    """
+    return quantization_plan(onnx_path)["method"]
+
+
+def quantization_plan(onnx_path: str | os.PathLike) -> dict[str, Any]:
+    """`{"method", "reason", "exclude"}`: the method (`quantization_method`), why, and the
+    nodes kept in float: the softmax and the classifier head (its MatMul/Gemm nodes and what
+    follows them up to the logits) — quantized logits are clipped to the calibration range,
+    which cost ResNet50 up to 6.7 in logit error and nothing in speed when kept float."""
     import onnx
 
-    ops = Counter(n.op_type for n in onnx.load(str(onnx_path)).graph.node)
-    return "dynamic" if ops["MatMul"] + ops["Gemm"] > ops["Conv"] else "static"
+    graph = onnx.load(str(onnx_path), load_external_data=False).graph
+    ops = Counter(n.op_type for n in graph.node)
+    if ops["MatMul"] + ops["Gemm"] > ops["Conv"]:
+        method, reason = "dynamic", "attention-dominated graph: dynamic INT8 MatMul/Gemm"
+    elif ops["Sigmoid"] * 2 >= max(ops["Conv"], 1):
+        method, reason = "none", NO_GAIN_REASON.format(sigmoids=ops["Sigmoid"])
+    else:
+        method, reason = "static", "convolution graph: static U8S8 QDQ, per-channel weights"
+    return {"method": method, "reason": reason, "exclude": [SOFTMAX_NODE, *_head_nodes(graph)]}
+
+
+def _head_nodes(graph, max_nodes: int = 12) -> list[str]:
+    """The nodes between the last MatMul/Gemm layers and the `logits` output (both ends
+    included): a classifier head, or DeiT's two heads and their average."""
+    producer = {out: node for node in graph.node for out in node.output}
+    found, frontier = [], [LOGITS]
+    while frontier and len(found) < max_nodes:
+        node = producer.get(frontier.pop())
+        if node is None or node.name in found:
+            continue
+        found.append(node.name)
+        if node.op_type not in ("MatMul", "Gemm"):
+            frontier += [i for i in node.input if i in producer]
+    return found
 
 
 class CalibrationBatches:
@@ -332,15 +378,21 @@ def quantize(
     files in the current directory on transformer graphs.
     """
     import onnx
-    from onnxruntime.quantization import QuantFormat, quantize_dynamic, quantize_static
+    from onnxruntime.quantization import (
+        QuantFormat,
+        QuantType,
+        quantize_dynamic,
+        quantize_static,
+    )
     from onnxruntime.quantization.shape_inference import quant_pre_process
 
     # resolved before the tools change the working directory
     fp32_path, int8_path = Path(fp32_path).resolve(), Path(int8_path).resolve()
-    method = method or quantization_method(fp32_path)
+    plan = quantization_plan(fp32_path)
+    method = method or plan["method"]
     if method not in ("static", "dynamic"):
         raise KDError(f"unknown quantization method {method!r}; valid: static, dynamic")
-    info: dict[str, Any] = {"method": method}
+    info: dict[str, Any] = {"method": method, "float_nodes": plan["exclude"]}
     with tempfile.TemporaryDirectory(prefix="kd_keras_int8_") as tmp, contextlib.chdir(tmp):
         pre = Path(tmp) / "preprocessed.onnx"
         out = Path(tmp) / "int8.onnx"
@@ -351,13 +403,18 @@ def quantize(
                 if calibration is None:
                     raise KDError("static INT8 quantization needs calibration images")
                 reader = _Batches(calibration)
+                # uint8 activations: on x86 ONNX Runtime fuses every Conv of a U8S8 graph into
+                # QLinearConv, but only some of an S8S8 graph (the rest run as float Conv
+                # between Quantize/Dequantize pairs: no faster than FP32; ORT profiler, README)
                 quantize_static(
                     str(pre), str(out), reader, quant_format=QuantFormat.QDQ, per_channel=True,
-                    nodes_to_exclude=[SOFTMAX_NODE],
+                    activation_type=QuantType.QUInt8, weight_type=QuantType.QInt8,
+                    reduce_range=False, nodes_to_exclude=plan["exclude"],
                 )  # fmt: skip
-                info.update(format="QDQ", per_channel=True, weights="int8", activations="int8")
+                info.update(format="QDQ", per_channel=True, weights="int8", activations="uint8")
             else:
-                quantize_dynamic(str(pre), str(out), op_types_to_quantize=["MatMul", "Gemm"])
+                quantize_dynamic(str(pre), str(out), op_types_to_quantize=["MatMul", "Gemm"],
+                                 nodes_to_exclude=plan["exclude"])  # fmt: skip
                 info.update(format="dynamic", ops=["MatMul", "Gemm"], weights="int8")
         model = onnx.load(str(out))
         _set_metadata(model, {**(metadata or {}), "quantization": json.dumps(info)})
@@ -447,6 +504,7 @@ def export_run(
         model = run.load_model(name)
         result["image_size"] = image_size_of(model)
         job = ExportJob(run, name, model, source, out, splits, test, class_names, tolerance, say)
+        job.skipped = skipped  # files a format decides not to write say why here
         if "onnx" in formats:
             result["artefacts"].update(_export_onnx(job, int8))
         if "tflite" in formats:
@@ -557,7 +615,13 @@ def _export_onnx(job: ExportJob, int8: bool) -> dict[str, dict[str, Any]]:
     if not int8:
         return entries
     int8_path = artefact_path(job.out, name, "int8")
-    method = quantization_method(onnx_path)
+    plan = quantization_plan(onnx_path)
+    method = plan["method"]
+    if method == "none":
+        int8_path.unlink(missing_ok=True)  # an older file would look like this export's
+        job.say(f"[bold]{name}[/]: {plan['reason']}")
+        job.skipped[f"{name}.int8"] = plan["reason"]
+        return entries
     job.say(f"[bold]{name}[/]: quantizing to INT8 ({method}) …")
     calibration = job.calibration()
     info = quantize(onnx_path, int8_path, method, calibration=calibration,

@@ -73,6 +73,9 @@ def distill(
 
     mode = "resume" if resume else "overwrite" if overwrite else "new"
     report = run_distill(cfg, chosen, force=force, mode=mode)
+    if not report:  # a non-chief worker of distribute.strategy = "multi_worker"
+        typer.echo("worker done: the chief writes the run folder and the report")
+        return
     typer.echo("\n" + report_markdown(report))
     typer.echo(f"run folder: {cfg.run_dir}")
 

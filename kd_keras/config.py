@@ -143,6 +143,15 @@ class ExportConfig:
 
 
 @dataclass
+class DistributeConfig:
+    # tf.distribute engine (kd_keras.distribute): one device, the GPUs of this machine
+    # (MirroredStrategy), or the machines of TF_CONFIG (MultiWorkerMirroredStrategy)
+    strategy: str = _spec("none", kind=str, choices=("none", "mirrored", "multi_worker"))
+    # BatchNorm statistics over the global batch (as on one device) rather than per replica
+    sync_batch_norm: bool = _spec(True, kind=bool)
+
+
+@dataclass
 class Config:
     run: RunConfig = field(default_factory=RunConfig)
     data: DataConfig = field(default_factory=DataConfig)
@@ -153,6 +162,7 @@ class Config:
     train: TrainConfig = field(default_factory=TrainConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
     export: ExportConfig = field(default_factory=ExportConfig)
+    distribute: DistributeConfig = field(default_factory=DistributeConfig)
 
     @property
     def run_dir(self) -> Path:

@@ -10,7 +10,7 @@ import keras
 import tensorflow as tf
 from keras import ops
 
-from kd_keras import losses
+from kd_keras import distribute, losses
 from kd_keras.models import (
     CLS_LOGITS_LAYER,
     DIST_LOGITS_LAYER,
@@ -199,7 +199,8 @@ class Distiller(keras.Model):
         self.ce_tracker = keras.metrics.Mean(name="ce")
         self.kd_tracker = keras.metrics.Mean(name="kd")
         self.feat_tracker = keras.metrics.Mean(name="feat")
-        self.accuracy_tracker = keras.metrics.SparseCategoricalAccuracy(name="accuracy")
+        # weighted accuracy of the global batch, batch by batch: sum(hit * w) / sum(w)
+        self.accuracy_tracker = keras.metrics.Mean(name="accuracy")
         self.built = True  # every variable exists: checkpoints can save and restore it
 
     @property
@@ -221,31 +222,35 @@ class Distiller(keras.Model):
         images, _ = self._split_inputs(inputs)
         return self.student(self._at_size(images, self.student), training=training)
 
-    def compute_terms(self, y, student_out, teacher_out, sample_weight=None) -> dict:
+    def compute_terms(self, y, student_out, teacher_out, sample_weight=None, count=None) -> dict:
         """The loss and its weighted terms for one batch (scalar tensors).
 
         `student_out` and `teacher_out` are the dicts of `_student_graph` and `_teacher_forward`.
-        `loss` includes the regularisation losses (the student's own and coupled L2).
+        `loss` includes the regularisation losses (the student's own and coupled L2). With
+        `count`, the global batch size when this batch is one replica's part of it, every term
+        is this replica's share (weighted sum / count; regularisation / replicas): the shares
+        sum over the replicas to the terms of the global batch (`kd_keras.distribute`).
         """
         ce_logits, kd_logits = student_out["ce_logits"], student_out["kd_logits"]
         kd_weight = sample_weight if self.weight_distillation else None
         if self.logit_adjustment is not None:
             ce_logits = ce_logits + ops.convert_to_tensor(self.logit_adjustment, "float32")
-        ce = losses.weighted_mean(losses.cross_entropy(y, ce_logits), sample_weight)
+        ce = losses.weighted_mean(losses.cross_entropy(y, ce_logits), sample_weight, count)
         total = self.alpha * ce
         terms = {"ce": ce}
         if self.uses_teacher and self.alpha < 1.0:
             kd = self.kd_term(y, teacher_out["logits"], kd_logits)
-            terms["kd"] = losses.weighted_mean(kd, kd_weight)
+            terms["kd"] = losses.weighted_mean(kd, kd_weight, count)
             total = total + (1.0 - self.alpha) * terms["kd"]
         if self.beta > 0:
             s_feature = student_out["feature"]
             if self.adapter is not None:
                 s_feature = self.adapter(s_feature)
             feat = self.feature_term(teacher_out["feature"], s_feature)
-            terms["feat"] = losses.weighted_mean(feat, kd_weight)
+            terms["feat"] = losses.weighted_mean(feat, kd_weight, count)
             total = total + self.beta * terms["feat"]
-        terms["loss"] = total + self._regularization()
+        reg = self._regularization()
+        terms["loss"] = total + (reg if count is None else reg / distribute.num_replicas())
         return terms
 
     def _regularization(self):
@@ -283,11 +288,31 @@ class Distiller(keras.Model):
         out = self._teacher_graph(self._at_size(images, self.teacher), training=False)
         return {k: tf.stop_gradient(v) for k, v in out.items()}
 
-    def _update_metrics(self, y, student_out, terms, sample_weight):
+    def _replica_terms(self, y, student_out, teacher_out, sample_weight) -> dict:
+        """This replica's shares of the global batch's terms (the terms on one device)."""
+        count = distribute.global_count(y)
+        return self.compute_terms(y, student_out, teacher_out, sample_weight, count=count)
+
+    def _update_metrics(self, y, student_out, shares, sample_weight):
+        """Every tracker gets the global batch's value, whichever replica updates it."""
+        hits = keras.metrics.sparse_categorical_accuracy(y, student_out["logits"])
+        hits = ops.reshape(ops.cast(hits, "float32"), (-1,))
+        w = ops.ones_like(hits) if sample_weight is None else ops.reshape(sample_weight, (-1,))
+        w = ops.cast(w, "float32")
+        terms, hit_sum, weight = distribute.replica_sum((shares, ops.sum(hits * w), ops.sum(w)))
         for tracker in self.metrics[:-1]:
             tracker.update_state(terms[tracker.name])
-        self.accuracy_tracker.update_state(y, student_out["logits"], sample_weight=sample_weight)
-        return {m.name: m.result() for m in self.metrics}
+        self.accuracy_tracker.update_state(ops.divide_no_nan(hit_sum, weight), weight)
+        return distribute.step_logs({m.name: m.result() for m in self.metrics})
+
+    def _maybe_symbolic_build(self, iterator=None, data_batch=None):
+        """Under a strategy, Keras 3.15's TF `fit` draws a first batch here and averages it over
+        the replicas to build what is unbuilt. Under MultiWorkerMirroredStrategy that fails
+        ("Attempt to convert a value (PerReplica...) to a Tensor": keras-team/keras#20585), and
+        it opens an extra dataset iterator, shifting the shuffle and augmentation streams. The
+        Distiller is built at construction: build only what is left (the optimizer)."""
+        with self.distribute_strategy.scope():
+            self._symbolic_build(data_batch=data_batch)
 
     def train_step(self, data):
         x, y, sample_weight = keras.utils.unpack_x_y_sample_weight(data)
@@ -296,17 +321,18 @@ class Distiller(keras.Model):
         variables = self.trained_variables
         with tf.GradientTape() as tape:
             student_out = self._student_forward(images, training=True)
-            terms = self.compute_terms(y, student_out, teacher_out, sample_weight)
-        grads = tape.gradient(terms["loss"], variables)
+            shares = self._replica_terms(y, student_out, teacher_out, sample_weight)
+        # Keras 3's TF optimizer SUMS the replicas' gradients; the shares sum to the global loss
+        grads = tape.gradient(shares["loss"], variables)
         self.optimizer.apply_gradients(zip(grads, variables))
-        return self._update_metrics(y, student_out, terms, sample_weight)
+        return self._update_metrics(y, student_out, shares, sample_weight)
 
     def test_step(self, data):
         """The same terms and metrics in inference mode (`evaluate`, validation data)."""
         x, y, sample_weight = keras.utils.unpack_x_y_sample_weight(data)
         student_out = self._student_forward(self._split_inputs(x)[0], training=False)
-        terms = self.compute_terms(y, student_out, self._teacher_forward(x), sample_weight)
-        return self._update_metrics(y, student_out, terms, sample_weight)
+        shares = self._replica_terms(y, student_out, self._teacher_forward(x), sample_weight)
+        return self._update_metrics(y, student_out, shares, sample_weight)
 
     def get_config(self):
         return {

@@ -67,12 +67,15 @@ def _l2_normalize(x, eps: float = 1e-6):
     return x / ops.sqrt(ops.sum(ops.square(x), axis=-1, keepdims=True) + eps)
 
 
-def weighted_mean(per_sample, sample_weight=None):
-    """Mean over the batch of per-sample values times their weights (Keras's convention)."""
+def weighted_mean(per_sample, sample_weight=None, count=None):
+    """Mean over the batch of per-sample values times their weights (Keras's convention).
+
+    With `count` (the global batch size when this batch is one replica's part of it), the sum
+    divided by `count`: this part's share of the global-batch mean."""
     per_sample = ops.cast(per_sample, "float32")
-    if sample_weight is None:
-        return ops.mean(per_sample)
-    return ops.mean(per_sample * ops.cast(ops.reshape(sample_weight, (-1,)), "float32"))
+    if sample_weight is not None:
+        per_sample = per_sample * ops.cast(ops.reshape(sample_weight, (-1,)), "float32")
+    return ops.mean(per_sample) if count is None else ops.sum(per_sample) / count
 
 
 # ---------------------------------------------------------------- registries

@@ -23,6 +23,7 @@ from pathlib import Path
 import keras
 import numpy as np
 
+from kd_keras import distribute
 from kd_keras.config import Config, TrainConfig
 from kd_keras.data import Splits, check_splits, make_dataset
 from kd_keras.distiller import Distiller
@@ -322,6 +323,7 @@ def fit_stage(
         splits.train, train_size, batch, training=True, augment=cfg.augment, seed=seed,
         cache=cfg.data.cache, balanced=tc.balanced_sampling, teacher_cache=cache,
     )  # fmt: skip
+    train_ds = distribute.shard_by_data(train_ds)  # workers split every global batch
     val_ds = make_dataset(splits.val, size, batch, cache=cfg.data.cache, labels=False)
     steps = int(np.ceil(len(splits.train) / batch))
     model.compile(optimizer=make_optimizer(tc, learning_rate, epochs, steps))
@@ -347,6 +349,7 @@ def fit_stage(
             next(iter(train_ds))
     callbacks = [FiniteGuard(stage), select, history]
     callbacks += [tensorboard_callback(run.tensorboard_dir(stage))] if tc.tensorboard else []
+    synced = distribute.sync_batch_norm(classifier, cfg.distribute.sync_batch_norm)
     try:
         model.fit(
             train_ds, epochs=epochs, steps_per_epoch=steps if tc.balanced_sampling else None,
@@ -354,6 +357,7 @@ def fit_stage(
             callbacks=callbacks + [checkpoint],
         )  # fmt: skip
     finally:
+        distribute.unsync_batch_norm(synced)
         if cache is not None and cache.storage == "disk":
             shutil.rmtree(run.teacher_cache_dir, ignore_errors=True)
     return StageResult(checkpoint.seconds, select.best_epoch + 1, select.best_score, epochs)
@@ -409,12 +413,15 @@ def run_distill(
     works from the config it saved.
     """
     stages = stages or cfg.train.stages
+    worker = distribute.start(cfg, mode)  # before TensorFlow runs any operation
+    cfg = distribute.worker_config(cfg, worker)  # non-chief workers: a temporary folder
     run = RunFolder.create(cfg, mode, stages)
     cfg = run.cfg
     splits = check_splits(run.load_splits(), cfg)
     current = {"stage": None}
     try:
-        _run_stages(cfg, run, splits, stages, copy_teacher, force, current)
+        with worker.strategy.scope():  # teacher, student and optimizer built under it
+            _run_stages(cfg, run, splits, stages, copy_teacher, force, current)
     except (KeyboardInterrupt, Interrupted):
         where = f" in stage {current['stage']}" if current["stage"] else ""
         raise Interrupted(
@@ -422,6 +429,10 @@ def run_distill(
             f"{run.path}; continue with: python cli.py distill --config {run.config_path} "
             "--resume"
         ) from None
+    finally:
+        distribute.cleanup_worker(cfg, worker)
+    if not worker.is_chief:
+        return {}  # the chief evaluates and writes the report
     return evaluate_run(run, splits=splits)
 
 

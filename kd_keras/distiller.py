@@ -311,6 +311,8 @@ class Distiller(keras.Model):
         ("Attempt to convert a value (PerReplica...) to a Tensor": keras-team/keras#20585), and
         it opens an extra dataset iterator, shifting the shuffle and augmentation streams. The
         Distiller is built at construction: build only what is left (the optimizer)."""
+        if self._distribute_strategy is None:
+            return  # no strategy: Keras builds in the first step, as it always did
         with self.distribute_strategy.scope():
             self._symbolic_build(data_batch=data_batch)
 

@@ -122,6 +122,9 @@ class TrainConfig:
     # "auto": Keras's progress bar on a terminal, one line per epoch when output is piped
     verbose: int | str = _spec("auto", kind=(int, str), choices=(0, 1, 2, "auto"))
     tensorboard: bool = _spec(False, kind=bool)
+    precision: str = _spec(
+        "float32", kind=str, choices=("auto", "float32", "mixed_bfloat16", "mixed_float16")
+    )
 
 
 @dataclass

@@ -324,8 +324,10 @@ class Distiller(keras.Model):
         with tf.GradientTape() as tape:
             student_out = self._student_forward(images, training=True)
             shares = self._replica_terms(y, student_out, teacher_out, sample_weight)
+            # float16 training: a LossScaleOptimizer scales here and unscales in apply
+            scaled = self.optimizer.scale_loss(shares["loss"])
         # Keras 3's TF optimizer SUMS the replicas' gradients; the shares sum to the global loss
-        grads = tape.gradient(shares["loss"], variables)
+        grads = tape.gradient(scaled, variables)
         self.optimizer.apply_gradients(zip(grads, variables))
         return self._update_metrics(y, student_out, shares, sample_weight)
 

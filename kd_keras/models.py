@@ -143,7 +143,8 @@ def _check_weights_path(weights: str, key: str) -> None:
 
 def _classifier(inputs, pooled, num_classes: int, name: str, dropout: float = 0.2):
     x = keras.layers.Dropout(dropout, name="head_dropout")(pooled) if dropout else pooled
-    logits = keras.layers.Dense(num_classes, name="logits")(x)
+    # float32 under mixed precision too: losses and exported files see float32 logits
+    logits = keras.layers.Dense(num_classes, name="logits", dtype="float32")(x)
     return keras.Model(inputs, logits, name=name)
 
 
@@ -358,13 +359,13 @@ def deit_small(
         )
     inputs = keras.Input((image_size, image_size, 3), name="images")
     tokens = backbone(ImagePreprocessing("imagenet", name="preprocessing")(inputs))
-    cls_logits = keras.layers.Dense(num_classes, name=CLS_LOGITS_LAYER)(
+    cls_logits = keras.layers.Dense(num_classes, name=CLS_LOGITS_LAYER, dtype="float32")(
         TokenSelect(0, name="class_token")(tokens)
     )
-    dist_logits = keras.layers.Dense(num_classes, name=DIST_LOGITS_LAYER)(
+    dist_logits = keras.layers.Dense(num_classes, name=DIST_LOGITS_LAYER, dtype="float32")(
         TokenSelect(1, name="distillation_token")(tokens)
     )
-    logits = keras.layers.Average(name="logits")([cls_logits, dist_logits])
+    logits = keras.layers.Average(name="logits", dtype="float32")([cls_logits, dist_logits])
     return keras.Model(inputs, logits, name="deit_small")
 
 

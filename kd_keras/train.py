@@ -38,6 +38,7 @@ from kd_keras.errors import (
 from kd_keras.evaluate import choose_threshold, classification_metrics, evaluate_run
 from kd_keras.inference import keras_predictor, predict_probs
 from kd_keras.models import build_student, build_teacher, image_size_of
+from kd_keras.precision import float32_copy, policy_scope, resolve_policy
 from kd_keras.run import STAGE_MODELS, RunFolder
 
 
@@ -326,7 +327,10 @@ def fit_stage(
     train_ds = distribute.shard_by_data(train_ds)  # workers split every global batch
     val_ds = make_dataset(splits.val, size, batch, cache=cfg.data.cache, labels=False)
     steps = int(np.ceil(len(splits.train) / batch))
-    model.compile(optimizer=make_optimizer(tc, learning_rate, epochs, steps))
+    optimizer = make_optimizer(tc, learning_rate, epochs, steps)
+    if resolve_policy(tc.precision) == "mixed_float16":  # float16 gradients underflow unscaled
+        optimizer = keras.optimizers.LossScaleOptimizer(optimizer)
+    model.compile(optimizer=optimizer)
     tune = cfg.eval.threshold != "argmax"
     select = SelectBest(classifier, val_ds, splits.val.labels, splits.class_names, tc.monitor,
                         stage, tune_threshold=tune)  # fmt: skip
@@ -439,16 +443,37 @@ def run_distill(
 def _run_stages(cfg, run: RunFolder, splits, stages, copy_teacher, force, current) -> None:
     n, size = splits.num_classes, cfg.data.image_size
     tc = cfg.train
+    policy = resolve_policy(tc.precision)
+    if policy != "float32":
+        print(f"precision: {policy} (train.precision = {tc.precision!r}); saved models float32")
 
-    def train(stage: str, model: keras.Model, teacher, epochs, learning_rate, tap=None):
+    def new_teacher(weights: str):
+        return build_teacher(cfg.teacher.arch, n, size, weights,
+                             tiny=cfg.teacher.variant == "tiny")  # fmt: skip
+
+    def new_student(weights: str):
+        return build_student(cfg.student.arch, n, size, weights, cfg.student.patch_size,
+                             tiny=cfg.student.variant == "tiny")  # fmt: skip
+
+    def train(stage: str, model, build, teacher, epochs, learning_rate, tap=None):
         current["stage"] = stage
         run.set_stage(stage, "running", cfg)
         result = fit_stage(cfg, splits, stage, model, teacher, epochs, learning_rate, run, tap)
-        save_model(model, run.model_path(STAGE_MODELS[stage]))
+        save_model(float32_copy(model, lambda: build("none")), run.model_path(STAGE_MODELS[stage]))
         run.record_stage(stage, result.__dict__)
         run.set_stage(stage, "done", cfg)
         run.drop_checkpoint(stage)
         current["stage"] = None
+
+    def saved_teacher():
+        """The run's teacher, rebuilt in the training precision when it is ours."""
+        loaded = run.load_model("teacher")
+        if policy == "float32" or cfg.teacher.path:
+            return loaded
+        with policy_scope(policy):
+            teacher = new_teacher("none")
+        teacher.set_weights(loaded.get_weights())
+        return teacher
 
     teacher_file = run.model_path("teacher")
     teacher = None
@@ -469,12 +494,12 @@ def _run_stages(cfg, run: RunFolder, splits, stages, copy_teacher, force, curren
             run.set_stage("teacher", "done", cfg, source=cfg.teacher.path)
     elif "teacher" in stages and run.stage_done("teacher", cfg) and teacher_file.is_file():
         print(f"\n== stage teacher: finished earlier, kept ({teacher_file})")
-        teacher = run.load_model("teacher")
+        teacher = saved_teacher()
     elif "teacher" in stages:
         keras.utils.set_random_seed(cfg.run.seed)
-        teacher = build_teacher(cfg.teacher.arch, n, size, cfg.teacher.weights,
-                                tiny=cfg.teacher.variant == "tiny")  # fmt: skip
-        train("teacher", teacher, None, _stage_setting(cfg.teacher.epochs, tc.epochs),
+        with policy_scope(policy):
+            teacher = new_teacher(cfg.teacher.weights)
+        train("teacher", teacher, new_teacher, None, _stage_setting(cfg.teacher.epochs, tc.epochs),
               _stage_setting(cfg.teacher.learning_rate, tc.learning_rate))  # fmt: skip
 
     for stage in ("distill", "scratch"):
@@ -490,11 +515,9 @@ def _run_stages(cfg, run: RunFolder, splits, stages, copy_teacher, force, curren
                     f"stage distill needs a teacher: none in {run.path} and teacher.path is not "
                     "set; add the teacher stage or set teacher.path"
                 )
-            teacher = run.load_model("teacher")
+            teacher = saved_teacher()
         keras.utils.set_random_seed(cfg.run.seed)  # same initial student for both stages
-        student = build_student(
-            cfg.student.arch, n, size, cfg.student.weights, cfg.student.patch_size,
-            tiny=cfg.student.variant == "tiny",
-        )  # fmt: skip
-        train(stage, student, teacher, _stage_setting(cfg.student.epochs, tc.epochs),
+        with policy_scope(policy):
+            student = new_student(cfg.student.weights)
+        train(stage, student, new_student, teacher, _stage_setting(cfg.student.epochs, tc.epochs),
               _stage_setting(cfg.student.learning_rate, tc.learning_rate), teacher_tap)  # fmt: skip

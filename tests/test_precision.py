@@ -1,0 +1,55 @@
+"""Mixed precision: which policy "auto" picks, and float32 files whatever trained them."""
+
+import numpy as np
+import pytest
+
+from kd_keras.precision import cpu_has_bf16, float32_copy, policy_scope, resolve_policy
+
+
+def test_bf16_detection_and_policy(tmp_path):
+    info = tmp_path / "cpuinfo"
+    info.write_text("processor: 0\nflags\t\t: fpu sse avx512f avx512_bf16 avx512_vnni\n")
+    assert cpu_has_bf16(info)
+    info.write_text("processor: 0\nflags\t\t: fpu sse avx2\n")
+    assert not cpu_has_bf16(info) and not cpu_has_bf16(tmp_path / "absent")
+    assert resolve_policy("float32") == "float32"
+    assert resolve_policy("auto") in ("mixed_bfloat16", "mixed_float16", "float32")
+
+
+def test_float32_copy_keeps_weights_and_outputs():
+    from kd_keras.models import build_student
+
+    x = np.random.default_rng(0).uniform(0, 255, (2, 32, 32, 3)).astype("float32")
+    with policy_scope("mixed_bfloat16"):
+        mixed = build_student("resnet18", 2, 32, tiny=True)
+    assert mixed.get_layer("logits").dtype_policy.name == "float32", "logits stay float32"
+    copy = float32_copy(mixed, lambda: build_student("resnet18", 2, 32, tiny=True))
+    assert {layer.dtype_policy.name for layer in copy.layers} == {"float32"}
+    for a, b in zip(mixed.get_weights(), copy.get_weights(), strict=True):
+        np.testing.assert_array_equal(a, b)
+    np.testing.assert_allclose(mixed(x), copy(x), atol=0.1)  # bfloat16 vs float32 arithmetic
+
+
+@pytest.mark.slow
+def test_mixed_bfloat16_training_saves_float32_models(tmp_path, tiny_npz):
+    """train.precision = mixed_bfloat16 trains in bfloat16 and saves float32 models."""
+    import json
+
+    import keras
+    from conftest import ROOT, run_cli
+
+    from kd_keras.models import load_model
+
+    sets = [f"data.path={tiny_npz}", f"run.output_dir={tmp_path}", "run.name=bf16",
+            "eval.seed_subset=false", "teacher.variant=tiny", "student.variant=tiny",
+            "train.epochs=1", "train.precision=mixed_bfloat16", "train.verbose=0"]  # fmt: skip
+    code, out, err = run_cli("distill", "--config", str(ROOT / "configs" / "xray.toml"),
+                             *[a for s in sets for a in ("--set", s)])  # fmt: skip
+    assert code == 0, err[-2000:]
+    assert "precision: mixed_bfloat16" in out
+    assert keras.config.dtype_policy().name == "float32", "the global policy is restored"
+    for name in ("teacher", "student", "student_scratch"):
+        model = load_model(tmp_path / "bf16" / f"{name}.keras")
+        assert {layer.dtype_policy.name for layer in model.layers} == {"float32"}, name
+    report = json.loads((tmp_path / "bf16" / "report.json").read_text())
+    assert all(np.isfinite(e["test"]["accuracy"]) for e in report["models"].values())

@@ -113,7 +113,8 @@ def _run(base: Config, raw: dict, base_dir: Path, folder: Path, overrides: list[
     cfg = build_config(raw, base_dir, overrides, default_name=base.run.name)
     cfg.run.output_dir, cfg.run.name = str(folder.parent), folder.name
     mode = "resume" if run.results() else "new"  # a cell killed mid-way continues
-    report = run_distill(cfg, stages, copy_teacher=False, mode=mode)
+    # the teacher is the sweep's own, trained and evaluated once: no teacher check per cell
+    report = run_distill(cfg, stages, copy_teacher=False, force=True, mode=mode)
     if progress is not None:
         progress.done(trained=True)
     return report

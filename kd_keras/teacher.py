@@ -374,18 +374,18 @@ class TeacherCache:
         return sum(int(v.nbytes) for v in self.arrays.values())
 
     def lookup(self, indices) -> dict:
-        """tf ops: the cached outputs of a batch of split indices, keyed `teacher_<name>`."""
+        """tf ops: the cached outputs of a batch of split indices, keyed `teacher_<name>`.
+
+        Rows are gathered by numpy (memory or memory-mapped file): a large array captured as a
+        TensorFlow constant in a tf.data function is copied on every call."""
         import tensorflow as tf
 
         from kd_keras.distiller import TEACHER_PREFIX
 
         out = {}
         for key, array in self.arrays.items():
-            if self.storage == "memory":
-                out[TEACHER_PREFIX + key] = tf.gather(tf.constant(array), indices)
-            else:
-                value = tf.numpy_function(lambda i, a=array: np.asarray(a[i]), [indices],
-                                          tf.float32)  # fmt: skip
-                value.set_shape((None, *array.shape[1:]))
-                out[TEACHER_PREFIX + key] = value
+            value = tf.numpy_function(lambda i, a=array: np.asarray(a[i], "float32"), [indices],
+                                      tf.float32)  # fmt: skip
+            value.set_shape((None, *array.shape[1:]))
+            out[TEACHER_PREFIX + key] = value
         return out

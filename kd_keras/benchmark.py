@@ -56,14 +56,7 @@ import numpy as np
 
 from kd_keras.compute import FLOPS_METHOD, matmul_peak, onnx_flops
 from kd_keras.errors import KDError, check_writable_dir, write_json, write_text
-from kd_keras.export import (
-    artefact_path,
-    calibration_batches,
-    quantization_plan,
-    quantize,
-    read_metadata,
-    to_onnx,
-)
+from kd_keras.export import calibration_batches, quantization_plan, quantize, to_onnx
 from kd_keras.inference import (
     PROVIDER_CHOICES,
     console,
@@ -73,11 +66,12 @@ from kd_keras.inference import (
     onnx_session,
     predict,
     printer,
+    read_metadata,
     size_mb,
     tflite_interpreter,
     tflite_predictor,
 )
-from kd_keras.run import RunFolder
+from kd_keras.run import RunFolder, artefact_path
 
 FORMATS = ("keras", "onnx", "int8", "tflite", "tflite_int8")
 FP32_FORMATS = ("keras", "onnx", "tflite")

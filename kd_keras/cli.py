@@ -85,9 +85,10 @@ def evaluate(
     run: Annotated[Path, typer.Option("--run", help="Run folder (holds config.toml).")],
 ) -> None:
     """Recompute the test metrics of a run from its saved models."""
-    from kd_keras.evaluate import evaluate_run, report_markdown
+    from kd_keras.evaluate import report_markdown
+    from kd_keras.report import evaluate_and_report
 
-    typer.echo(report_markdown(evaluate_run(run)))
+    typer.echo(report_markdown(evaluate_and_report(run)))
 
 
 @app.command()

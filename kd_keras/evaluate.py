@@ -320,18 +320,4 @@ def evaluate_run(run_dir: str | Path | RunFolder, splits=None) -> dict:
         }  # fmt: skip
     write_json(run.report_path, report)
     write_text(run.report_md_path, report_markdown(report))
-    write_report_after_evaluation(run)
     return report
-
-
-def write_report_after_evaluation(run: RunFolder) -> Path | None:
-    """`report.html` of a just-evaluated run. The metrics are already saved: a failure here
-    is printed as a warning and never fails the evaluation (`cli.py report` retries it)."""
-    from kd_keras.report import write_run_report
-
-    try:
-        return write_run_report(run)
-    except Exception as err:  # noqa: BLE001 - the report is a view; the results are saved
-        print(f"warning: {run.report_html_path} not written ({type(err).__name__}: {err}); "
-              f"retry with `python cli.py report --run {run.path}`")  # fmt: skip
-        return None

@@ -53,6 +53,7 @@ from kd_keras.inference import (
     INPUT_NAME,
     LOGITS,
     PROBABILITIES,
+    compare_logits,
     console,
     keras_predictor,
     onnx_predictor,
@@ -62,20 +63,11 @@ from kd_keras.inference import (
     printer,
     size_mb,
 )
-from kd_keras.run import MODEL_STAGES, RunFolder
+from kd_keras.run import MODEL_STAGES, RunFolder, artefact_path
 
 FORMATS = ("onnx", "tflite")
-# exported file of each benchmark format, `<model><suffix>` in the run's export folder
-ARTEFACT_SUFFIXES = {
-    "onnx": ".onnx", "int8": ".int8.onnx", "tflite": ".tflite", "tflite_int8": ".int8.tflite",
-}  # fmt: skip
 INPUT_DESCRIPTION = "0-255 RGB NHWC"
 SOFTMAX_NODE = "kd_keras_probabilities"
-
-
-def artefact_path(out: Path, name: str, fmt: str) -> Path:
-    """The exported file of model `name` in format `fmt` (a key of `ARTEFACT_SUFFIXES`)."""
-    return Path(out) / f"{name}{ARTEFACT_SUFFIXES[fmt]}"
 
 
 def kd_keras_version() -> str:
@@ -188,14 +180,6 @@ def to_onnx(
     return atomic_write(path, lambda tmp: onnx.save(model_proto, str(tmp)))
 
 
-def read_metadata(path: str | os.PathLike) -> dict[str, str]:
-    """The metadata_props of an ONNX file."""
-    import onnx
-
-    model = onnx.load(str(path), load_external_data=False)
-    return {p.key: p.value for p in model.metadata_props}
-
-
 def model_metadata(
     class_names: list[str],
     image_size: int,
@@ -239,15 +223,6 @@ def own_threshold(fn, val_batches, val_labels: np.ndarray, fp32_threshold: float
     from kd_keras.inference import softmax
 
     return float(choose_threshold(val_labels, softmax(predict(fn, val_batches))))
-
-
-def compare_logits(reference: np.ndarray, candidate: np.ndarray) -> dict[str, Any]:
-    diff = np.abs(reference - candidate)
-    return {
-        "n": int(len(reference)),
-        "max_abs_diff": float(diff.max()) if np.isfinite(diff).all() else float("inf"),
-        "argmax_agreement": float((reference.argmax(1) == candidate.argmax(1)).mean()),
-    }
 
 
 def check_parity(

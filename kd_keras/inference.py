@@ -188,6 +188,24 @@ def predict_probs(fn: Predictor, batches: Iterable, what: str = "model") -> np.n
     return softmax(logits)
 
 
+def compare_logits(reference: np.ndarray, candidate: np.ndarray) -> dict[str, Any]:
+    """Largest absolute logit difference and argmax agreement of two models' logits."""
+    diff = np.abs(reference - candidate)
+    return {
+        "n": int(len(reference)),
+        "max_abs_diff": float(diff.max()) if np.isfinite(diff).all() else float("inf"),
+        "argmax_agreement": float((reference.argmax(1) == candidate.argmax(1)).mean()),
+    }
+
+
+def read_metadata(path: str | os.PathLike) -> dict[str, str]:
+    """The metadata_props of an ONNX file."""
+    import onnx
+
+    model = onnx.load(str(path), load_external_data=False)
+    return {p.key: p.value for p in model.metadata_props}
+
+
 def size_mb(path: Path | None) -> float | None:
     """Size of a file in MB (10^6 bytes), None when there is no file."""
     return round(path.stat().st_size / 1e6, 3) if path is not None and path.is_file() else None

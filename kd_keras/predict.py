@@ -207,7 +207,7 @@ def _file_metadata(path: Path) -> dict[str, str]:
         from kd_keras.tflite import read_tflite_metadata
 
         return read_tflite_metadata(path)
-    from kd_keras.export import read_metadata
+    from kd_keras.inference import read_metadata
 
     try:
         return read_metadata(path)

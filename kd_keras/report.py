@@ -25,7 +25,7 @@ import numpy as np
 import pandas as pd
 
 from kd_keras.errors import KDError, read_json, write_text
-from kd_keras.evaluate import Predictions, load_predictions, report_markdown
+from kd_keras.evaluate import Predictions, evaluate_run, load_predictions, report_markdown
 from kd_keras.run import MODEL_STAGES, RunFolder
 
 MAX_MISTAKES = 24  # per model, the most confident ones first
@@ -426,3 +426,22 @@ def sweep_report_html(
     subtitle = (f"{runs['seed'].nunique() if 'seed' in runs else 0} seeds; every selection "
                 f"on validation. Written {time.strftime('%Y-%m-%d %H:%M')}.")  # fmt: skip
     return page_html(title, subtitle, sections)
+
+
+def write_report_after_evaluation(run: RunFolder) -> Path | None:
+    """`report.html` of a just-evaluated run. The metrics are already saved: a failure here
+    is printed as a warning and never fails the evaluation (`cli.py report` retries it)."""
+    try:
+        return write_run_report(run)
+    except Exception as err:  # noqa: BLE001 - the report is a view; the results are saved
+        print(f"warning: {run.report_html_path} not written ({type(err).__name__}: {err}); "
+              f"retry with `python cli.py report --run {run.path}`")  # fmt: skip
+        return None
+
+
+def evaluate_and_report(run_dir, splits=None) -> dict:
+    """`evaluate.evaluate_run`, then the run's `report.html`; returns the report dict."""
+    run = run_dir if isinstance(run_dir, RunFolder) else RunFolder.find(run_dir)
+    report = evaluate_run(run, splits=splits)
+    write_report_after_evaluation(run)
+    return report

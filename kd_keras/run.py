@@ -42,6 +42,17 @@ CONFIG_FILE = "config.toml"
 REPORT_FILE = "report.json"
 REPORT_MD_FILE = "report.md"
 TRAIN_LOG_FILE = "train_log.json"
+# exported file of each format, `<model><suffix>` in the run's export folder
+ARTEFACT_SUFFIXES = {
+    "onnx": ".onnx", "int8": ".int8.onnx", "tflite": ".tflite", "tflite_int8": ".int8.tflite",
+}  # fmt: skip
+
+
+def artefact_path(out: Path, name: str, fmt: str) -> Path:
+    """The exported file of model `name` in format `fmt` (a key of `ARTEFACT_SUFFIXES`)."""
+    return Path(out) / f"{name}{ARTEFACT_SUFFIXES[fmt]}"
+
+
 STATE_FILE = "run_state.json"
 CHECKPOINT_DIR = "checkpoints"
 # what each stage's result depends on: (section, keys to ignore); a run is resumed, and a saved
@@ -107,13 +118,17 @@ class RunFolder:
     # ------------------------------------------------------------ opening
 
     @classmethod
-    def create(cls, cfg: Config, mode: str = "new", stages: list[str] | None = None) -> RunFolder:
+    def create(
+        cls, cfg: Config, mode: str = "new", stages: list[str] | None = None, check=None
+    ) -> RunFolder:
         """The folder of `cfg` (made if needed) with `cfg`, data source resolved, saved in it.
 
         `mode` says what may happen to a folder that already holds results: `"new"` refuses it;
         `"resume"` continues it (finished stages are kept, the interrupted one resumes from its
         last epoch) and refuses a config that changes any stage's result; `"overwrite"`
         replaces the `stages` to run and removes what no longer belongs to the new config.
+        `check(cfg)` (for example the data checks) runs after these checks and before anything
+        is written or removed, so a failing run leaves no folder behind.
         """
         if mode not in ("new", "resume", "overwrite"):
             raise ValueError(f"mode must be new, resume or overwrite, got {mode!r}")
@@ -129,6 +144,8 @@ class RunFolder:
             if not held and not run.state_path.is_file():
                 raise KDError(f"nothing to resume in {run.path}: drop --resume to start the run")
             run._check_resumable(cfg)
+        if check is not None:
+            check(cfg)
         if mode == "overwrite" and held:
             run._clear_for(cfg, stages or cfg.train.stages)
         run.path.mkdir(parents=True, exist_ok=True)

@@ -157,8 +157,8 @@ def export_tflite(job, int8: bool) -> dict[str, dict[str, Any]]:
 
     `job` is an `kd_keras.export.ExportJob`.
     """
-    from kd_keras.export import artefact_path, compare_logits
-    from kd_keras.inference import predict, tflite_interpreter, tflite_predictor
+    from kd_keras.inference import compare_logits, predict, tflite_interpreter, tflite_predictor
+    from kd_keras.run import artefact_path
 
     name, threshold = job.name, job.threshold
     path = artefact_path(job.out, name, "tflite")

@@ -25,7 +25,7 @@ import numpy as np
 
 from kd_keras import distribute
 from kd_keras.config import Config, TrainConfig
-from kd_keras.data import Splits, check_splits, make_dataset
+from kd_keras.data import Splits, check_splits, load_splits, make_dataset
 from kd_keras.distiller import Distiller
 from kd_keras.errors import (
     Interrupted,
@@ -35,10 +35,11 @@ from kd_keras.errors import (
     write_json,
     write_text,
 )
-from kd_keras.evaluate import choose_threshold, classification_metrics, evaluate_run
+from kd_keras.evaluate import choose_threshold, classification_metrics
 from kd_keras.inference import keras_predictor, predict_probs
 from kd_keras.models import build_student, build_teacher, image_size_of
 from kd_keras.precision import float32_copy, policy_scope, resolve_policy
+from kd_keras.report import evaluate_and_report
 from kd_keras.run import STAGE_MODELS, RunFolder
 
 
@@ -419,9 +420,14 @@ def run_distill(
     stages = stages or cfg.train.stages
     worker = distribute.start(cfg, mode)  # before TensorFlow runs any operation
     cfg = distribute.worker_config(cfg, worker)  # non-chief workers: a temporary folder
-    run = RunFolder.create(cfg, mode, stages)
-    cfg = run.cfg
-    splits = check_splits(run.load_splits(), cfg)
+    loaded = {}
+
+    def check_data(resolved: Config) -> None:  # before the run folder is touched
+        loaded["splits"] = check_splits(load_splits(resolved.data, seed=resolved.run.seed),
+                                        resolved)  # fmt: skip
+
+    run = RunFolder.create(cfg, mode, stages, check=check_data)
+    cfg, splits = run.cfg, loaded["splits"]
     current = {"stage": None}
     try:
         with worker.strategy.scope():  # teacher, student and optimizer built under it
@@ -437,7 +443,7 @@ def run_distill(
         distribute.cleanup_worker(cfg, worker)
     if not worker.is_chief:
         return {}  # the chief evaluates and writes the report
-    return evaluate_run(run, splits=splits)
+    return evaluate_and_report(run, splits=splits)
 
 
 def _run_stages(cfg, run: RunFolder, splits, stages, copy_teacher, force, current) -> None:

@@ -14,7 +14,8 @@ from conftest import CLASSES, make_run, tiny_classifier
 
 from kd_keras import export
 from kd_keras.errors import KDError
-from kd_keras.export import calibration_batches, export_run, read_metadata
+from kd_keras.export import calibration_batches, export_run
+from kd_keras.inference import read_metadata
 from kd_keras.models import build_student, build_teacher
 from kd_keras.run import RunFolder
 

@@ -252,6 +252,9 @@ def test_config_folder_corrupt_model_and_empty_config(tmp_path):
     code, _, err = run_cli("distill", "--config", str(empty), "--set",
                            f"data.path={tmp_path / 'absent.npz'}")  # fmt: skip
     assert code == 2 and "sets no keys: every value is a default" in err
+    assert not (tmp_path / "runs").exists() and not (ROOT / "runs" / "empty").exists(), (
+        "a run that fails its data checks leaves no folder"
+    )
 
 
 # ---------------------------------------------------------------- fuzzed inputs

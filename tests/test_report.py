@@ -41,7 +41,7 @@ def tiny_run(tmp_path_factory, real_npz) -> RunFolder:
     real PneumoniaMNIST file, then evaluated: report.json, predictions, report.html."""
     import keras
 
-    from kd_keras.evaluate import evaluate_run
+    from kd_keras.report import evaluate_and_report
 
     keras.utils.set_random_seed(0)
     folder = make_run(tmp_path_factory.mktemp("runs") / "tiny", real_npz,
@@ -54,7 +54,7 @@ def tiny_run(tmp_path_factory, real_npz) -> RunFolder:
         log[stage] = {"seconds": 1.0, "best_epoch": 2, "best_score": 0.74, "epochs": 3}
     (folder / "train_log.json").write_text(json.dumps(log))
     run = RunFolder(folder)
-    evaluate_run(run)
+    evaluate_and_report(run)
     return run
 
 
@@ -116,7 +116,7 @@ def test_report_includes_export_and_benchmark_once_they_exist(tiny_run, tmp_path
 
 def test_a_broken_report_never_fails_evaluation(tiny_run, monkeypatch, capsys):
     import kd_keras.report
-    from kd_keras.evaluate import write_report_after_evaluation
+    from kd_keras.report import write_report_after_evaluation
 
     def broken(run):
         raise ValueError("boom")

@@ -10,11 +10,12 @@ from conftest import CLASSES, make_run, tiny_classifier
 from kd_keras import tflite
 from kd_keras.data import make_dataset
 from kd_keras.evaluate import choose_threshold
-from kd_keras.export import export_run, read_metadata
+from kd_keras.export import export_run
 from kd_keras.inference import (
     keras_predictor,
     load_predictor,
     predict,
+    read_metadata,
     softmax,
     tflite_interpreter,
     tflite_io,

@@ -11,12 +11,10 @@ timed epoch; the cache's one-off fill time is reported separately. Prints a tabl
 
 from __future__ import annotations
 
-import argparse
-import json
 import os
-import platform
 import time
-from pathlib import Path
+
+import common
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
@@ -30,13 +28,10 @@ def epoch_seconds(distiller, dataset) -> float:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--data", default="../shared/data/pneumoniamnist.npz")
+    parser = common.parser(__doc__, "teacher_cache")
     parser.add_argument("--teacher-size", type=int, default=64)
     parser.add_argument("--student-size", type=int, default=32)
-    parser.add_argument("--batch", type=int, default=64)
     parser.add_argument("--limit", type=int, default=0, help="train images (0: all)")
-    parser.add_argument("--out", default="benchmarks/results/teacher_cache.json")
     args = parser.parse_args()
 
     import keras
@@ -44,7 +39,6 @@ def main() -> None:
     from kd_keras.config import DataConfig
     from kd_keras.data import load_splits, make_dataset, stratified_subset
     from kd_keras.distiller import Distiller
-    from kd_keras.errors import write_json
     from kd_keras.models import build_student, build_teacher
     from kd_keras.teacher import TeacherCache
 
@@ -75,12 +69,8 @@ def main() -> None:
         "student": f"resnet18 @ {args.student_size} px",
         "train_images": len(train), "batch": args.batch, "results": results,
         "cached_over_uncached_epoch": round(ratio, 3),
-        "machine": f"{platform.processor() or platform.machine()}, {os.cpu_count()} CPUs",
-        "load_before": os.getloadavg()[0], "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
     }  # fmt: skip
-    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-    write_json(args.out, summary)
-    print(json.dumps(summary, indent=2))
+    common.save(args.out, summary)
     print(f"cached epoch / uncached epoch: {ratio:.2f}x (target <= 0.6x)")
 
 

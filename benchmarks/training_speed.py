@@ -17,12 +17,10 @@ warm-up steps that trace the graphs; the pipeline is timed alone. Prints a table
 
 from __future__ import annotations
 
-import argparse
-import json
 import os
-import platform
 import time
-from pathlib import Path
+
+import common
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
@@ -58,14 +56,11 @@ def forward_ms(model, batches, warmup: int = 3) -> float:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--data", default="../shared/data/pneumoniamnist.npz")
+    parser = common.parser(__doc__, "training_speed")
     parser.add_argument("--teacher", default="resnet50")
     parser.add_argument("--student", default="resnet18")
     parser.add_argument("--size", type=int, default=32)
-    parser.add_argument("--batch", type=int, default=64)
     parser.add_argument("--steps", type=int, default=20, help="timed steps per measurement")
-    parser.add_argument("--out", default="benchmarks/results/training_speed.json")
     args = parser.parse_args()
 
     import keras
@@ -74,7 +69,6 @@ def main() -> None:
     from kd_keras.config import AugmentConfig, DataConfig
     from kd_keras.data import load_splits, make_dataset
     from kd_keras.distiller import Distiller
-    from kd_keras.errors import write_json
     from kd_keras.models import build_student, build_teacher
     from kd_keras.precision import policy_scope
 
@@ -139,12 +133,8 @@ def main() -> None:
         "setting": f"{args.teacher} -> {args.student} at {args.size} px, batch {args.batch}, "
                    f"{args.steps} timed steps (median), real PneumoniaMNIST train batches",
         "ms": r, "ratios": ratios,
-        "machine": f"{platform.processor() or platform.machine()}, {os.cpu_count()} CPUs",
-        "load_before": os.getloadavg()[0], "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
     }  # fmt: skip
-    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-    write_json(args.out, summary)
-    print(json.dumps(summary, indent=2))
+    common.save(args.out, summary)
 
 
 if __name__ == "__main__":

@@ -155,10 +155,12 @@ def model_info(path: Path) -> dict[str, Any]:
 
     info: dict[str, Any] = {"model": None, "note": ""}
     if path.suffix == ".keras":
-        model = load_model(path)
+        run = _run_of(path)
+        # a run's own files were written by kd_keras: a teacher view around a user's SavedModel
+        # loads only with Keras's safe mode off (see RunFolder.load_model)
+        model = load_model(path, safe_mode=run is None)
         size = image_size_of(model)
         info.update(model=model, image_size=size)
-        run = _run_of(path)
         if run is None:
             info.update(class_names=None, threshold=None, recipe=preprocessing_recipe(None, size))
             info["note"] = (

@@ -268,7 +268,8 @@ def quantization_plan(onnx_path: str | os.PathLike) -> dict[str, Any]:
     """`{"method", "reason", "exclude"}`: the method (`quantization_method`), why, and the
     nodes kept in float: the softmax and the classifier head (its MatMul/Gemm nodes and what
     follows them up to the logits) — quantized logits are clipped to the calibration range,
-    which cost ResNet50 up to 6.7 in logit error and nothing in speed when kept float."""
+    which cost ResNet50 up to 6.7 in logit error and nothing in speed when kept float — and,
+    for static quantization, the input scaling before the first convolution."""
     import onnx
 
     graph = onnx.load(str(onnx_path), load_external_data=False).graph
@@ -279,7 +280,28 @@ def quantization_plan(onnx_path: str | os.PathLike) -> dict[str, Any]:
         method, reason = "none", NO_GAIN_REASON.format(sigmoids=ops["Sigmoid"])
     else:
         method, reason = "static", "convolution graph: static U8S8 QDQ, per-channel weights"
-    return {"method": method, "reason": reason, "exclude": [SOFTMAX_NODE, *_head_nodes(graph)]}
+    exclude = [SOFTMAX_NODE, *_head_nodes(graph)]
+    if method == "static":
+        exclude += _input_nodes(graph)
+    return {"method": method, "reason": reason, "exclude": exclude}
+
+
+def _input_nodes(graph) -> list[str]:
+    """The nodes between the image input and the first convolutions (the model's own scaling
+    and layout change): quantized, they cost more than they save (ResNet18 at 224 px: INT8
+    0.48x -> 0.41x of FP32 with them kept float, measured in one run)."""
+    consumers: dict[str, list] = {}
+    for node in graph.node:
+        for name in node.input:
+            consumers.setdefault(name, []).append(node)
+    found, frontier = [], [graph.input[0].name]
+    while frontier:
+        for node in consumers.get(frontier.pop(), []):
+            if node.op_type in ("Conv", "MatMul", "Gemm") or node.name in found:
+                continue
+            found.append(node.name)
+            frontier += list(node.output)
+    return found
 
 
 def _head_nodes(graph, max_nodes: int = 12) -> list[str]:

@@ -186,6 +186,7 @@ def test_int8_recipe_per_graph_family(tmp_path):
     graph = onnx.load(tmp_path / "resnet18.onnx").graph
     head = {n.name: n.op_type for n in graph.node if n.name in plans["resnet18"]["exclude"]}
     assert "MatMul" in head.values() and "Softmax" in head.values(), head
+    assert any("preprocessing" in name for name in head), "the input scaling stays float"
     calib = [np.random.default_rng(0).uniform(0, 255, (8, 32, 32, 3)).astype("float32")]
     info = quantize(tmp_path / "resnet18.onnx", tmp_path / "r.int8.onnx", calibration=calib)
     assert (info["method"], info["activations"], info["weights"]) == ("static", "uint8", "int8")

@@ -80,13 +80,14 @@ def main() -> None:
     cfg = load_config(args.config, [f"data.path={args.data}"])
     splits = load_splits(cfg.data, seed=cfg.run.seed)
     rows = {"kd_keras": [], "keras.distillation": []}
-    for seed in (int(s) for s in args.seeds.split(",")):
-        if args.ours:
-            report = read_json(Path(args.ours) / f"seed{seed}" / "report.json")
-            rows["kd_keras"].append(report["models"]["student"]["test"])
+    seeds = [int(s) for s in args.seeds.split(",")]
+    for seed in seeds:
         rows["keras.distillation"].append(keras_distiller_run(cfg, splits, args.teacher, seed))
         print(f"seed {seed}: keras.distillation "
               f"{ {m: round(rows['keras.distillation'][-1][m], 3) for m in METRICS} }")  # fmt: skip
+    for seed in seeds if args.ours else []:  # read last: the sweep may run beside this
+        report = read_json(Path(args.ours) / f"seed{seed}" / "report.json")
+        rows["kd_keras"].append(report["models"]["student"]["test"])
     summary = {"seeds": args.seeds, "teacher": args.teacher, "results": {}}
     for name, results in rows.items():
         if results:

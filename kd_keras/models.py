@@ -568,6 +568,16 @@ def feature_extractor(model: keras.Model, layer: str | None = None) -> keras.Mod
     return keras.Model(model.inputs, [feature, logits], name=f"{model.name}_fx")
 
 
+def all_layers(model) -> list:
+    """Every layer of `model`, nested models' layers included (depth first, outer first)."""
+    layers = []
+    for layer in getattr(model, "layers", []):
+        layers.append(layer)
+        if isinstance(layer, keras.Model):
+            layers += all_layers(layer)
+    return layers
+
+
 def has_layer(model: keras.Model, name: str) -> bool:
     """Whether `model` has a (top-level) layer called `name`."""
     return any(layer.name == name for layer in model.layers)

@@ -57,18 +57,11 @@ def policy_scope(policy: str) -> Iterator[None]:
 
 def float32_copy(model: keras.Model, build: Callable[[], keras.Model]) -> keras.Model:
     """`model` rebuilt in float32 by `build` with the same (float32) weights: what is saved."""
-    if all(layer.dtype_policy.name == "float32" for layer in _layers(model)):
+    from kd_keras.models import all_layers
+
+    if all(layer.dtype_policy.name == "float32" for layer in all_layers(model)):
         return model
     with policy_scope("float32"):
         copy = build()
     copy.set_weights(model.get_weights())
     return copy
-
-
-def _layers(model) -> list:
-    out = []
-    for layer in model.layers:
-        out.append(layer)
-        if isinstance(layer, keras.Model):
-            out += _layers(layer)
-    return out

@@ -23,7 +23,7 @@ import keras
 import numpy as np
 
 from kd_keras.errors import KDError
-from kd_keras.models import ImagePreprocessing, model_output
+from kd_keras.models import ImagePreprocessing, all_layers, model_output
 
 SCALINGS = ("auto", "raw", "unit", "symmetric", "caffe", "torch")
 # config name -> ImagePreprocessing mode
@@ -152,15 +152,6 @@ def _load_saved_model(path: Path) -> keras.Model:
 # ---------------------------------------------------------------- the teacher's view
 
 
-def _all_layers(model) -> list:
-    layers = []
-    for layer in getattr(model, "layers", []):
-        layers.append(layer)
-        if isinstance(layer, keras.Model):
-            layers += _all_layers(layer)
-    return layers
-
-
 def _leading_layers(model, depth: int = 4) -> list:
     """The first few layers after the input, descending into a leading nested model."""
     out = []
@@ -179,7 +170,7 @@ def declared_scaling(model: keras.Model) -> str | None:
     """The input scaling `model` declares, where it can be read: kd_keras models and models
     that rescale inside (a Rescaling/Normalization layer first) take raw pixels;
     keras.applications families are recognised by name. None when unknown."""
-    layers = _all_layers(model)
+    layers = all_layers(model)
     if any(isinstance(layer, ImagePreprocessing) for layer in layers):
         return "raw"
     scaling_layers = (keras.layers.Rescaling, keras.layers.Normalization)

@@ -61,12 +61,12 @@ from kd_keras.inference import (
     PROVIDER_CHOICES,
     console,
     default_threads,
+    file_metadata,
     keras_predictor,
     onnx_predictor,
     onnx_session,
     predict,
     printer,
-    read_metadata,
     size_mb,
     tflite_interpreter,
     tflite_predictor,
@@ -478,14 +478,6 @@ def _stale(path: Path, source: Path) -> bool:
     return path.stat().st_mtime < source.stat().st_mtime
 
 
-def _file_metadata(path: Path) -> dict[str, str]:
-    if path.suffix == ".tflite":
-        from kd_keras.tflite import read_tflite_metadata
-
-        return read_tflite_metadata(path)
-    return read_metadata(path)
-
-
 def _loader(fmt: str, path: Path, threads: int, provider: str) -> Callable[[], Loaded]:
     if fmt in ("tflite", "tflite_int8"):
         return tflite_loader(path, threads)
@@ -501,7 +493,7 @@ def _file_candidate(name, arch, fmt, path, params, threshold, source, size, thre
         if fmt == "int8" and fp32.is_file() and quantization_plan(fp32)["method"] == "none":
             note = quantization_plan(fp32)["reason"]
         return Candidate(name, arch, fmt, None, params, None, threshold, note)
-    meta = _file_metadata(path)
+    meta = file_metadata(path)
     exported = meta.get("image_size")
     if exported is not None and exported != str(size):
         note = f"{path.name} was exported at {exported} px, not {size} px: re-run export"

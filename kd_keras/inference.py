@@ -21,6 +21,7 @@ INPUT_NAME = "images"
 LOGITS = "logits"
 PROBABILITIES = "probabilities"
 TFLITE_SIGNATURE = "serving_default"
+TFLITE_METADATA_KEY = "kd_keras"  # the .tflite metadata entry holding kd_keras's JSON
 
 Predictor = Callable[[np.ndarray], np.ndarray]
 
@@ -196,6 +197,36 @@ def compare_logits(reference: np.ndarray, candidate: np.ndarray) -> dict[str, An
         "max_abs_diff": float(diff.max()) if np.isfinite(diff).all() else float("inf"),
         "argmax_agreement": float((reference.argmax(1) == candidate.argmax(1)).mean()),
     }
+
+
+def read_tflite_metadata(path: str | os.PathLike) -> dict[str, str]:
+    """The kd_keras metadata of a `.tflite` file (empty when it has none)."""
+    import json
+
+    from ai_edge_litert import schema_py_generated as schema
+
+    data = Path(path).read_bytes()
+    try:
+        model = schema.Model.GetRootAs(data, 0)
+        for i in range(model.MetadataLength()):
+            entry = model.Metadata(i)
+            if entry.Name() == TFLITE_METADATA_KEY.encode():
+                raw = model.Buffers(entry.Buffer()).DataAsNumpy().tobytes()
+                return json.loads(raw.decode("utf-8"))
+    except Exception as err:  # a truncated or foreign file
+        raise KDError(f"{path} is not a readable .tflite file: {err}") from err
+    return {}
+
+
+def file_metadata(path: str | os.PathLike) -> dict[str, str]:
+    """The kd_keras metadata of an exported file, `.tflite` or `.onnx`; a file that is not
+    what its suffix says is a `KDError` naming it."""
+    if Path(path).suffix == ".tflite":
+        return read_tflite_metadata(path)
+    try:
+        return read_metadata(path)
+    except Exception as err:  # onnx raises DecodeError and friends on a foreign file
+        raise KDError(f"{path} is not a readable ONNX file: {err}") from err
 
 
 def read_metadata(path: str | os.PathLike) -> dict[str, str]:

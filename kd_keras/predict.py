@@ -32,7 +32,7 @@ from typing import Any
 import numpy as np
 
 from kd_keras.errors import KDError, write_text
-from kd_keras.inference import console, printer
+from kd_keras.inference import console, file_metadata, printer
 
 RECIPE_KEY = "preprocessing"
 MEDMNIST_INTERPOLATION = "bicubic"  # PIL, antialiased when shrinking; the paper names none
@@ -175,7 +175,7 @@ def model_info(path: Path) -> dict[str, Any]:
             note=f"{path.name}: recipe, classes and threshold from run folder {run.path}",
         )
         return info
-    meta = _file_metadata(path)
+    meta = file_metadata(path)
     size = int(meta["image_size"]) if meta.get("image_size") else _input_size(path)
     recipe = json.loads(meta[RECIPE_KEY]) if meta.get(RECIPE_KEY) else None
     info.update(
@@ -202,19 +202,6 @@ def _run_of(path: Path):
     from kd_keras.run import CONFIG_FILE, RunFolder
 
     return RunFolder(path.parent) if (path.parent / CONFIG_FILE).is_file() else None
-
-
-def _file_metadata(path: Path) -> dict[str, str]:
-    if path.suffix == ".tflite":
-        from kd_keras.tflite import read_tflite_metadata
-
-        return read_tflite_metadata(path)
-    from kd_keras.inference import read_metadata
-
-    try:
-        return read_metadata(path)
-    except Exception as err:  # onnx raises DecodeError and friends on a foreign file
-        raise KDError(f"{path} is not a readable ONNX file: {err}") from err
 
 
 def _input_size(path: Path) -> int:

@@ -15,7 +15,7 @@ read their metadata, and run them.
   float interface as for any other format.
 - Metadata: the same key/value pairs as an ONNX file's `metadata_props`, stored as one JSON
   object in the flatbuffer's own metadata table (entry `kd_keras`), so the file explains itself
-  without a sidecar (`read_tflite_metadata`).
+  without a sidecar (`inference.read_tflite_metadata`).
 """
 
 from __future__ import annotations
@@ -30,9 +30,17 @@ from typing import Any
 import numpy as np
 
 from kd_keras.errors import KDError, atomic_write
-from kd_keras.inference import INPUT_NAME, LOGITS, PROBABILITIES, TFLITE_SIGNATURE, tflite_io
+from kd_keras.inference import (
+    INPUT_NAME,
+    LOGITS,
+    PROBABILITIES,
+    TFLITE_SIGNATURE,
+    tflite_io,
+)
+from kd_keras.inference import (
+    TFLITE_METADATA_KEY as METADATA_KEY,
+)
 
-METADATA_KEY = "kd_keras"
 RUNTIME = "LiteRT (ai-edge-litert) CPU"
 
 
@@ -107,23 +115,6 @@ def with_metadata(flatbuffer: bytes, metadata: dict[str, Any]) -> bytes:
     builder = flatbuffers.Builder(len(flatbuffer) + 1024)
     builder.Finish(model.Pack(builder), file_identifier=b"TFL3")
     return bytes(builder.Output())
-
-
-def read_tflite_metadata(path: str | os.PathLike) -> dict[str, str]:
-    """The kd_keras metadata of a `.tflite` file (empty when it has none)."""
-    from ai_edge_litert import schema_py_generated as schema
-
-    data = Path(path).read_bytes()
-    try:
-        model = schema.Model.GetRootAs(data, 0)
-        for i in range(model.MetadataLength()):
-            entry = model.Metadata(i)
-            if entry.Name() == METADATA_KEY.encode():
-                raw = model.Buffers(entry.Buffer()).DataAsNumpy().tobytes()
-                return json.loads(raw.decode("utf-8"))
-    except Exception as err:  # a truncated or foreign file
-        raise KDError(f"{path} is not a readable .tflite file: {err}") from err
-    return {}
 
 
 def write_tflite(path: str | os.PathLike, flatbuffer: bytes, metadata: dict[str, Any]) -> Path:

@@ -7,7 +7,6 @@ import numpy as np
 import pytest
 from conftest import CLASSES, make_run, tiny_classifier
 
-from kd_keras import tflite
 from kd_keras.data import make_dataset
 from kd_keras.evaluate import choose_threshold
 from kd_keras.export import export_run
@@ -16,6 +15,7 @@ from kd_keras.inference import (
     load_predictor,
     predict,
     read_metadata,
+    read_tflite_metadata,
     softmax,
     tflite_interpreter,
     tflite_io,
@@ -35,7 +35,7 @@ def test_fp32_parity_metadata_and_predictor(tmp_path, real_npz):
     path = tmp_path / "export" / "r" / "student.tflite"
     assert {p.suffix for p in path.parent.iterdir()} == {".tflite", ".json", ".md"}, "no .onnx"
 
-    meta = tflite.read_tflite_metadata(path)
+    meta = read_tflite_metadata(path)
     assert json.loads(meta["class_names"]) == CLASSES
     assert meta["image_size"] == "32" and meta["input_range"] == "0-255 RGB NHWC"
     assert meta["decision_threshold"] == "0.4" and meta["precision"] == "float32"
@@ -71,7 +71,7 @@ def test_int8_files_choose_their_own_threshold_on_validation(tmp_path, real_npz)
     out = tmp_path / "export" / "q"
     chosen = {}
     for key, meta_of in (("student.int8", read_metadata),
-                         ("student.int8.tflite", tflite.read_tflite_metadata)):  # fmt: skip
+                         ("student.int8.tflite", read_tflite_metadata)):  # fmt: skip
         entry = result["artefacts"][key]
         path = out / entry["file"]
         own = choose_threshold(val.labels, softmax(predict(load_predictor(path), val_batches)))
@@ -82,7 +82,7 @@ def test_int8_files_choose_their_own_threshold_on_validation(tmp_path, real_npz)
         chosen[key] = own
     assert all(t != pytest.approx(fp32) for t in chosen.values()), "quantisation moved them"
 
-    meta = tflite.read_tflite_metadata(out / "student.int8.tflite")
+    meta = read_tflite_metadata(out / "student.int8.tflite")
     io = json.loads(meta["io_quantization"])
     assert io["images"]["dtype"] == "int8" and "zero_point" in meta["input"]
     assert json.loads(meta["quantization"])["calibration_samples"] == 32

@@ -628,6 +628,12 @@ def benchmark_run(
                                                 provider)  # fmt: skip
                 rows += benchmark_candidates(candidates, images, batch, evaluate=evaluate, **timing)
                 continue
+            if name == "teacher" and run.user_teacher:
+                note = ("the user's teacher (teacher.path / teacher.ensemble) is only timed at "
+                        f"its trained size, {trained} px")  # fmt: skip
+                rows += [_row(Candidate(name, arch, f, None, None, None, None, note), size, batch)
+                         for f in formats]  # fmt: skip
+                continue
             say(f"rebuilding {name} ({arch}) at {size} px …")
             model, note = rebuild_at_size(run, name, model, size, len(class_names))
             note += f"; accuracy not measured (trained at {trained} px)"

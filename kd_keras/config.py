@@ -63,6 +63,8 @@ class TeacherConfig:
     weights: str = _spec("none", kind=str, path=True)
     variant: str = _spec("full", kind=str, choices=("full", "tiny"))
     path: str | None = _spec(None, kind=str, path=True)
+    ensemble: list[str] | None = _spec(None, kind=list, path=True)
+    ensemble_features: str | int = _spec("all", kind=(str, int))
     image_size: int = _spec(0, kind=int, lo=0, hi=1024)
     input_scaling: str = _spec(
         "auto", kind=str, choices=("auto", "raw", "unit", "symmetric", "caffe", "torch")
@@ -125,6 +127,8 @@ class TrainConfig:
     precision: str = _spec(
         "float32", kind=str, choices=("auto", "float32", "mixed_bfloat16", "mixed_float16")
     )
+    # XLA: "auto" turns it on where it was measured faster (see kd_keras.train.JIT_FASTER)
+    jit_compile: bool | str = _spec("auto", kind=(bool, str), choices=(True, False, "auto"))
 
 
 @dataclass
@@ -212,7 +216,11 @@ def _check_value(section: str, f: dataclasses.Field, value: Any) -> Any:
 
 
 def _resolve_path(f: dataclasses.Field, value: Any, base: Path) -> Any:
-    if not f.metadata["path"] or value is None or value in _WEIGHT_KEYWORDS:
+    if not f.metadata["path"] or value is None:
+        return value
+    if isinstance(value, list):
+        return [_resolve_path(f, v, base) for v in value]
+    if value in _WEIGHT_KEYWORDS or "://" in value:  # keywords and hub handles stay as written
         return value
     p = Path(value).expanduser()
     return str(p if p.is_absolute() else (base / p).resolve())
@@ -317,6 +325,23 @@ def _check_consistency(cfg: Config) -> None:
         )
     if cfg.data.source in ("folder", "csv") and not cfg.data.path:
         raise KDError(f"config key data.path is required when data.source = {cfg.data.source!r}")
+    _check_ensemble(cfg.teacher)
+
+
+def _check_ensemble(tc: TeacherConfig) -> None:
+    if tc.ensemble is None:
+        return
+    if tc.path:
+        raise KDError("config keys teacher.path and teacher.ensemble are both set; use "
+                      "teacher.path for one teacher, teacher.ensemble for several")  # fmt: skip
+    if len(tc.ensemble) < 2:
+        raise KDError(f"config key teacher.ensemble lists {len(tc.ensemble)} teacher(s); list at "
+                      "least 2, or use teacher.path for one")  # fmt: skip
+    choice = tc.ensemble_features
+    in_range = isinstance(choice, int) and 0 <= choice < len(tc.ensemble)
+    if choice != "all" and not in_range:
+        raise KDError(f'config key teacher.ensemble_features = {choice!r} must be "all" or a '
+                      f"member index from 0 to {len(tc.ensemble) - 1}")  # fmt: skip
 
 
 def read_toml(path: str | Path) -> dict[str, Any]:

@@ -10,7 +10,7 @@ import keras
 import tensorflow as tf
 from keras import ops
 
-from kd_keras import distribute, losses
+from kd_keras import distribute, ensemble, losses
 from kd_keras.models import (
     CLS_LOGITS_LAYER,
     DIST_LOGITS_LAYER,
@@ -91,6 +91,8 @@ class Distiller(keras.Model):
             trained variables added to the loss (PyTorch's `weight_decay`); 0 turns it off.
         teacher_feature_layer, student_feature_layer: the feature taps, dotted through nested
             models (default: found automatically, see `models.feature_and_logits`).
+        ensemble_features: with a teacher ensemble (`kd_keras.ensemble`), match the feature map
+            of every member, each through its own adapter (`"all"`), or of member i only (i).
 
     Each model sees the batch at its own input size: images are resized (bilinear, antialiased)
     for the student and for the teacher when their input size differs from the batch's, so a
@@ -121,6 +123,7 @@ class Distiller(keras.Model):
         l2_weight_decay: float = 0.0,
         teacher_feature_layer: str | None = None,
         student_feature_layer: str | None = None,
+        ensemble_features: str | int = "all",
         **kwargs,
     ):
         super().__init__(**kwargs)
@@ -160,6 +163,7 @@ class Distiller(keras.Model):
         self.l2_weight_decay = float(l2_weight_decay)
         self.teacher_feature_layer = teacher_feature_layer
         self.student_feature_layer = student_feature_layer
+        self.ensemble_features = ensemble_features
         self.uses_teacher = teacher is not None and (alpha < 1.0 or beta > 0.0)
         if teacher is not None:
             teacher.trainable = False  # frozen whether or not a term uses it
@@ -170,29 +174,32 @@ class Distiller(keras.Model):
             has_layer(student, CLS_LOGITS_LAYER) and has_layer(student, DIST_LOGITS_LAYER)
             and self.uses_teacher and 0.0 < self.alpha < 1.0
         )  # fmt: skip
-        s_feature = t_feature = None
+        s_feature = None
         logits = model_output(student)
-        t_logits = model_output(teacher) if self.uses_teacher else None
         if self.beta > 0:  # taps re-wired through nested models come with their own logits
             s_feature, logits = feature_and_logits(student, student_feature_layer)
-            t_feature, t_logits = feature_and_logits(teacher, teacher_feature_layer)
         s_outputs = {
             "logits": logits,
             "ce_logits": student.get_layer(CLS_LOGITS_LAYER).output if split_heads else logits,
             "kd_logits": student.get_layer(DIST_LOGITS_LAYER).output if split_heads else logits,
         }
-        t_outputs = {"logits": t_logits} if self.uses_teacher else {}
-        self.adapter = None
-        if self.beta > 0 and not self.feature_term.needs_adapter:
-            t_outputs["feature"], s_outputs["feature"] = t_feature, s_feature
-        elif self.beta > 0:
-            t_outputs["feature"], s_outputs["feature"] = t_feature, s_feature
-            t_shape = t_feature.shape
-            self.adapter = FeatureAdapter(t_shape[-1], t_shape[1:3], name="adapter")
-            self.adapter.build(s_feature.shape)
+        t_inputs, t_outputs = self._teacher_outputs(teacher, teacher_feature_layer,
+                                                    ensemble_features)  # fmt: skip
+        # one teacher feature map ("feature"), or one per ensemble member ("feature_<i>")
+        self.feature_keys = sorted(k for k in t_outputs if k.startswith("feature"))
+        self.adapters = []
+        if self.beta > 0:
+            s_outputs["feature"] = s_feature
+        if self.beta > 0 and self.feature_term.needs_adapter:
+            for key in self.feature_keys:
+                t_shape = t_outputs[key].shape
+                name = "adapter" + key[len("feature") :]
+                adapter = FeatureAdapter(t_shape[-1], t_shape[1:3], name=name)
+                adapter.build(s_feature.shape)
+                self.adapters.append(adapter)
         self._student_graph = keras.Model(student.inputs, s_outputs, name="student_graph")
         self._teacher_graph = (
-            keras.Model(teacher.inputs, t_outputs, name="teacher_graph") if t_outputs else None
+            keras.Model(t_inputs, t_outputs, name="teacher_graph") if t_outputs else None
         )
 
         self.loss_tracker = keras.metrics.Mean(name="loss")
@@ -213,10 +220,29 @@ class Distiller(keras.Model):
         return trackers + [self.accuracy_tracker]
 
     @property
+    def adapter(self) -> FeatureAdapter | None:
+        """The feature adapter of a single teacher feature map (None without one)."""
+        return self.adapters[0] if len(self.adapters) == 1 else None
+
+    @property
     def trained_variables(self) -> list:
-        """What the optimizer updates: the student's and the adapter's trainable variables."""
-        adapter = self.adapter.trainable_variables if self.adapter is not None else []
-        return list(self.student.trainable_variables) + list(adapter)
+        """What the optimizer updates: the student's and the adapters' trainable variables."""
+        adapters = [v for a in self.adapters for v in a.trainable_variables]
+        return list(self.student.trainable_variables) + adapters
+
+    def _teacher_outputs(self, teacher, feature_layer, ensemble_features) -> tuple:
+        """(input, outputs) of the teacher graph: `logits` and, with feature matching, the
+        feature map(s); an ensemble's logits average its members' probabilities at T."""
+        if not self.uses_teacher:
+            return None, {}
+        if ensemble.ensemble_members(teacher):
+            features = ensemble_features if self.beta > 0 else None
+            return ensemble.distillation_outputs(teacher, self.temperature, features,
+                                                 feature_layer)  # fmt: skip
+        if self.beta > 0:
+            feature, logits = feature_and_logits(teacher, feature_layer)
+            return teacher.inputs, {"logits": logits, "feature": feature}
+        return teacher.inputs, {"logits": model_output(teacher)}
 
     def call(self, inputs, training=None):
         images, _ = self._split_inputs(inputs)
@@ -242,11 +268,14 @@ class Distiller(keras.Model):
             kd = self.kd_term(y, teacher_out["logits"], kd_logits)
             terms["kd"] = losses.weighted_mean(kd, kd_weight, count)
             total = total + (1.0 - self.alpha) * terms["kd"]
-        if self.beta > 0:
-            s_feature = student_out["feature"]
-            if self.adapter is not None:
-                s_feature = self.adapter(s_feature)
-            feat = self.feature_term(teacher_out["feature"], s_feature)
+        if self.beta > 0:  # the mean over the teacher feature maps (ensemble members)
+            feats = []
+            for i, key in enumerate(self.feature_keys):
+                s_feature = student_out["feature"]
+                if self.adapters:
+                    s_feature = self.adapters[i](s_feature)
+                feats.append(self.feature_term(teacher_out[key], s_feature))
+            feat = feats[0] if len(feats) == 1 else ops.mean(ops.stack(feats), axis=0)
             terms["feat"] = losses.weighted_mean(feat, kd_weight, count)
             total = total + self.beta * terms["feat"]
         reg = self._regularization()
@@ -356,6 +385,7 @@ class Distiller(keras.Model):
             "l2_weight_decay": self.l2_weight_decay,
             "teacher_feature_layer": self.teacher_feature_layer,
             "student_feature_layer": self.student_feature_layer,
+            "ensemble_features": self.ensemble_features,
         }
 
     @classmethod

@@ -141,18 +141,18 @@ def run_sweep(
 
     keys = list(grid)
     cells = list(itertools.product(*(grid[k] for k in keys)))
-    progress = SweepProgress((0 if base.teacher.path else 1) + seeds * (1 + len(cells)))
+    given = base.teacher.path or base.teacher.ensemble  # the user's teacher(s): none to train
+    progress = SweepProgress((0 if given else 1) + seeds * (1 + len(cells)))
     teacher_dir = root / "teacher"
-    if base.teacher.path:
-        teacher_file = base.teacher.path
-    else:
+    with_teacher = overrides
+    if not given:
         _run(base, raw, base_dir, teacher_dir, overrides, ["teacher"], progress, "teacher")
         teacher_file = str(teacher_dir / "teacher.keras")
-    with_teacher = overrides + [f"teacher.path={toml_value(teacher_file)}"]
+        with_teacher = overrides + [f"teacher.path={toml_value(teacher_file)}"]
 
     runs: list[dict] = []  # one flat row per trained run
     seed_list = [base.run.seed + k for k in range(seeds)]
-    if RunFolder(teacher_dir).finished:  # absent when the user gave teacher.path
+    if RunFolder(teacher_dir).finished:  # absent when the user gave the teacher(s)
         runs.append(run_row("teacher", {}, base.run.seed, RunFolder(teacher_dir).report,
                             "teacher"))  # fmt: skip
     for seed in seed_list:

@@ -277,29 +277,66 @@ def teacher_view(model: keras.Model, view: TeacherView) -> keras.Model:
     return keras.Model(inputs, out, name=f"{model.name}_view")
 
 
+def prepare_teacher(cfg, splits, check: bool, force: bool = False) -> tuple:
+    """The user's teacher (`teacher.path`) or teacher ensemble (`teacher.ensemble`) behind
+    kd_keras's model contract: (model, feature tap inside it, one-line description). With
+    `check`, each teacher is checked on validation first (`check_teacher`)."""
+    from kd_keras.ensemble import build_ensemble, member_source
+
+    tc = cfg.teacher
+    sources = [tc.path] if tc.path else [member_source(s) for s in tc.ensemble]
+    views, lines = [], []
+    for source in sources:
+        model = load_teacher(source)
+        view = resolve_view(model, cfg, splits.class_names)
+        wrapped = teacher_view(model, view)
+        if check:
+            check_teacher(wrapped, view, splits, cfg.data.batch_size, force, name=source)
+        views.append((model, wrapped))
+        lines.append(f"{source} ({view.describe()})")
+    if tc.path:
+        (model, wrapped), tap = views[0], tc.feature_layer
+        if wrapped is not model and tap:  # the tap path is the user's model's
+            tap = f"{model.name}.{tap}"
+        return wrapped, tap, lines[0]
+    ensemble = build_ensemble([wrapped for _, wrapped in views])
+    if check:
+        size = input_size(ensemble)
+        check_teacher(ensemble, TeacherView(size, "raw", "logits", None), splits,
+                      cfg.data.batch_size, force, name=f"the ensemble of {len(views)}")  # fmt: skip
+    described = "; ".join(f"[{i}] {line}" for i, line in enumerate(lines))
+    return ensemble, tc.feature_layer, f"ensemble of {len(views)}: {described}"
+
+
 # ---------------------------------------------------------------- checks
 
 
 def check_teacher(
-    model: keras.Model, view: TeacherView, splits, batch_size: int, force: bool = False
+    model: keras.Model,
+    view: TeacherView,
+    splits,
+    batch_size: int,
+    force: bool = False,
+    name: str = "teacher.path",
 ) -> dict:
     """Evaluate the teacher (its view) on the validation split before any training; a teacher
-    no better than chance (balanced accuracy <= 1/k + 0.05) stops the run unless `force`."""
+    no better than chance (balanced accuracy <= 1/k + 0.05) stops the run unless `force`.
+    `name` says which teacher in messages (an ensemble checks each member)."""
     from kd_keras.data import make_dataset
     from kd_keras.evaluate import classification_metrics
     from kd_keras.inference import keras_predictor, predict_probs
 
     val = make_dataset(splits.val, view.image_size, batch_size, labels=False, cache=False)
-    probs = predict_probs(keras_predictor(model), val, "the teacher (teacher.path)")
+    probs = predict_probs(keras_predictor(model), val, f"the teacher ({name})")
     metrics = classification_metrics(splits.val.labels, probs, splits.class_names)
     auc = "n/a" if metrics["roc_auc"] is None else f"{metrics['roc_auc']:.3f}"
-    line = (f"teacher check on validation ({len(splits.val)} images, {view.describe()}): "
+    line = (f"teacher check on validation ({name}; {len(splits.val)} images, {view.describe()}): "
             f"balanced accuracy {metrics['balanced_accuracy']:.3f}, AUC {auc}")  # fmt: skip
     print(line)
     chance = 1.0 / splits.num_classes
     if metrics["balanced_accuracy"] <= chance + 0.05 and not force:
         raise KDError(
-            f"the teacher is no better than chance on validation (balanced accuracy "
+            f"the teacher {name} is no better than chance on validation (balanced accuracy "
             f"{metrics['balanced_accuracy']:.3f}, AUC {auc}). Likely causes: the wrong "
             f"teacher.input_scaling (now {view.scaling!r}; one of {SCALING_HELP}), the wrong "
             f"teacher.image_size (now {view.image_size}), or a different class order "

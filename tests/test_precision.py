@@ -2,6 +2,7 @@
 
 import numpy as np
 import pytest
+from conftest import build
 
 from kd_keras.precision import cpu_has_bf16, float32_copy, policy_scope, resolve_policy
 
@@ -53,3 +54,31 @@ def test_mixed_bfloat16_training_saves_float32_models(tmp_path, tiny_npz):
         assert {layer.dtype_policy.name for layer in model.layers} == {"float32"}, name
     report = json.loads((tmp_path / "bf16" / "report.json").read_text())
     assert all(np.isfinite(e["test"]["accuracy"]) for e in report["models"].values())
+
+
+def test_xla_is_chosen_per_architecture():
+    from kd_keras.train import resolve_jit_compile
+
+    assert resolve_jit_compile("auto", ["deit_small"]) is True, "measured faster with XLA"
+    assert resolve_jit_compile("auto", ["deit_small", "resnet50"]) is False, "a conv teacher"
+    assert resolve_jit_compile("auto", ["resnet18"]) is False
+    assert resolve_jit_compile(True, ["resnet18"]) is True
+    assert resolve_jit_compile(False, ["deit_small"]) is False
+
+
+def test_xla_train_step_matches_the_graph_step():
+    """A DeiT student (XLA's "auto" pick) trains under jit_compile with the same loss."""
+    import keras
+
+    from kd_keras.distiller import Distiller
+
+    x = np.random.default_rng(0).uniform(0, 255, (4, 32, 32, 3)).astype("float32")
+    y = np.array([0, 1, 1, 0])
+    logs = []
+    for jit in (False, True):
+        keras.utils.set_random_seed(0)
+        student = build("deit_small")
+        d = Distiller(student, build("resnet50"), alpha=0.5, beta=0.0)
+        d.compile(optimizer=keras.optimizers.SGD(0.01), jit_compile=jit)
+        logs.append(d.train_on_batch(x, y, return_dict=True))
+    assert logs[1]["loss"] == pytest.approx(logs[0]["loss"], rel=1e-4)

@@ -6,7 +6,7 @@ Keras's Distiller is run as its documentation shows it: logits only (`LogitsDist
 T = 4, passed `keras.losses.KLDivergence()` explicitly — its string default skips the softmax
 and T^2, see ../shared/DESIGN.md), student-loss weight 0.5, no class weights (it cannot take
 them). Ours is `configs/xray.toml`'s distillation stage; its results are read from a sweep's
-`cells/beta=1/seed<N>/report.json` when given (`--ours`), else trained here.
+`cells/<cell>/seed<N>/report.json` when given (`--ours`), else trained here.
 
     python cli.py sweep --config configs/xray.toml --grid distill.beta=0,1 --seeds 3 \\
         --set teacher.path=runs/xray/teacher.keras
@@ -34,7 +34,7 @@ def keras_distiller_run(cfg, splits, teacher_path: str, seed: int) -> dict:
     from kd_keras.data import make_dataset
     from kd_keras.evaluate import choose_threshold, classification_metrics
     from kd_keras.inference import keras_predictor, predict_probs
-    from kd_keras.models import build_student, load_model
+    from kd_keras.models import build_student, load_model, set_batchnorm_momentum
     from kd_keras.train import SelectBest, make_optimizer
 
     keras.utils.set_random_seed(seed)
@@ -42,6 +42,8 @@ def keras_distiller_run(cfg, splits, teacher_path: str, seed: int) -> dict:
     teacher = load_model(teacher_path, "teacher")
     teacher.trainable = False
     student = build_student(cfg.student.arch, splits.num_classes, size)
+    if cfg.train.batchnorm_momentum > 0:  # the same student as ours trains
+        set_batchnorm_momentum(student, cfg.train.batchnorm_momentum)
     train = make_dataset(splits.train, size, batch, training=True, augment=cfg.augment, seed=seed)
     val = make_dataset(splits.val, size, batch, labels=False)
     test = make_dataset(splits.test, size, batch, labels=False)

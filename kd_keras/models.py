@@ -578,6 +578,18 @@ def all_layers(model) -> list:
     return layers
 
 
+def set_batchnorm_momentum(model: keras.Model, momentum: float) -> int:
+    """Set the moving-statistics momentum of every BatchNormalization layer of `model` (nested
+    models included); returns how many. Keras's default, 0.99, averages over ~100 steps: over a
+    short CPU schedule the inference-mode statistics lag the weights (an EfficientNetB3 trained
+    5 epochs at 32 px predicted one class at the default rule; re-estimating its statistics
+    raised validation balanced accuracy at 0.5 from 0.500 to 0.871)."""
+    layers = [lay for lay in all_layers(model) if isinstance(lay, keras.layers.BatchNormalization)]
+    for layer in layers:
+        layer.momentum = float(momentum)
+    return len(layers)
+
+
 def has_layer(model: keras.Model, name: str) -> bool:
     """Whether `model` has a (top-level) layer called `name`."""
     return any(layer.name == name for layer in model.layers)

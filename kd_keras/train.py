@@ -37,7 +37,7 @@ from kd_keras.errors import (
 )
 from kd_keras.evaluate import choose_threshold, classification_metrics
 from kd_keras.inference import keras_predictor, predict_probs
-from kd_keras.models import build_student, build_teacher, image_size_of
+from kd_keras.models import build_student, build_teacher, image_size_of, set_batchnorm_momentum
 from kd_keras.precision import float32_copy, policy_scope, resolve_policy
 from kd_keras.report import evaluate_and_report
 from kd_keras.run import STAGE_MODELS, RunFolder
@@ -361,6 +361,8 @@ def fit_stage(
             next(iter(train_ds))
     callbacks = [FiniteGuard(stage), select, history]
     callbacks += [tensorboard_callback(run.tensorboard_dir(stage))] if tc.tensorboard else []
+    if tc.batchnorm_momentum > 0:
+        set_batchnorm_momentum(classifier, tc.batchnorm_momentum)
     synced = distribute.sync_batch_norm(classifier, cfg.distribute.sync_batch_norm)
     try:
         model.fit(

@@ -1,9 +1,10 @@
 """The model registry: every architecture builds, runs, taps its feature map and round-trips
 through `.keras`; real sizes are checked once per architecture."""
 
+import keras
 import numpy as np
 import pytest
-from conftest import PATCH, SIZE
+from conftest import PATCH, SIZE, build
 
 from kd_keras import models
 from kd_keras.errors import KDError
@@ -111,3 +112,17 @@ def test_imagenet_weights_offline_fail_fast_with_advice():
     except KDError as err:
         assert "teacher.weights" in str(err) and "local file" in str(err)
     # with internet the weights load and the model builds: nothing to assert offline
+
+
+def test_batchnorm_momentum_reaches_nested_layers_and_is_saved(tmp_path):
+    """train.batchnorm_momentum reaches the batch norms inside a keras.applications backbone
+    (nested model) and survives saving; transformer students have none to set."""
+    model = build("efficientnet_b3")
+    count = models.set_batchnorm_momentum(model, 0.9)
+    assert count > 10
+    model.save(tmp_path / "m.keras")
+    loaded = models.load_model(tmp_path / "m.keras", "model")
+    bns = [lay for lay in models.all_layers(loaded)
+           if isinstance(lay, keras.layers.BatchNormalization)]  # fmt: skip
+    assert len(bns) == count and {b.momentum for b in bns} == {0.9}
+    assert models.set_batchnorm_momentum(build("deit_small"), 0.9) == 0

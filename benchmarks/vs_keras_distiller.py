@@ -44,7 +44,8 @@ def keras_distiller_run(cfg, splits, teacher_path: str, seed: int) -> dict:
     student = build_student(cfg.student.arch, splits.num_classes, size)
     if cfg.train.batchnorm_momentum > 0:  # the same student as ours trains
         set_batchnorm_momentum(student, cfg.train.batchnorm_momentum)
-    train = make_dataset(splits.train, size, batch, training=True, augment=cfg.augment, seed=seed)
+    train = make_dataset(splits.train, size, batch, training=True, augment=cfg.augment, seed=seed,
+                         epochs=epochs)  # fmt: skip
     val = make_dataset(splits.val, size, batch, labels=False)
     test = make_dataset(splits.test, size, batch, labels=False)
     steps = int(np.ceil(len(splits.train) / batch))
@@ -58,7 +59,7 @@ def keras_distiller_run(cfg, splits, teacher_path: str, seed: int) -> dict:
                loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True))  # fmt: skip
     select = SelectBest(student, val, splits.val.labels, splits.class_names,
                         cfg.train.monitor, "keras_distiller", tune_threshold=True)  # fmt: skip
-    kd.fit(train, epochs=epochs, verbose=0, callbacks=[select])
+    kd.fit(train, epochs=epochs, steps_per_epoch=steps, verbose=0, callbacks=[select])
     fn = keras_predictor(student)
     threshold = choose_threshold(splits.val.labels, predict_probs(fn, val))
     return classification_metrics(splits.test.labels, predict_probs(fn, test),

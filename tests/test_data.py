@@ -3,7 +3,13 @@ import pytest
 from conftest import write_cifar_batches, write_images
 
 from kd_keras.config import AugmentConfig, DataConfig
-from kd_keras.data import load_splits, make_dataset, resolve_medmnist_path, stratified_subset
+from kd_keras.data import (
+    load_splits,
+    make_dataset,
+    resolve_medmnist_path,
+    stratified_subset,
+    training_steps,
+)
 from kd_keras.errors import KDError
 
 
@@ -112,7 +118,13 @@ def test_the_run_seed_reaches_every_augmentation(tiny_npz):
     c, _ = first_batch(split, training=True, augment=aug, seed=8)
     np.testing.assert_array_equal(a, b)
     assert not np.array_equal(a, c)
-    ds = make_dataset(split, 32, 8, training=True, augment=aug, seed=7)
-    epoch1, epoch2 = (next(iter(ds))[0].numpy() for _ in range(2))
+    steps = training_steps(len(split), 8)
+    ds = make_dataset(split, 32, 8, training=True, augment=aug, seed=7, epochs=3)
+    stream = [x.numpy() for x, _ in ds.take(3 * steps)]
+    epoch1, epoch2 = stream[0], stream[steps]
     np.testing.assert_array_equal(epoch1, a)
     assert not np.array_equal(epoch1, epoch2), "every epoch draws new augmentations"
+    resumed = make_dataset(split, 32, 8, training=True, augment=aug, seed=7, first_epoch=1,
+                           epochs=3)  # fmt: skip
+    for k, (x, _) in enumerate(resumed.take(2 * steps)):
+        np.testing.assert_array_equal(x.numpy(), stream[steps + k], err_msg="resumed stream")

@@ -19,7 +19,7 @@ from kd_keras.distiller import Distiller
 from kd_keras.errors import KDError
 from kd_keras.models import load_model
 from kd_keras.run import RunFolder, stage_hash
-from kd_keras.train import FiniteGuard
+from kd_keras.train import FiniteGuard, HistoryCSV, SelectBest, StageCheckpoint
 
 XRAY = str(ROOT / "configs" / "xray.toml")
 
@@ -89,6 +89,44 @@ def test_sigkill_in_distillation_then_resume(real_npz, tmp_path):
         assert resumed[key] == pytest.approx(reference[key], abs=0.03), key
     assert stray_files(run) == []
     assert len((run / "history_distill.csv").read_text().strip().splitlines()) == 1 + 3
+
+
+def test_checkpoint_restores_student_adapter_and_optimizer_not_the_teacher(tmp_path):
+    """What an epoch's checkpoint holds comes back exactly in a fresh trainer (weights, batch-
+    norm statistics, adapter, Adam slots and step); the frozen teacher is not written."""
+    from conftest import build
+
+    x = np.random.default_rng(0).uniform(0, 255, (8, 32, 32, 3)).astype("float32")
+    y = np.array([0, 1] * 4)
+    teacher = build("resnet50")
+
+    def trainer():
+        d = Distiller(build("resnet18"), teacher, alpha=0.5, beta=1.0)
+        d.compile(optimizer=keras.optimizers.Adam(1e-3))
+        return d
+
+    def callbacks(d):
+        select = SelectBest(d.student, None, y, ["a", "b"], "val_balanced_accuracy", "distill")
+        return select, StageCheckpoint(tmp_path / "ck", select, HistoryCSV(tmp_path / "h.csv"))
+
+    first = trainer()
+    first.fit(x, y, batch_size=4, epochs=1, verbose=0)
+    select, checkpoint = callbacks(first)
+    checkpoint.set_model(first)
+    select.best_weights = first.student.get_weights()
+    checkpoint.on_epoch_end(0)
+    checkpoint.on_train_end()
+    saved = dict(np.load(tmp_path / "ck" / "epoch_1" / "trainer.npz"))
+    n_teacher = len(teacher.weights)
+    assert len(saved) == len(checkpoint._state_variables()) and n_teacher > 0
+
+    second = trainer()
+    _, restored = callbacks(second)
+    restored.set_model(second)
+    restored.on_train_begin()
+    for a, b in zip(checkpoint._state_variables(), restored._state_variables()):
+        np.testing.assert_array_equal(np.asarray(a), np.asarray(b), err_msg=a.path)
+    assert int(second.optimizer.iterations) == 2 and second._initial_epoch == 1
 
 
 # ---------------------------------------------------------------- run folders

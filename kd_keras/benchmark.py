@@ -195,6 +195,12 @@ def time_predictor(
     }
 
 
+def _untimed_rows(name, arch, formats, note: str, image_size: int, batch: int) -> list[dict]:
+    """One row per format for a model that is not timed, saying why in `note`."""
+    return [_row(Candidate(name, arch, f, None, None, None, None, note), image_size, batch)
+            for f in formats]  # fmt: skip
+
+
 def _row(c: Candidate, image_size: int, batch: int) -> dict[str, Any]:
     return {
         "model": c.model, "arch": c.arch, "format": c.fmt,
@@ -618,9 +624,7 @@ def benchmark_run(
         for name in MODELS:
             source, arch = run.model_file(name), run.arch(name)
             if source is None:
-                note = f"run has no {name}.keras"
-                rows += [_row(Candidate(name, arch, f, None, None, None, None, note), size, batch)
-                         for f in formats]  # fmt: skip
+                rows += _untimed_rows(name, arch, formats, f"run has no {name}.keras", size, batch)
                 continue
             model = run.load_model(name)
             if size == trained:
@@ -628,11 +632,10 @@ def benchmark_run(
                                                 provider)  # fmt: skip
                 rows += benchmark_candidates(candidates, images, batch, evaluate=evaluate, **timing)
                 continue
-            if name == "teacher" and run.user_teacher:
+            if name == "teacher" and run.cfg.teacher.from_user:
                 note = ("the user's teacher (teacher.path / teacher.ensemble) is only timed at "
                         f"its trained size, {trained} px")  # fmt: skip
-                rows += [_row(Candidate(name, arch, f, None, None, None, None, note), size, batch)
-                         for f in formats]  # fmt: skip
+                rows += _untimed_rows(name, arch, formats, note, size, batch)
                 continue
             say(f"rebuilding {name} ({arch}) at {size} px …")
             model, note = rebuild_at_size(run, name, model, size, len(class_names))

@@ -76,6 +76,12 @@ class TeacherConfig:
     epochs: int | None = _spec(None, kind=int, lo=0)
     learning_rate: float | None = _spec(None, kind=float, lo=0.0, hi=10.0)
 
+    @property
+    def from_user(self) -> bool:
+        """True when the user gives the teacher (`path`) or teachers (`ensemble`): none is
+        trained."""
+        return bool(self.path or self.ensemble)
+
 
 @dataclass
 class StudentConfig:

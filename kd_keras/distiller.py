@@ -17,6 +17,7 @@ from kd_keras.models import (
     feature_and_logits,
     has_layer,
     model_output,
+    resize_images,
 )
 
 TEACHER_PREFIX = "teacher_"  # input keys of cached teacher outputs: teacher_logits, ...
@@ -295,7 +296,7 @@ class Distiller(keras.Model):
         want = tuple(model.inputs[0].shape[1:3])
         if None in want or tuple(images.shape[1:3]) == want:
             return images
-        return tf.image.resize(images, want, method="bilinear", antialias=True)
+        return resize_images(images, want)
 
     def _split_inputs(self, x):
         """(images, cached teacher outputs or None) of a batch's inputs."""

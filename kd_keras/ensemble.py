@@ -22,7 +22,7 @@ from pathlib import Path
 import keras
 from keras import ops
 
-from kd_keras.models import feature_and_logits, model_output
+from kd_keras.models import feature_and_logits, image_size_of, model_output, resize_images
 
 ENSEMBLE_NAME = "teacher_ensemble"
 _MEMBER = "member_{}"
@@ -68,8 +68,7 @@ class ResizeImages(keras.layers.Layer):
         self.size = int(size)
 
     def call(self, images):
-        return ops.image.resize(images, (self.size, self.size), interpolation="bilinear",
-                                antialias=True)  # fmt: skip
+        return resize_images(images, (self.size, self.size))
 
     def compute_output_shape(self, input_shape):
         return (input_shape[0], self.size, self.size, input_shape[-1])
@@ -96,13 +95,9 @@ def member_source(source: str) -> str:
 def build_ensemble(members: list[keras.Model]) -> keras.Model:
     """One model of `members` (each on raw [0, 255] pixels, logits out, fixed square input):
     input at the largest member size, each member fed a resized copy, mean probabilities out."""
-    from kd_keras.teacher import input_size
-
     if len(members) < 2:
         raise ValueError(f"an ensemble needs at least 2 members, got {len(members)}")
-    sizes = [input_size(m) for m in members]
-    if None in sizes:
-        raise ValueError("every ensemble member needs a fixed input size (wrap it in its view)")
+    sizes = [image_size_of(m) for m in members]
     size = max(sizes)
     inputs = keras.Input((size, size, 3), name="images")
     logits = []
@@ -171,7 +166,7 @@ def distillation_outputs(
     inputs = keras.Input(model.inputs[0].shape[1:], name="images")
     logits, out = [], {}
     for i, member in enumerate(members):
-        x = _resized(inputs, member.inputs[0].shape[1], i)
+        x = _resized(inputs, image_size_of(member), i)
         if i in tapped:
             feature, z = feature_and_logits(member, _member_tap(member, feature_layer))
             feature, z = keras.Model(member.inputs, [feature, z], name=f"member_{i}_fx")(x)

@@ -578,6 +578,12 @@ def all_layers(model) -> list:
     return layers
 
 
+def resize_images(images, size: tuple[int, int]):
+    """`images` (batch, h, w, c) resized to `size` (height, width), bilinear and antialiased:
+    how every model is shown a batch at its own input size (Distiller, teacher ensembles)."""
+    return keras.ops.image.resize(images, size, interpolation="bilinear", antialias=True)
+
+
 def set_batchnorm_momentum(model: keras.Model, momentum: float) -> int:
     """Set the moving-statistics momentum of every BatchNormalization layer of `model` (nested
     models included); returns how many. Keras's default, 0.99, averages over ~100 steps: over a

@@ -290,11 +290,6 @@ class RunFolder:
         path = self.model_file(name)
         return None if path is None else load_model(path, f"{name} model", safe_mode=False)
 
-    @property
-    def user_teacher(self) -> bool:
-        """True when the teacher came from `teacher.path` or `teacher.ensemble`."""
-        return bool(self.cfg.teacher.path or self.cfg.teacher.ensemble)
-
     def arch(self, name: str) -> str:
         """The configured architecture of model `name` (`ensemble of k` for an ensemble)."""
         if name == "teacher" and self.cfg.teacher.ensemble:

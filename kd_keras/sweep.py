@@ -141,7 +141,7 @@ def run_sweep(
 
     keys = list(grid)
     cells = list(itertools.product(*(grid[k] for k in keys)))
-    given = base.teacher.path or base.teacher.ensemble  # the user's teacher(s): none to train
+    given = base.teacher.from_user  # the user's teacher(s): none to train
     progress = SweepProgress((0 if given else 1) + seeds * (1 + len(cells)))
     teacher_dir = root / "teacher"
     with_teacher = overrides

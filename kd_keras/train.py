@@ -195,10 +195,6 @@ class StageCheckpoint(keras.callbacks.Callback):
     def latest(self) -> Path:
         return self.folder / "latest.json"
 
-    def saved_epochs(self) -> int:
-        """Completed epochs kept on disk (0: none, the stage starts from scratch)."""
-        return self.epochs_done(self.folder)
-
     @staticmethod
     def epochs_done(folder: Path) -> int:
         """Completed epochs kept in checkpoint `folder` (0 when it holds none)."""
@@ -389,7 +385,7 @@ def fit_stage(
         optimizer = keras.optimizers.LossScaleOptimizer(optimizer)
     stepped = [cfg.student.arch if stage != "teacher" else cfg.teacher.arch]
     if model.uses_teacher and cache is None:  # the teacher runs inside the step
-        stepped.append(cfg.teacher.arch if not run.user_teacher else "user")
+        stepped.append("user" if cfg.teacher.from_user else cfg.teacher.arch)
     jit = resolve_jit_compile(tc.jit_compile, stepped)
     model.compile(optimizer=optimizer, jit_compile=jit)
     if jit is True:
@@ -551,7 +547,7 @@ def _run_stages(cfg, run: RunFolder, splits, stages, copy_teacher, force, curren
     def saved_teacher():
         """The run's teacher, rebuilt in the training precision when it is ours."""
         loaded = run.load_model("teacher")
-        if policy == "float32" or cfg.teacher.path or cfg.teacher.ensemble:
+        if policy == "float32" or cfg.teacher.from_user:
             return loaded
         with policy_scope(policy):
             teacher = new_teacher("none")
@@ -561,7 +557,7 @@ def _run_stages(cfg, run: RunFolder, splits, stages, copy_teacher, force, curren
     teacher_file = run.model_path("teacher")
     teacher = None
     teacher_tap = cfg.teacher.feature_layer
-    if cfg.teacher.path or cfg.teacher.ensemble:
+    if cfg.teacher.from_user:
         from kd_keras.teacher import prepare_teacher
 
         teacher, teacher_tap, described = prepare_teacher(cfg, splits, "distill" in stages, force)

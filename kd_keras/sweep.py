@@ -238,7 +238,7 @@ def write_results(
     lines += [f"| {r['name']} | {r['seeds']} | " + " | ".join(_fmt(r[lab]) for lab in LABELS)
               + " |" for r in rows]  # fmt: skip
     write_text(root / "results.md", "\n".join(lines) + "\n")
-    write_text(root / "ablation.md", ablation_markdown(rows))
+    write_text(root / "ablation.md", ablation_markdown(rows, base))
     heat = None
     if {"distill.temperature", "distill.alpha"} <= set(keys):
         heat = root / "heatmap.png"
@@ -246,7 +246,7 @@ def write_results(
     from kd_keras.report import sweep_report_html
 
     page = sweep_report_html(f"kd_keras sweep {base.run.name}", "\n".join(lines),
-                             ablation_markdown(rows), heat, per_run)  # fmt: skip
+                             ablation_markdown(rows, base), heat, per_run)  # fmt: skip
     write_text(root / "results.html", page)
 
 
@@ -256,16 +256,31 @@ def _best(rows: list[dict], keep) -> dict | None:
     return max(pool, key=lambda r: r["val_bal_acc"][0]) if pool else None
 
 
-def ablation_markdown(rows: list[dict]) -> str:
+def ablation_markdown(rows: list[dict], base: Config) -> str:
+    """The teacher, the scratch student and, per variant (logits only or with features, KD
+    mode, feature loss), the cell validation selects; a variant no cell has is left out. A key
+    that is not a grid axis has the base config's value in every cell."""
+
+    def value(setting: dict, key: str):
+        return setting.get(key, getattr(base.distill, key.removeprefix("distill.")))
+
+    def features(setting: dict) -> bool:
+        return value(setting, "distill.beta") > 0
+
     by_name = {r["name"]: r for r in rows}
     entries = [("teacher", by_name.get("teacher")),
                ("student from scratch", by_name.get("student_scratch"))]  # fmt: skip
     entries += [
-        ("KD, logits only (beta = 0)", _best(rows, lambda s: s.get("distill.beta", 1) == 0)),
-        ("KD, logits + features (beta > 0)", _best(rows, lambda s: s.get("distill.beta", 0) > 0)),
-        ("KD, soft", _best(rows, lambda s: s.get("distill.mode", "soft") == "soft")),
-        ("KD, hard", _best(rows, lambda s: s.get("distill.mode") == "hard")),
-    ]
+        ("KD, logits only (beta = 0)", _best(rows, lambda s: not features(s))),
+        ("KD, logits + features (beta > 0)", _best(rows, features)),
+        ("KD, soft", _best(rows, lambda s: value(s, "distill.mode") == "soft")),
+        ("KD, hard", _best(rows, lambda s: value(s, "distill.mode") == "hard")),
+        ("Decoupled KD", _best(rows, lambda s: value(s, "distill.mode") == "dkd")),
+        ("features: FitNet (adapter + L2)",
+         _best(rows, lambda s: features(s) and value(s, "distill.feature_loss") == "fitnet")),
+        ("features: attention transfer",
+         _best(rows, lambda s: features(s) and value(s, "distill.feature_loss") == "attention")),
+    ]  # fmt: skip
     lines = ["# Ablation (each KD row: the cell with the best validation balanced accuracy)", "",
              "| variant | selected cell | val bal. acc. | test bal. acc. | test acc. | test AUC |",
              "|---|---|---|---|---|---|"]  # fmt: skip

@@ -4,7 +4,7 @@ import pytest
 
 from kd_keras.config import build_config, toml_value
 from kd_keras.errors import KDError
-from kd_keras.sweep import cell_name, parse_grid, run_sweep, summarize
+from kd_keras.sweep import ablation_markdown, cell_name, parse_grid, run_sweep, summarize
 
 
 def test_parse_grid_types_values():
@@ -35,6 +35,40 @@ def test_summary_is_mean_and_sample_std_over_seeds():
     assert std == pytest.approx(0.05), "sample std (ddof = 1), not the population std 0.0408"
     (single,) = summarize(runs[:1])
     assert math.isnan(single["test_bal_acc"][1]), "one seed has no spread"
+
+
+def _cell(setting: dict, val: float, test: float) -> dict:
+    stats = {lab: (test, 0.01) for lab in ("test_bal_acc", "test_acc", "test_auc")}
+    return {"name": cell_name(setting), "setting": setting, "val_bal_acc": (val, 0.01), **stats}
+
+
+def _ablation(rows: list[dict], base) -> dict[str, str]:
+    """variant label -> selected cell name, from the ablation table."""
+    lines = [line.split(" | ") for line in ablation_markdown(rows, base).splitlines()[4:]]
+    return {cells[0].lstrip("| "): cells[1] for cells in lines}
+
+
+def test_ablation_selects_each_variant_on_validation_with_base_config_defaults(tmp_path):
+    """Keys that are not grid axes take the base config's value; every row is the variant's
+    best cell on validation, never on test."""
+    rows = [
+        _cell({"distill.mode": "hard", "distill.feature_loss": "fitnet"}, 0.95, 0.70),
+        _cell({"distill.mode": "hard", "distill.feature_loss": "attention"}, 0.90, 0.99),
+        _cell({"distill.mode": "dkd", "distill.feature_loss": "fitnet"}, 0.91, 0.99),
+        _cell({"distill.mode": "dkd", "distill.feature_loss": "attention"}, 0.96, 0.60),
+    ]
+    chosen = _ablation(rows, build_config({}, tmp_path))  # base: beta 1, soft
+    assert chosen["KD, hard"] == "mode=hard_feature_loss=fitnet"
+    assert chosen["Decoupled KD"] == "mode=dkd_feature_loss=attention"
+    assert chosen["features: FitNet (adapter + L2)"] == "mode=hard_feature_loss=fitnet"
+    assert chosen["features: attention transfer"] == "mode=dkd_feature_loss=attention"
+    assert chosen["KD, logits + features (beta > 0)"] == "mode=dkd_feature_loss=attention"
+    assert "KD, soft" not in chosen and "KD, logits only (beta = 0)" not in chosen
+
+    logits_only = build_config({"distill": {"beta": 0.0}}, tmp_path)
+    chosen = _ablation(rows, logits_only)
+    assert chosen["KD, logits only (beta = 0)"] == "mode=dkd_feature_loss=attention"
+    assert not any(label.startswith("features:") for label in chosen)
 
 
 @pytest.mark.slow

@@ -195,8 +195,8 @@ def run_row(name: str, setting: dict, seed: int, report: dict, model: str) -> di
 
 
 def summarize(runs: list[dict]) -> list[dict]:
-    """Per cell: the number of seeds and (mean, sample std) of every metric (pandas, ddof=1;
-    the std of a single seed is undefined: NaN)."""
+    """Per cell: the number of seeds, (mean, sample std) of every metric (pandas, ddof=1;
+    the std of a single seed is undefined: NaN) and the paired gain over scratch."""
     frame = pd.DataFrame([{k: r[k] for k in ("name", "seed", *LABELS)} for r in runs])
     frame[LABELS] = frame[LABELS].astype("float64")
     grouped = frame.groupby("name", sort=False)
@@ -208,14 +208,43 @@ def summarize(runs: list[dict]) -> list[dict]:
         row.update({lab: (float(means.at[name, lab]), float(stds.at[name, lab]))
                     for lab in LABELS})  # fmt: skip
         rows.append(row)
+    return add_paired_gain(rows, runs)
+
+
+def add_paired_gain(rows: list[dict], runs: list[dict], metric: str = "test_bal_acc") -> list[dict]:
+    """Give each grid cell `gain`: (mean, sample std) over seeds of its `metric` minus the
+    scratch student's of the same seed. Same seed = same data order and initial student, so
+    the paired difference is the comparison the noise between seeds does not blur."""
+    scratch = {r["seed"]: r[metric] for r in runs if r["name"] == "student_scratch"}
+    for row in rows:
+        diffs = [r[metric] - scratch[r["seed"]] for r in runs
+                 if r["name"] == row["name"] and row["setting"] and r["seed"] in scratch
+                 and r[metric] is not None and scratch[r["seed"]] is not None]  # fmt: skip
+        row["gain"] = (
+            (float(np.mean(diffs)), float(np.std(diffs, ddof=1)) if len(diffs) > 1 else np.nan)
+            if diffs else (np.nan, np.nan)
+        )  # fmt: skip
     return rows
 
 
-def _fmt(stat) -> str:
+def validation_test_rank_correlation(rows: list[dict]) -> tuple[float, int]:
+    """Spearman rank correlation, across grid cells, of mean validation and mean test
+    balanced accuracy, and the number of cells: does validation rank the cells as test does?
+    NaN under three cells."""
+    pairs = [(r["val_bal_acc"][0], r["test_bal_acc"][0]) for r in rows if r["setting"]]
+    pairs = [(v, t) for v, t in pairs if not (np.isnan(v) or np.isnan(t))]
+    if len(pairs) < 3:
+        return float("nan"), len(pairs)
+    frame = pd.DataFrame(pairs, columns=["val", "test"])
+    return float(frame["val"].corr(frame["test"], method="spearman")), len(pairs)
+
+
+def _fmt(stat, signed: bool = False) -> str:
     mean, std = stat
     if np.isnan(mean):
         return "n/a"
-    return f"{mean:.3f}" if np.isnan(std) else f"{mean:.3f} ± {std:.3f}"
+    text = f"{mean:+.3f}" if signed else f"{mean:.3f}"
+    return text if np.isnan(std) else f"{text} ± {std:.3f}"
 
 
 def write_results(
@@ -227,16 +256,18 @@ def write_results(
     write_text(root / "runs.csv", per_run.to_csv(index=False, float_format="%.4f"))
     table = pd.DataFrame(
         [{"name": r["name"], **{k: r["setting"].get(k, "") for k in keys}, "seeds": r["seeds"],
-          **{f"{lab}_{stat}": r[lab][i] for lab in LABELS
+          **{f"{lab}_{stat}": r[lab][i] for lab in (*LABELS, "gain")
              for i, stat in enumerate(("mean", "std"))}} for r in rows]
     )  # fmt: skip
     write_text(root / "results.csv", table.to_csv(index=False, float_format="%.4f"))
 
-    head = "| run | seeds | " + " | ".join(LABELS) + " |"
+    head = "| run | seeds | " + " | ".join(LABELS) + " | test_bal_acc − scratch (paired) |"
     lines = [f"# Sweep `{base.run.name}` (mean ± sample std over seeds)", "", head,
-             "|---|---|" + "---|" * len(LABELS)]  # fmt: skip
+             "|---|---|" + "---|" * (len(LABELS) + 1)]  # fmt: skip
     lines += [f"| {r['name']} | {r['seeds']} | " + " | ".join(_fmt(r[lab]) for lab in LABELS)
-              + " |" for r in rows]  # fmt: skip
+              + f" | {_fmt(r['gain'], signed=True) if r['setting'] else '—'} |"
+              for r in rows]  # fmt: skip
+    lines += ["", rank_correlation_line(rows)]
     write_text(root / "results.md", "\n".join(lines) + "\n")
     write_text(root / "ablation.md", ablation_markdown(rows, base))
     heat = None
@@ -282,15 +313,26 @@ def ablation_markdown(rows: list[dict], base: Config) -> str:
          _best(rows, lambda s: features(s) and value(s, "distill.feature_loss") == "attention")),
     ]  # fmt: skip
     lines = ["# Ablation (each KD row: the cell with the best validation balanced accuracy)", "",
-             "| variant | selected cell | val bal. acc. | test bal. acc. | test acc. | test AUC |",
-             "|---|---|---|---|---|---|"]  # fmt: skip
+             "| variant | selected cell | val bal. acc. | test bal. acc. | test acc. | test AUC "
+             "| test bal. acc. − scratch, paired by seed |",
+             "|---|---|---|---|---|---|---|"]  # fmt: skip
     for label, row in entries:
         if row is None:
             continue
+        gain = _fmt(row["gain"], signed=True) if row["setting"] else "—"
         lines.append(f"| {label} | {row['name']} | {_fmt(row['val_bal_acc'])} | "
                      f"{_fmt(row['test_bal_acc'])} | {_fmt(row['test_acc'])} | "
-                     f"{_fmt(row['test_auc'])} |")  # fmt: skip
-    return "\n".join(lines) + "\n"
+                     f"{_fmt(row['test_auc'])} | {gain} |")  # fmt: skip
+    return "\n".join(lines + ["", rank_correlation_line(rows)]) + "\n"
+
+
+def rank_correlation_line(rows: list[dict]) -> str:
+    """One sentence: how well the cells' validation ranking predicts their test ranking."""
+    rho, cells = validation_test_rank_correlation(rows)
+    if np.isnan(rho):
+        return f"Validation vs test rank correlation: not defined for {cells} cell(s)."
+    return (f"Validation vs test rank correlation over the {cells} cells (Spearman, mean "
+            f"balanced accuracy): {rho:.2f}.")  # fmt: skip
 
 
 def heatmap(path: Path, rows: list[dict]) -> None:

@@ -4,7 +4,14 @@ import pytest
 
 from kd_keras.config import build_config, toml_value
 from kd_keras.errors import KDError
-from kd_keras.sweep import ablation_markdown, cell_name, parse_grid, run_sweep, summarize
+from kd_keras.sweep import (
+    ablation_markdown,
+    cell_name,
+    parse_grid,
+    run_sweep,
+    summarize,
+    validation_test_rank_correlation,
+)
 
 
 def test_parse_grid_types_values():
@@ -37,14 +44,44 @@ def test_summary_is_mean_and_sample_std_over_seeds():
     assert math.isnan(single["test_bal_acc"][1]), "one seed has no spread"
 
 
+def test_gain_over_scratch_is_paired_by_seed_and_rank_correlation_is_spearman():
+    """Cell minus scratch of the same seed, then mean and sample std of those differences."""
+    metrics = ("val_bal_acc", "test_acc", "test_auc", "subset_bal_acc", "subset_minority_recall")
+
+    def run(name, setting, seed, val, test):
+        return {
+            "name": name,
+            "setting": setting,
+            "seed": seed,
+            **dict.fromkeys(metrics, 0.5),
+            "val_bal_acc": val,
+            "test_bal_acc": test,
+        }
+
+    runs = [run("student_scratch", {}, s, 0.9, t) for s, t in ((1, 0.80), (2, 0.90), (3, 0.70))]
+    # cell a: +0.02, +0.01, +0.03 per seed; its unpaired std (0.1) would hide the gain
+    runs += [
+        run("a", {"distill.beta": 1}, s, 0.95, t) for s, t in ((1, 0.82), (2, 0.91), (3, 0.73))
+    ]
+    runs += [run("b", {"distill.beta": 0}, s, 0.93, 0.60) for s in (1, 2, 3)]
+    runs += [run("c", {"distill.beta": 2}, s, 0.91, 0.65) for s in (1, 2, 3)]
+    rows = {r["name"]: r for r in summarize(runs)}
+    assert rows["a"]["gain"][0] == pytest.approx(0.02)
+    assert rows["a"]["gain"][1] == pytest.approx(0.01)
+    assert math.isnan(rows["student_scratch"]["gain"][0])
+    rho, cells = validation_test_rank_correlation(list(rows.values()))
+    assert cells == 3 and rho == pytest.approx(0.5)  # val ranks a > b > c, test a > c > b
+
+
 def _cell(setting: dict, val: float, test: float) -> dict:
-    stats = {lab: (test, 0.01) for lab in ("test_bal_acc", "test_acc", "test_auc")}
+    stats = {lab: (test, 0.01) for lab in ("test_bal_acc", "test_acc", "test_auc", "gain")}
     return {"name": cell_name(setting), "setting": setting, "val_bal_acc": (val, 0.01), **stats}
 
 
 def _ablation(rows: list[dict], base) -> dict[str, str]:
     """variant label -> selected cell name, from the ablation table."""
-    lines = [line.split(" | ") for line in ablation_markdown(rows, base).splitlines()[4:]]
+    table = [line for line in ablation_markdown(rows, base).splitlines() if line.startswith("|")]
+    lines = [line.split(" | ") for line in table[2:]]
     return {cells[0].lstrip("| "): cells[1] for cells in lines}
 
 

@@ -535,7 +535,8 @@ class ExportJob:
         self.run, self.name, self.model, self.source, self.out = run, name, model, source, out
         self.splits, self.test, self.class_names = splits, test, class_names
         self.tolerance, self.say = tolerance, say
-        self.size, self.arch, self.threshold = image_size_of(model), model.name, run.threshold(name)
+        self.size, self.threshold = image_size_of(model), run.threshold(name)
+        self.arch = run.arch(name)  # one name for reports, metadata and the benchmark
         self.params = int(model.count_params())
         self.recipe = preprocessing_recipe(run.cfg.data, self.size)
         batch = run.cfg.data.batch_size

@@ -59,8 +59,10 @@ def _details(run: RunFolder, report: dict, export: dict | None) -> list[str]:
     lines = ["## Model details", ""]
     lines += [
         f"- **Model**: {cfg.student.arch} student (`{cfg.student.variant}` variant"
-        + (f", {params / 1e6:.1f} M parameters" if params else "") + "), distilled from the "
-        f"{cfg.teacher.arch} teacher (weights `{cfg.teacher.weights}`) with kd_keras.",
+        + (f", {params / 1e6:.1f} M parameters" if params else "") + "), distilled from "
+        + (f"the user's teacher ({run.arch('teacher')})" if cfg.teacher.from_user else
+           f"the {cfg.teacher.arch} teacher (weights `{cfg.teacher.weights}`)")
+        + " with kd_keras.",
         f"- **Distillation**: {dc.mode} targets, alpha {dc.alpha} (weight of the label "
         f"cross-entropy), temperature {dc.temperature}, feature-matching weight beta {dc.beta}.",
         f"- **Training**: {cfg.train.optimizer}, learning rate {cfg.train.learning_rate}, "
@@ -218,8 +220,9 @@ def _limitations(run: RunFolder, report: dict) -> list[str]:
         "error.",
         "- The decision threshold was chosen on this dataset's validation split; a population "
         "with another prevalence needs its own threshold.",
-        f"- Teacher weights `{cfg.teacher.weights}`"
-        + ("" if cfg.teacher.weights == "imagenet" else " (no ImageNet pre-training)")
+        (f"- Teacher: the user's ({run.arch('teacher')}); how it was trained is not recorded "
+         "here" if cfg.teacher.from_user else f"- Teacher weights `{cfg.teacher.weights}`"
+         + ("" if cfg.teacher.weights == "imagenet" else " (no ImageNet pre-training)"))
         + f"; student weights `{cfg.student.weights}`.",
         "- INT8 files can differ from FP32 on individual images; use their own row above.",
         "",
@@ -252,7 +255,7 @@ def model_card_markdown(run: RunFolder, export: dict | None = None) -> str:
     """The model card of a run's exported student (markdown with YAML front matter)."""
     report = run.report
     cfg = run.cfg
-    title = f"# {run.name}: {cfg.student.arch} distilled from {cfg.teacher.arch}"
+    title = f"# {run.name}: {cfg.student.arch} distilled from {run.arch('teacher')}"
     lines = _front_matter(run, report) + [title, ""]
     for part in (_details(run, report, export), _uses(run, report), _data(run, report),
                  _preprocessing(run), _metrics(run, report, export), _limitations(run, report),

@@ -291,10 +291,17 @@ class RunFolder:
         return None if path is None else load_model(path, f"{name} model", safe_mode=False)
 
     def arch(self, name: str) -> str:
-        """The configured architecture of model `name` (`ensemble of k` for an ensemble)."""
-        if name == "teacher" and self.cfg.teacher.ensemble:
-            return f"ensemble of {len(self.cfg.teacher.ensemble)}"
-        return self.cfg.teacher.arch if name == "teacher" else self.cfg.student.arch
+        """The architecture of model `name` as reports, exports and benchmarks name it: the
+        configured one, `ensemble of k` for an ensemble, `own teacher <file>` for a teacher the
+        user gave (whose architecture the config does not know: `teacher.arch` is ignored)."""
+        tc = self.cfg.teacher
+        if name != "teacher":
+            return self.cfg.student.arch
+        if tc.ensemble:
+            return f"ensemble of {len(tc.ensemble)}"
+        if tc.path:
+            return f"own teacher {Path(tc.path.rstrip('/')).name}"
+        return tc.arch
 
     def threshold(self, name: str) -> float | None:
         """The decision threshold evaluation chose for model `name` (None: argmax)."""

@@ -230,12 +230,12 @@ def add_paired_gain(rows: list[dict], runs: list[dict], metric: str = "test_bal_
 def validation_test_rank_correlation(rows: list[dict]) -> tuple[float, int]:
     """Spearman rank correlation, across grid cells, of mean validation and mean test
     balanced accuracy, and the number of cells: does validation rank the cells as test does?
-    NaN under three cells."""
+    NaN under three cells or when either side is constant."""
     pairs = [(r["val_bal_acc"][0], r["test_bal_acc"][0]) for r in rows if r["setting"]]
     pairs = [(v, t) for v, t in pairs if not (np.isnan(v) or np.isnan(t))]
-    if len(pairs) < 3:
-        return float("nan"), len(pairs)
     frame = pd.DataFrame(pairs, columns=["val", "test"])
+    if len(pairs) < 3 or frame.nunique().min() < 2:
+        return float("nan"), len(pairs)
     return float(frame["val"].corr(frame["test"], method="spearman")), len(pairs)
 
 
@@ -330,7 +330,8 @@ def rank_correlation_line(rows: list[dict]) -> str:
     """One sentence: how well the cells' validation ranking predicts their test ranking."""
     rho, cells = validation_test_rank_correlation(rows)
     if np.isnan(rho):
-        return f"Validation vs test rank correlation: not defined for {cells} cell(s)."
+        return (f"Validation vs test rank correlation: not defined ({cells} cell(s); it needs "
+                "three or more with differing values).")  # fmt: skip
     return (f"Validation vs test rank correlation over the {cells} cells (Spearman, mean "
             f"balanced accuracy): {rho:.2f}.")  # fmt: skip
 

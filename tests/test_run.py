@@ -54,6 +54,14 @@ def test_models_thresholds_log_and_teacher_path(tmp_path, tiny_npz):
     assert run.train_log() == {"distill": {"seconds": 1.5}, "scratch": {"seconds": 2.5}}
     assert run.finished and run.name == "r"
     assert run.export_dir("out").as_posix() == "out/r"
+    # the config's teacher.arch (efficientnet_b3 here) says nothing about a teacher given by path
+    assert (run.arch("teacher"), run.arch("student")) == ("own teacher outside.keras", "resnet18")
+    from kd_keras.model_card import model_card_markdown
+
+    card = model_card_markdown(run)
+    assert "# r: resnet18 distilled from own teacher outside.keras" in card
+    assert "distilled from the user's teacher (own teacher outside.keras)" in card
+    assert "efficientnet_b3" not in card
 
 
 def test_non_finite_outputs_are_an_error_naming_the_model():

@@ -269,7 +269,8 @@ def write_results(
               for r in rows]  # fmt: skip
     lines += ["", rank_correlation_line(rows)]
     write_text(root / "results.md", "\n".join(lines) + "\n")
-    write_text(root / "ablation.md", ablation_markdown(rows, base))
+    ablation = ablation_markdown(rows, base)
+    write_text(root / "ablation.md", ablation)
     heat = None
     if {"distill.temperature", "distill.alpha"} <= set(keys):
         heat = root / "heatmap.png"
@@ -277,7 +278,7 @@ def write_results(
     from kd_keras.report import sweep_report_html
 
     page = sweep_report_html(f"kd_keras sweep {base.run.name}", "\n".join(lines),
-                             ablation_markdown(rows, base), heat, per_run)  # fmt: skip
+                             ablation, heat, per_run)  # fmt: skip
     write_text(root / "results.html", page)
 
 

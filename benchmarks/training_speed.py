@@ -1,5 +1,9 @@
 """Training speed, as ratios measured in one run (default: configs/xray.toml's models and data).
 
+- every train step against its compute bound: the teacher's own step, the student's own step
+  and the distillation step, each with its FLOPs (forward + backward, counted from the traced
+  step graph: `kd_keras.compute.TRAIN_FLOPS_METHOD`), the bound (FLOPs / this run's float32
+  peak, a TensorFlow MatMul on the same kernels and threads) and measured / bound;
 - distillation step vs its lower bound: the teacher's forward pass plus the student's own train
   step (alpha = 1, no teacher) on the same batches; the Distiller's overhead is what is left;
 - our Distiller vs Keras 3.15's `keras.distillation.Distiller` on the logits-only case (T = 4,
@@ -95,12 +99,25 @@ def main() -> None:
         d.compile(optimizer=keras.optimizers.Adam(1e-3))
         return d
 
-    results = {}
+    from kd_keras.compute import TRAIN_FLOPS_METHOD, forward_flops, train_step_flops
+    from kd_keras.host import describe_host, host_line, tf_matmul_peak
+
+    peak = tf_matmul_peak()
+    x, y = batches[0]
+    results, flops = {}, {}
     teacher, student = models("float32")
     results["teacher_forward_ms"] = forward_ms(teacher, batches)
-    results["student_step_ms"] = step_ms(ours(None, student, alpha=1.0, beta=0.0), batches)
+    flops["teacher_forward"] = forward_flops(teacher, x)
+    trainer = ours(None, teacher, alpha=1.0, beta=0.0)
+    results["teacher_step_ms"] = step_ms(trainer, batches)
+    flops["teacher_step"] = train_step_flops(trainer, x, y)
+    trainer = ours(None, student, alpha=1.0, beta=0.0)
+    results["student_step_ms"] = step_ms(trainer, batches)
+    flops["student_step"] = train_step_flops(trainer, x, y)
     teacher, student = models("float32")
-    results["distill_step_ms"] = step_ms(ours(teacher, student, alpha=0.5, beta=1.0), batches)
+    trainer = ours(teacher, student, alpha=0.5, beta=1.0)
+    results["distill_step_ms"] = step_ms(trainer, batches)
+    flops["distill_step"] = train_step_flops(trainer, x, y)
     teacher, student = models("float32")
     results["ours_logits_ms"] = step_ms(ours(teacher, student, alpha=0.5, beta=0.0), batches)
 
@@ -129,12 +146,23 @@ def main() -> None:
         "bf16_vs_fp32_step_speedup": round(r["distill_step_ms"] / r["distill_step_bf16_ms"], 3),
         "pipeline_vs_step": round(r["pipeline_batch_ms"] / r["distill_step_ms"], 3),
     }
+    bound = {}
+    for name, count in flops.items():
+        ms = r[f"{name}_ms"]
+        bound_ms = count / (peak["gflops"] * 1e9) * 1000
+        bound[name] = {"gflop": round(count / 1e9, 2), "bound_ms": round(bound_ms, 2),
+                       "measured_ms": ms, "x_bound": round(ms / bound_ms, 2)}  # fmt: skip
     summary = {
         "setting": f"{args.teacher} -> {args.student} at {args.size} px, batch {args.batch}, "
                    f"{args.steps} timed steps (median), real PneumoniaMNIST train batches",
-        "ms": r, "ratios": ratios,
+        "ms": r, "ratios": ratios, "compute_bound": bound, "flops_method": TRAIN_FLOPS_METHOD,
     }  # fmt: skip
-    common.save(args.out, summary)
+    print(host_line(describe_host(peak)))
+    print(f"{'step':<16} {'GFLOP':>8} {'bound ms':>9} {'measured':>9} {'x bound':>8}")
+    for name, row in bound.items():
+        print(f"{name:<16} {row['gflop']:>8} {row['bound_ms']:>9} {row['measured_ms']:>9} "
+              f"{row['x_bound']:>8}")  # fmt: skip
+    common.save(args.out, summary, peak)
 
 
 if __name__ == "__main__":

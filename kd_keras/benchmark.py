@@ -380,9 +380,13 @@ def benchmark_markdown(result: dict[str, Any]) -> str:
     return "\n".join(lines) + "\n"
 
 
-def machine_summary() -> str:
-    cpu = platform.processor() or platform.machine()
-    return f"{platform.system()} {cpu}, {os.cpu_count()} CPUs, Python {platform.python_version()}"
+def machine_summary(peak: dict[str, Any] | None = None) -> str:
+    """One line naming the host (CPU, ISA level, threads, oneDNN, `peak`) and Python."""
+    from kd_keras.host import describe_host, host_line
+
+    return (
+        f"{host_line(describe_host(peak))}; {platform.system()}, Python {platform.python_version()}"
+    )
 
 
 def set_tensorflow_threads(threads: int | None) -> str:
@@ -407,6 +411,8 @@ def result_header(
     import onnxruntime as ort
     import tensorflow as tf
 
+    from kd_keras.host import describe_host
+
     return {
         "title": title,
         "image_size": image_size,
@@ -420,7 +426,8 @@ def result_header(
         "flops_method": FLOPS_METHOD,
         "onnxruntime": ort.__version__,
         "tensorflow": tf.__version__,
-        "machine": machine_summary(),
+        "machine": machine_summary(peak),
+        "host": describe_host(peak),
         "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
     }
 

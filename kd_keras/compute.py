@@ -136,3 +136,47 @@ def matmul_peak(threads: int, n: int = 1024, seconds: float = 1.0) -> dict[str, 
         "calls": len(times),
         "method": PEAK_METHOD.format(n=n),
     }
+
+
+TRAIN_FLOPS_METHOD = (
+    "floating-point operations of the Conv2D / Conv2DBackpropInput / Conv2DBackpropFilter / "
+    "MatMul / BatchMatMul / depthwise nodes of the traced train-step graph (forward + "
+    "backward), counted by TensorFlow's profiler; element-wise ops and the optimizer update "
+    "not counted"
+)
+_COMPUTE_OPS = ["Conv2D.*", "Conv3D.*", "MatMul.*", "BatchMatMul.*", "Depthwise.*", "Einsum"]
+
+
+def graph_flops(graph) -> int:
+    """FLOPs of the compute nodes (convolutions and matrix products, with their gradients) of
+    a traced TensorFlow graph, from TensorFlow's profiler (shapes must be static)."""
+    import tensorflow as tf
+
+    profiler = tf.compat.v1.profiler
+    options = profiler.ProfileOptionBuilder.float_operation()
+    options["output"] = "none"
+    options["account_type_regexes"] = _COMPUTE_OPS
+    logger = tf.get_logger()
+    level = logger.level
+    logger.setLevel("ERROR")  # the v1 profiler warns about its own deprecated helpers
+    try:
+        return int(profiler.profile(graph, options=options).total_float_ops)
+    finally:
+        logger.setLevel(level)
+
+
+def train_step_flops(model, x, y) -> int:
+    """FLOPs of one `model.train_step((x, y))` (forward + backward; see `TRAIN_FLOPS_METHOD`)
+    at the batch of `x`: the step is traced, not run. `model` must be compiled and built."""
+    import tensorflow as tf
+
+    step = tf.function(lambda images, labels: model.train_step((images, labels)))
+    return graph_flops(step.get_concrete_function(tf.constant(x), tf.constant(y)).graph)
+
+
+def forward_flops(model, x) -> int:
+    """FLOPs of one inference forward pass of `model` on the batch `x` (traced, not run)."""
+    import tensorflow as tf
+
+    forward = tf.function(lambda images: model(images, training=False))
+    return graph_flops(forward.get_concrete_function(tf.constant(x)).graph)

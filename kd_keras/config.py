@@ -135,7 +135,7 @@ class TrainConfig:
     )
     # momentum of every batch norm's moving statistics (PyTorch's 0.9); 0 keeps the model's own
     batchnorm_momentum: float = _spec(0.9, kind=float, lo=0.0, hi=1.0)
-    # XLA: "auto" turns it on where it was measured faster (see kd_keras.train.JIT_FASTER)
+    # XLA: "auto" turns it on where it was measured faster (see kd_keras.precision.JIT_FASTER)
     jit_compile: bool | str = _spec("auto", kind=(bool, str), choices=(True, False, "auto"))
 
 

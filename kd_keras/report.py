@@ -363,6 +363,11 @@ def run_report_html(run: RunFolder, export_dir: str | os.PathLike | None = None)
         f"images at {report.get('image_size', run.cfg.data.image_size)} px; decision rule: "
         f"{report.get('decision_rule', '?')}. Written {time.strftime('%Y-%m-%d %H:%M')}."
     )
+    trained_on = run.train_log().get("host")
+    if trained_on:
+        from kd_keras.host import host_line
+
+        subtitle += f" Trained on {host_line(trained_on)}."
     sections = [
         ("summary", "Results", _summary_section(report)),
         ("training", "Training curves", _training_section(run)),

@@ -39,7 +39,7 @@ from kd_keras.errors import (
 from kd_keras.evaluate import choose_threshold, classification_metrics
 from kd_keras.inference import keras_predictor, predict_probs
 from kd_keras.models import build_student, build_teacher, image_size_of, set_batchnorm_momentum
-from kd_keras.precision import float32_copy, policy_scope, resolve_policy
+from kd_keras.precision import choose_jit_compile, choose_policy, float32_copy, policy_scope
 from kd_keras.report import evaluate_and_report
 from kd_keras.run import STAGE_MODELS, RunFolder
 
@@ -330,6 +330,8 @@ class StageResult:
     best_epoch: int
     best_score: float
     epochs: int
+    precision: str = "float32"
+    jit_compile: str = ""
 
 
 def fit_stage(
@@ -381,15 +383,15 @@ def fit_stage(
     val_ds = make_dataset(splits.val, size, batch, cache=cfg.data.cache, labels=False)
     steps = training_steps(len(splits.train), batch)
     optimizer = make_optimizer(tc, learning_rate, epochs, steps)
-    if resolve_policy(tc.precision) == "mixed_float16":  # float16 gradients underflow unscaled
+    policy, _ = choose_policy(tc.precision)
+    if policy == "mixed_float16":  # float16 gradients underflow unscaled
         optimizer = keras.optimizers.LossScaleOptimizer(optimizer)
     stepped = [cfg.student.arch if stage != "teacher" else cfg.teacher.arch]
     if model.uses_teacher and cache is None:  # the teacher runs inside the step
         stepped.append("user" if cfg.teacher.from_user else cfg.teacher.arch)
-    jit = resolve_jit_compile(tc.jit_compile, stepped)
+    jit, jit_reason = choose_jit_compile(tc.jit_compile, stepped)
     model.compile(optimizer=optimizer, jit_compile=jit)
-    if jit is True:
-        print(f"XLA: on for {', '.join(stepped)} (train.jit_compile = {tc.jit_compile!r})")
+    print(f"XLA: {'on' if jit is True else 'off' if jit is False else jit} ({jit_reason})")
     tune = cfg.eval.threshold != "argmax"
     select = SelectBest(classifier, val_ds, splits.val.labels, splits.class_names, tc.monitor,
                         stage, tune_threshold=tune)  # fmt: skip
@@ -419,7 +421,8 @@ def fit_stage(
         distribute.unsync_batch_norm(synced)
         if cache is not None and cache.storage == "disk":
             shutil.rmtree(run.teacher_cache_dir, ignore_errors=True)
-    return StageResult(checkpoint.seconds, select.best_epoch + 1, select.best_score, epochs)
+    return StageResult(checkpoint.seconds, select.best_epoch + 1, select.best_score, epochs,
+                       precision=policy, jit_compile=f"{jit} ({jit_reason})")  # fmt: skip
 
 
 def _augments(cfg: Config) -> bool:
@@ -447,25 +450,6 @@ def _teacher_cache(cfg: Config, model: Distiller, splits: Splits, size: int, run
     print(f"teacher cache ({mode}): {len(splits.train)} images, {cache.nbytes / 1e6:.1f} MB, "
           f"{time.perf_counter() - start:.1f} s")  # fmt: skip
     return cache
-
-
-# Architectures whose train step XLA makes faster on CPU (benchmarks/jit_compile.py, 2-core
-# AVX-512 CPU, 32 px, batch 64: deit_small 1.35x; resnet18 0.18x, resnet50 0.26x and
-# efficientnet_b3 0.19x: XLA's CPU convolutions are far slower than oneDNN's).
-JIT_FASTER = frozenset({"deit_small", "vit_small"})
-
-
-def resolve_jit_compile(setting: bool | str, archs: list[str]) -> bool | str:
-    """`train.jit_compile` for a step running `archs`: True/False as set; `"auto"` is XLA on a
-    CPU only when every model in the step was measured faster with it (`JIT_FASTER`) and no
-    distribution strategy is in use, and Keras's own choice on GPUs."""
-    if setting != "auto":
-        return bool(setting)
-    import tensorflow as tf
-
-    if tf.config.list_physical_devices("GPU") or tf.distribute.has_strategy():
-        return "auto"
-    return all(arch in JIT_FASTER for arch in archs)
 
 
 def _stage_setting(value, default):
@@ -522,9 +506,13 @@ def run_distill(
 def _run_stages(cfg, run: RunFolder, splits, stages, copy_teacher, force, current) -> None:
     n, size = splits.num_classes, cfg.data.image_size
     tc = cfg.train
-    policy = resolve_policy(tc.precision)
-    if policy != "float32":
-        print(f"precision: {policy} (train.precision = {tc.precision!r}); saved models float32")
+    from kd_keras.host import describe_host, host_line, tf_matmul_peak
+
+    info = describe_host(tf_matmul_peak(seconds=0.5))
+    print(f"host: {host_line(info)}")
+    run.record_stage("host", info)
+    policy, reason = choose_policy(tc.precision)
+    print(f"precision: {policy} ({reason}); saved models float32")
 
     def new_teacher(weights: str):
         return build_teacher(cfg.teacher.arch, n, size, weights,

@@ -15,6 +15,7 @@ import numpy as np
 import pytest
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+import kd_keras  # noqa: E402, F401  (oneDNN on before any test imports TensorFlow)
 
 ROOT = Path(__file__).resolve().parents[1]
 REAL_NPZ = ROOT.parent / "shared" / "data" / "pneumoniamnist.npz"

@@ -11,6 +11,10 @@ import sys
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
+from kd_keras.host import enable_onednn  # noqa: E402
+
+enable_onednn()  # as in every kd_keras process (done by the import too): before TensorFlow
+
 import tensorflow as tf  # noqa: E402
 
 CPU = tf.config.list_physical_devices("CPU")[0]

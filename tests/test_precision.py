@@ -4,17 +4,47 @@ import numpy as np
 import pytest
 from conftest import build
 
-from kd_keras.precision import cpu_has_bf16, float32_copy, policy_scope, resolve_policy
+from kd_keras import host
+from kd_keras.precision import choose_policy, float32_copy, policy_scope, resolve_policy
+
+
+def _flags(tmp_path, line: str) -> frozenset[str]:
+    info = tmp_path / "cpuinfo"
+    info.write_text(f"processor: 0\nmodel name\t: Test CPU\nflags\t\t: {line}\n")
+    host.cpu_flags.cache_clear()
+    try:
+        return host.cpu_flags(str(info))
+    finally:
+        host.cpu_flags.cache_clear()
 
 
 def test_bf16_detection_and_policy(tmp_path):
-    info = tmp_path / "cpuinfo"
-    info.write_text("processor: 0\nflags\t\t: fpu sse avx512f avx512_bf16 avx512_vnni\n")
-    assert cpu_has_bf16(info)
-    info.write_text("processor: 0\nflags\t\t: fpu sse avx2\n")
-    assert not cpu_has_bf16(info) and not cpu_has_bf16(tmp_path / "absent")
+    zen4 = _flags(tmp_path, "fpu sse avx2 fma avx512f avx512_bf16 avx512_vnni")
+    assert host.has_bf16(zen4) and host.has_vnni(zen4)
+    assert host.isa_level(zen4) == "AVX-512 + VNNI + BF16"
+    zen1 = _flags(tmp_path, "fpu sse avx2 fma")
+    assert not host.has_bf16(zen1) and not host.has_vnni(zen1)
+    assert host.isa_level(zen1) == "AVX2"
+    spr = _flags(tmp_path, "avx2 fma avx512f avx512_vnni avx512_bf16 amx_bf16 amx_tile")
+    assert host.isa_level(spr) == "AVX-512 + VNNI + BF16 + AMX"
+    assert host.cpu_flags(str(tmp_path / "absent")) == frozenset()
+    host.cpu_flags.cache_clear()
     assert resolve_policy("float32") == "float32"
-    assert resolve_policy("auto") in ("mixed_bfloat16", "mixed_float16", "float32")
+    assert choose_policy("auto", spr)[0] == "mixed_bfloat16", "AMX: bfloat16 tiles"
+    assert choose_policy("auto", zen4)[0] == "float32", "AVX-512 BF16 alone measured slower"
+    assert choose_policy("auto", zen1)[0] == "float32", "no bfloat16 arithmetic"
+
+
+def test_auto_policy_matches_this_hosts_flags():
+    """`auto` on this machine follows the flags /proc/cpuinfo shows (no GPU here)."""
+    text = open("/proc/cpuinfo").read() if host.is_x86() else ""
+    flags = set()
+    for line in text.splitlines():
+        if line.startswith("flags"):
+            flags = set(line.split(":", 1)[1].split())
+            break
+    expected = "mixed_bfloat16" if {"amx_tile", "amx_bf16"} <= flags else "float32"
+    assert resolve_policy("auto") == expected
 
 
 def test_float32_copy_keeps_weights_and_outputs():
@@ -57,7 +87,9 @@ def test_mixed_bfloat16_training_saves_float32_models(tmp_path, tiny_npz):
 
 
 def test_xla_is_chosen_per_architecture():
-    from kd_keras.train import resolve_jit_compile
+    from kd_keras.precision import choose_jit_compile, resolve_jit_compile
+
+    assert "oneDNN" in choose_jit_compile("auto", ["resnet18"])[1], "the log says why"
 
     assert resolve_jit_compile("auto", ["deit_small"]) is True, "measured faster with XLA"
     assert resolve_jit_compile("auto", ["deit_small", "resnet50"]) is False, "a conv teacher"
@@ -82,3 +114,23 @@ def test_xla_train_step_matches_the_graph_step():
         d.compile(optimizer=keras.optimizers.SGD(0.01), jit_compile=jit)
         logs.append(d.train_on_batch(x, y, return_dict=True))
     assert logs[1]["loss"] == pytest.approx(logs[0]["loss"], rel=1e-4)
+
+
+def test_onednn_is_on_in_every_kd_keras_process():
+    """A fresh process that imports kd_keras, then TensorFlow, runs oneDNN on x86 whatever
+    TensorFlow's own default for the CPU is, unless the user chose (their value wins)."""
+    import os
+    import subprocess
+    import sys
+
+    if not host.is_x86():
+        pytest.skip("the oneDNN rule is for x86 CPUs")
+    code = ("import kd_keras, tensorflow; from kd_keras.host import onednn_enabled; "
+            "print(onednn_enabled())")  # fmt: skip
+    env = {k: v for k, v in os.environ.items() if k != "TF_ENABLE_ONEDNN_OPTS"}
+    env["TF_CPP_MIN_LOG_LEVEL"] = "2"
+    on = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True)
+    assert on.stdout.strip().splitlines()[-1] == "True", on.stderr[-2000:]
+    off = subprocess.run([sys.executable, "-c", code], env={**env, "TF_ENABLE_ONEDNN_OPTS": "0"},
+                         capture_output=True, text=True)  # fmt: skip
+    assert off.stdout.strip().splitlines()[-1] == "False", "the user's 0 wins"

@@ -15,3 +15,13 @@ def tf_onednn_enabled() -> bool:
     from tensorflow.python.util import _pywrap_util_port
 
     return bool(_pywrap_util_port.IsMklEnabled())
+
+
+def inbound_nodes(layer) -> list:
+    """The graph nodes at which `layer` was called (Keras's `_inbound_nodes`).
+
+    Private: Keras 3 has no public way to ask which call of a layer belongs to which
+    functional graph; feature taps need the tensor a layer produced inside one enclosing model
+    (`kd_keras.models`), and training views must not be mistaken for it
+    (`kd_keras.matmul_conv`)."""
+    return list(layer._inbound_nodes)

@@ -139,17 +139,18 @@ def matmul_peak(threads: int, n: int = 1024, seconds: float = 1.0) -> dict[str, 
 
 
 TRAIN_FLOPS_METHOD = (
-    "floating-point operations of the Conv2D / Conv2DBackpropInput / Conv2DBackpropFilter / "
-    "MatMul / BatchMatMul / depthwise nodes of the traced train-step graph (forward + "
-    "backward), counted by TensorFlow's profiler; element-wise ops and the optimizer update "
-    "not counted"
+    "3 x the forward FLOPs of the trained model (forward, gradient of the activations, gradient "
+    "of the weights) plus 1 x the frozen teacher's forward FLOPs; forward FLOPs = those of the "
+    "Conv2D / MatMul / BatchMatMul / depthwise nodes of the model's traced inference graph "
+    "(TensorFlow's profiler, padded taps included, as for the ONNX count), element-wise ops "
+    "and the optimizer update not counted"
 )
 _COMPUTE_OPS = ["Conv2D.*", "Conv3D.*", "MatMul.*", "BatchMatMul.*", "Depthwise.*", "Einsum"]
 
 
 def graph_flops(graph) -> int:
-    """FLOPs of the compute nodes (convolutions and matrix products, with their gradients) of
-    a traced TensorFlow graph, from TensorFlow's profiler (shapes must be static)."""
+    """FLOPs of the compute nodes (convolutions and matrix products) of a traced TensorFlow
+    graph, from TensorFlow's profiler (shapes must be static)."""
     import tensorflow as tf
 
     profiler = tf.compat.v1.profiler
@@ -165,18 +166,16 @@ def graph_flops(graph) -> int:
         logger.setLevel(level)
 
 
-def train_step_flops(model, x, y) -> int:
-    """FLOPs of one `model.train_step((x, y))` (forward + backward; see `TRAIN_FLOPS_METHOD`)
-    at the batch of `x`: the step is traced, not run. `model` must be compiled and built."""
-    import tensorflow as tf
-
-    step = tf.function(lambda images, labels: model.train_step((images, labels)))
-    return graph_flops(step.get_concrete_function(tf.constant(x), tf.constant(y)).graph)
-
-
 def forward_flops(model, x) -> int:
     """FLOPs of one inference forward pass of `model` on the batch `x` (traced, not run)."""
     import tensorflow as tf
 
     forward = tf.function(lambda images: model(images, training=False))
     return graph_flops(forward.get_concrete_function(tf.constant(x)).graph)
+
+
+def train_step_flops(trained, x, teacher=None) -> int:
+    """FLOPs of one train step of `trained` on the batch `x` with an optional frozen
+    `teacher` in the step (see `TRAIN_FLOPS_METHOD`)."""
+    flops = 3 * forward_flops(trained, x)
+    return flops + (forward_flops(teacher, x) if teacher is not None else 0)

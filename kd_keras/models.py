@@ -15,12 +15,14 @@ Every model built here:
 from __future__ import annotations
 
 import re
+import weakref
 from collections.abc import Callable
 from pathlib import Path
 
 import keras
 import numpy as np
 
+from kd_keras import compat
 from kd_keras.errors import KDError
 
 CLS_LOGITS_LAYER = "kd_cls_logits"
@@ -430,9 +432,14 @@ FEATURE_TAPS = (
 )
 
 
+# graph nodes that training views (kd_keras.matmul_conv) added to a model's shared layers:
+# graph surgery on the model itself (feature taps) must not follow them into a view's graph
+VIEW_NODES: weakref.WeakSet = weakref.WeakSet()
+
+
 def _graph_output(layer: keras.layers.Layer):
     """The layer's output inside the enclosing model's graph (not a nested model's own)."""
-    nodes = layer._inbound_nodes
+    nodes = [node for node in compat.inbound_nodes(layer) if node not in VIEW_NODES]
     outputs = nodes[-1].output_tensors if nodes else layer.output
     return outputs[0] if isinstance(outputs, (list, tuple)) and len(outputs) == 1 else outputs
 

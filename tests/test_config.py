@@ -21,6 +21,24 @@ def test_defaults_and_name_from_file(tmp_path):
     assert cfg.distill.alpha == 0.5 and cfg.train.stages == ["teacher", "distill", "scratch"]
 
 
+def test_every_default_passes_its_own_validation():
+    """Each key's default is of its declared type and inside its own choices and bounds: a
+    default the validator would refuse when written out explicitly fails here."""
+    import dataclasses
+
+    from kd_keras.config import SECTIONS, _check_value
+
+    checked = 0
+    for section, cls in SECTIONS.items():
+        for f in dataclasses.fields(cls):
+            default = getattr(cls(), f.name)
+            if default is None:
+                continue
+            assert _check_value(section, f, default) == default, f"{section}.{f.name}"
+            checked += 1
+    assert checked > 50
+
+
 def test_unknown_key_names_key_and_valid_keys(tmp_path):
     with pytest.raises(KDError) as err:
         load_config(write(tmp_path, "[distill]\ntemprature = 3\n"))

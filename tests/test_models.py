@@ -108,10 +108,12 @@ def test_internal_build_failures_are_not_reported_as_weight_problems(monkeypatch
 def test_imagenet_weights_offline_fail_fast_with_advice():
     """On machines without internet the download fails; the error says what to do."""
     try:
-        models.build_teacher("resnet50", 2, 32, weights="imagenet")
+        model = models.build_teacher("resnet50", 2, 32, weights="imagenet")
     except KDError as err:
         assert "teacher.weights" in str(err) and "local file" in str(err)
-    # with internet the weights load and the model builds: nothing to assert offline
+    else:  # with internet: the pretrained backbone under a fresh 2-class head
+        assert model.output_shape == (None, 2)
+        assert np.isfinite(np.asarray(model(X[:1, :32, :32]))).all()
 
 
 def test_batchnorm_momentum_reaches_nested_layers_and_is_saved(tmp_path):

@@ -172,12 +172,14 @@ def test_deit_imagenet_weights_need_224_px_patch_16_and_fail_fast_offline():
         models.build_student("deit_small", 2, 32, weights="imagenet", patch_size=8)
     start = time.perf_counter()
     try:
-        models.build_student("deit_small", 2, 224, weights="imagenet", patch_size=16)
+        model = models.build_student("deit_small", 2, 224, weights="imagenet", patch_size=16)
     except KDError as err:  # offline: the preset download fails
         assert "could not load ImageNet weights for deit_small" in str(err)
         assert "student.weights" in str(err)
         assert time.perf_counter() - start < 10, "the offline failure must be quick"
-    # with internet the preset loads and the model builds: nothing more to assert offline
+    else:  # with internet: the preset's backbone with its distillation token, 2-class head
+        assert model.output_shape == (None, 2)
+        assert models.has_layer(model, models.DIST_LOGITS_LAYER)
 
 
 def test_deit_loads_a_local_preset_folder_and_checks_its_grid(tmp_path):

@@ -156,9 +156,10 @@ def model_info(path: Path) -> dict[str, Any]:
     info: dict[str, Any] = {"model": None, "note": ""}
     if path.suffix == ".keras":
         run = _run_of(path)
-        # a run's own files were written by kd_keras: a teacher view around a user's SavedModel
-        # loads only with Keras's safe mode off (see RunFolder.load_model)
-        model = load_model(path, safe_mode=run is None)
+        # always in safe mode; a run's own model is first checked against its fingerprint
+        # (and a teacher view may then load the SavedModel the run recorded)
+        own = run is not None and path.stem in _model_names()
+        model = run.load_model(path.stem) if own else load_model(path)
         size = image_size_of(model)
         info.update(model=model, image_size=size)
         if run is None:

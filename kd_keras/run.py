@@ -83,6 +83,20 @@ def stage_hash(cfg: Config, stage: str) -> str:
     return hashlib.sha256(text.encode()).hexdigest()[:16]
 
 
+def sha256_of(path: str | os.PathLike) -> str:
+    """The sha256 of a file, or of a folder's files (relative names and contents, in order)."""
+    path = Path(path)
+    digest = hashlib.sha256()
+    files = sorted(p for p in path.rglob("*") if p.is_file()) if path.is_dir() else [path]
+    for file in files:
+        if path.is_dir():
+            digest.update(file.relative_to(path).as_posix().encode() + b"\0")
+        with file.open("rb") as fh:
+            for block in iter(lambda: fh.read(1 << 20), b""):
+                digest.update(block)
+    return digest.hexdigest()
+
+
 REPORT_HTML_FILE = "report.html"
 TENSORBOARD_DIR = "tensorboard"
 EXPORT_FILE = "export.json"
@@ -268,27 +282,70 @@ class RunFolder:
 
     def model_file(self, name: str) -> Path | None:
         """The saved model `name`; for the teacher, the configured `teacher.path` when the run
-        did not copy it. None when there is none."""
+        did not copy it: once a run records stage states, only a `.keras` file its teacher
+        stage is recorded as done from (with its sha256), never one the run refused. None when
+        there is none."""
         path = self.model_path(name)
         if path.is_file():
             return path
-        if name == "teacher" and self.cfg.teacher.path and Path(self.cfg.teacher.path).is_file():
-            return Path(self.cfg.teacher.path)
-        return None
+        source = self.cfg.teacher.path if name == "teacher" else None
+        if not source or not Path(source).is_file():
+            return None
+        if not self.state_path.is_file():  # written by hand or before run states: as it was
+            return Path(source)
+        entry = self.state()["stages"].get("teacher", {})
+        checked = entry.get("status") == "done" and entry.get("source") == source
+        return Path(source) if checked and entry.get("sha256") else None
 
     def models(self) -> dict[str, Path]:
         """Every model the run holds, in report order."""
         found = {name: self.model_file(name) for name in MODEL_STAGES}
         return {name: path for name, path in found.items() if path is not None}
 
+    def check_fingerprint(self, name: str, path: Path | None = None) -> None:
+        """Refuse model `name` when its file's sha256 differs from the one `run_state.json`
+        recorded at the end of its stage (a file replaced or edited since). Runs written before
+        fingerprints were recorded have none to compare."""
+        path = path or self.model_file(name)
+        recorded = self.state()["stages"].get(MODEL_STAGES[name], {}).get("sha256")
+        if path is None or not recorded:
+            return
+        if sha256_of(path) != recorded:
+            raise KDError(
+                f"{path} changed since stage {MODEL_STAGES[name]} saved it (its sha256 differs "
+                f"from the one in {self.state_path}); restore the run's own file, or retrain "
+                f"with `python cli.py distill --config {self.config_path} --overwrite`"
+            )
+
+    def check_fingerprints(self) -> None:
+        """`check_fingerprint` for every model the run holds."""
+        for name, path in self.models().items():
+            self.check_fingerprint(name, path)
+
     def load_model(self, name: str):
-        """The run's model `name` (None when absent). The run's own files load with Keras's
-        safe mode off: a teacher view around a user's SavedModel needs it (kd_keras wrote
-        the file; the SavedModel is the one the user named in `teacher.path`)."""
+        """The run's model `name` (None when absent), after its fingerprint check, in Keras's
+        safe mode. A teacher view around a SavedModel loads it only when the run recorded that
+        SavedModel (the config's own `teacher.path` or ensemble member) with the sha256 it
+        still has."""
         from kd_keras.models import load_model
 
         path = self.model_file(name)
-        return None if path is None else load_model(path, f"{name} model", safe_mode=False)
+        if path is None:
+            return None
+        self.check_fingerprint(name, path)
+        if name == "teacher":
+            self._trust_saved_models()
+        return load_model(path, f"{name} model")
+
+    def _trust_saved_models(self) -> None:
+        from kd_keras.teacher import trust_saved_model
+
+        tc = self.cfg.teacher
+        configured = {str(Path(p).resolve()) for p in [tc.path, *(tc.ensemble or [])] if p}
+        recorded = self.state()["stages"].get("teacher", {}).get("saved_models", {})
+        for path, sha in recorded.items():
+            if str(Path(path).resolve()) in configured:
+                trust_saved_model(path, sha)
 
     def arch(self, name: str) -> str:
         """The architecture of model `name` as reports, exports and benchmarks name it: the
@@ -403,6 +460,7 @@ class RunFolder:
         if not self.state_path.is_file():
             return  # written before run states existed, or by hand: nothing to compare
         cfg = self.cfg
+        self.check_fingerprints()
         for model, stage in MODEL_STAGES.items():
             path = self.model_path(model)
             if not path.is_file():

@@ -41,7 +41,7 @@ from kd_keras.inference import keras_predictor, predict_probs
 from kd_keras.models import build_student, build_teacher, image_size_of, set_batchnorm_momentum
 from kd_keras.precision import float32_copy, policy_scope, resolve_policy
 from kd_keras.report import evaluate_and_report
-from kd_keras.run import STAGE_MODELS, RunFolder
+from kd_keras.run import STAGE_MODELS, RunFolder, sha256_of
 
 
 def save_model(model: keras.Model, path: Path) -> Path:
@@ -538,9 +538,10 @@ def _run_stages(cfg, run: RunFolder, splits, stages, copy_teacher, force, curren
         current["stage"] = stage
         run.set_stage(stage, "running", cfg)
         result = fit_stage(cfg, splits, stage, model, teacher, epochs, learning_rate, run, tap)
-        save_model(float32_copy(model, lambda: build("none")), run.model_path(STAGE_MODELS[stage]))
+        saved = save_model(float32_copy(model, lambda: build("none")),
+                           run.model_path(STAGE_MODELS[stage]))  # fmt: skip
         run.record_stage(stage, result.__dict__)
-        run.set_stage(stage, "done", cfg)
+        run.set_stage(stage, "done", cfg, sha256=sha256_of(saved))
         run.drop_checkpoint(stage)
         current["stage"] = None
 
@@ -562,10 +563,17 @@ def _run_stages(cfg, run: RunFolder, splits, stages, copy_teacher, force, curren
 
         teacher, teacher_tap, described = prepare_teacher(cfg, splits, "distill" in stages, force)
         print(f"teacher: {described}")
+        from kd_keras.teacher import saved_models_in
+
+        source = cfg.teacher.path or cfg.teacher.ensemble
+        # the fingerprints later commands check: the run's copy (or, not copied, the user's
+        # .keras file itself) and every SavedModel inside the view
+        recorded = {"source": source, "saved_models": saved_models_in(teacher)}
         if copy_teacher:
-            save_model(teacher, teacher_file)
-            source = cfg.teacher.path or cfg.teacher.ensemble
-            run.set_stage("teacher", "done", cfg, source=source)
+            recorded["sha256"] = sha256_of(save_model(teacher, teacher_file))
+        elif cfg.teacher.path and Path(cfg.teacher.path).is_file():
+            recorded["sha256"] = sha256_of(cfg.teacher.path)
+        run.set_stage("teacher", "done", cfg, **recorded)
     elif "teacher" in stages and run.stage_done("teacher", cfg) and teacher_file.is_file():
         print(f"\n== stage teacher: finished earlier, kept ({teacher_file})")
         teacher = saved_teacher()

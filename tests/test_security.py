@@ -93,3 +93,110 @@ def test_loss_weights_have_upper_bounds():
     for key in ("beta", "dkd_alpha", "dkd_beta"):
         with pytest.raises(KDError, match=f"distill.{key}"):
             build_config({"distill": {key: 1e39}}, ROOT)
+
+
+# ---------------------------------------------------------------- part 1: no unsafe loading
+
+
+def evil_model(path, marker, size=32):
+    """A classifier whose Lambda layer writes `marker` when the file is loaded unsafely and run."""
+    import keras
+
+    touch = eval(f"lambda x: (open({str(marker)!r}, 'w').close(), x)[1]")  # the path a constant
+
+    inputs = keras.Input((size, size, 3), name="images")
+    x = keras.layers.Lambda(touch)(inputs)
+    x = keras.layers.GlobalAveragePooling2D()(keras.layers.Rescaling(1 / 255)(x))
+    keras.Model(inputs, keras.layers.Dense(2, name="logits")(x), name="evil").save(path)
+    return path
+
+
+def test_the_evil_model_really_runs_code_when_loaded_unsafely(tmp_path):
+    """The check below is meaningful: unsafe loading of this file writes the marker."""
+    import keras
+
+    marker = tmp_path / "ran"
+    evil_model(tmp_path / "evil.keras", marker)
+    marker.unlink(missing_ok=True)
+    model = keras.saving.load_model(tmp_path / "evil.keras", safe_mode=False)
+    model(np.zeros((1, 32, 32, 3), "float32"))
+    assert marker.exists()
+
+
+def shared_run(tmp_path, npz, marker):
+    """A run folder someone shared, whose models are files that would run code."""
+    from conftest import make_run, tiny_classifier
+
+    folder = make_run(tmp_path / "runs" / "shared", npz, {"teacher": tiny_classifier()})
+    with (folder / "config.toml").open("a") as fh:
+        fh.write("[eval]\nseed_subset = false\n")
+    evil_model(folder / "student.keras", marker)
+    marker.unlink(missing_ok=True)
+    return folder
+
+
+def test_predict_on_a_downloaded_keras_file_never_runs_its_code(tmp_path, tiny_npz):
+    from conftest import write_images
+
+    marker = tmp_path / "ran"
+    folder = shared_run(tmp_path, tiny_npz, marker)
+    write_images(tmp_path / "imgs", 2)
+    for model in (folder / "student.keras", evil_model(tmp_path / "alone.keras", marker)):
+        marker.unlink(missing_ok=True)
+        code, _, err = run_cli("predict", str(model), str(tmp_path / "imgs"),
+                               "--out", str(tmp_path / "p.csv"))  # fmt: skip
+        assert code == 2 and "holds a Lambda layer" in err and "safe mode" in err, err
+        assert "Traceback" not in err and not marker.exists()
+        assert not (tmp_path / "p.csv").exists()
+
+
+@pytest.mark.parametrize("command", ["evaluate", "export", "benchmark"])
+def test_commands_on_a_shared_run_never_run_its_code(tmp_path, tiny_npz, command):
+    marker = tmp_path / "ran"
+    folder = shared_run(tmp_path, tiny_npz, marker)
+    extra = {"export": ["--onnx", "--out", str(tmp_path / "exp")],
+             "benchmark": ["--out", str(tmp_path / "exp"), "--iters", "1", "--formats", "keras"],
+             "evaluate": []}[command]  # fmt: skip
+    code, _, err = run_cli(command, "--run", str(folder), *extra)
+    assert code == 2 and "holds a Lambda layer" in err, err
+    assert "Traceback" not in err and not marker.exists()
+
+
+def test_a_changed_model_file_is_refused(tmp_path, tiny_npz):
+    from conftest import make_run, tiny_classifier
+
+    from kd_keras.run import RunFolder, sha256_of
+
+    models = {"teacher": tiny_classifier(), "student": tiny_classifier()}
+    folder = make_run(tmp_path / "runs" / "r", tiny_npz, models)
+    run = RunFolder(folder)
+    for name, stage in (("teacher", "teacher"), ("student", "distill")):
+        run.set_stage(stage, "done", run.cfg, sha256=sha256_of(run.model_path(name)))
+    assert run.load_model("student") is not None
+    tiny_classifier(width=8).save(run.model_path("student"))  # replaced by someone
+    with pytest.raises(KDError, match=r"student.keras changed since stage distill saved it"):
+        run.load_model("student")
+    code, _, err = run_cli("evaluate", "--run", str(folder))
+    assert code == 2 and "changed since stage distill saved it" in err and "Traceback" not in err
+
+
+def test_a_saved_model_view_loads_only_through_the_run_that_checked_it(tmp_path, monkeypatch):
+    import keras
+
+    from kd_keras import teacher
+    from kd_keras.models import load_model
+    from kd_keras.run import sha256_of
+
+    inputs = keras.Input((32, 32, 3))
+    x = keras.layers.GlobalAveragePooling2D()(inputs)
+    keras.Model(inputs, keras.layers.Dense(2)(x)).export(str(tmp_path / "sm"), verbose=False)
+    view = teacher.load_teacher(str(tmp_path / "sm"))  # the user's own teacher.path: trusted
+    view.save(tmp_path / "view.keras")
+    assert load_model(tmp_path / "view.keras") is not None  # safe mode, trusted SavedModel
+    monkeypatch.setattr(teacher, "_TRUSTED_SAVED_MODELS", {})  # another process, a shared file
+    with pytest.raises(KDError, match="refused to load the TensorFlow SavedModel"):
+        load_model(tmp_path / "view.keras")
+    teacher.trust_saved_model(tmp_path / "sm", sha256_of(tmp_path / "sm"))
+    (tmp_path / "sm" / "fingerprint.pb").write_bytes(b"changed")
+    with pytest.raises(KDError, match="changed \\(or is gone\\) since it was checked"):
+        load_model(tmp_path / "view.keras")

@@ -128,6 +128,7 @@ class RunFolder:
 
     def __init__(self, path: str | os.PathLike):
         self.path = Path(path)
+        self.fresh = False  # set by `create`: the folder did not exist before
 
     # ------------------------------------------------------------ opening
 
@@ -160,6 +161,9 @@ class RunFolder:
             run._check_resumable(cfg)
         if check is not None:
             check(cfg)
+        run.fresh = not run.path.exists()
+        if mode != "resume" and not run.fresh:
+            run.snapshot()  # what a failure before the first finished stage restores
         if mode == "overwrite" and held:
             run._clear_for(cfg, stages or cfg.train.stages)
         run.path.mkdir(parents=True, exist_ok=True)
@@ -181,7 +185,8 @@ class RunFolder:
                 raise KDError(f"{path} is not a run folder (it has no {CONFIG_FILE})")
             return cls(path)
         root = Path(runs_dir)
-        runs = [p for p in root.iterdir() if (p / CONFIG_FILE).is_file()] if root.is_dir() else []
+        runs = [p for p in root.iterdir() if not p.name.startswith(".")
+                and (p / CONFIG_FILE).is_file()] if root.is_dir() else []  # fmt: skip
         if not runs:
             raise KDError(
                 f"no run found under {root}/ — train one with "
@@ -374,6 +379,45 @@ class RunFolder:
         log = self.train_log()
         log[stage] = entry
         write_json(self.train_log_path, log)
+
+    # ------------------------------------------------------------ undo
+
+    @property
+    def snapshot_path(self) -> Path:
+        """Where `snapshot` keeps the folder as it was before this command changed it."""
+        return self.path.parent / f".{self.path.name}.before"
+
+    def snapshot(self) -> Path:
+        """Keep the folder's current files (hard links where the file system allows, else
+        copies): every file a run writes is replaced atomically, never changed in place, so
+        the links keep the old bytes while the run trains."""
+
+        def link(src, dst):
+            try:
+                os.link(src, dst)
+            except OSError:  # no hard links here (or across devices): copy
+                shutil.copy2(src, dst)
+            return dst
+
+        shutil.rmtree(self.snapshot_path, ignore_errors=True)
+        shutil.copytree(self.path, self.snapshot_path, symlinks=True, copy_function=link)
+        return self.snapshot_path
+
+    def undo(self) -> str | None:
+        """Put the folder back as it was before this command (its snapshot), or remove it when
+        the command created it; returns what was done, for the message (None: nothing)."""
+        if self.snapshot_path.is_dir():
+            shutil.rmtree(self.path, ignore_errors=True)
+            os.replace(self.snapshot_path, self.path)
+            return f"{self.path} is restored as it was"
+        if self.fresh:
+            shutil.rmtree(self.path, ignore_errors=True)
+            return f"no run folder is left ({self.path} removed)"
+        return None
+
+    def drop_snapshot(self) -> None:
+        """Forget the snapshot once a stage of this command finished (its results stand)."""
+        shutil.rmtree(self.snapshot_path, ignore_errors=True)
 
     # ------------------------------------------------------------ state
 

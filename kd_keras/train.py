@@ -495,28 +495,71 @@ def run_distill(
     cfg = distribute.worker_config(cfg, worker)  # non-chief workers: a temporary folder
     loaded = {}
 
-    def check_data(resolved: Config) -> None:  # before the run folder is touched
+    def check_request(resolved: Config) -> None:  # before the run folder is touched
         loaded["splits"] = check_splits(load_splits(resolved.data, seed=resolved.run.seed),
                                         resolved)  # fmt: skip
+        check_stages(resolved, RunFolder(resolved.run_dir), stages, mode)
 
-    run = RunFolder.create(cfg, mode, stages, check=check_data)
+    run = RunFolder.create(cfg, mode, stages, check=check_request)
     cfg, splits = run.cfg, loaded["splits"]
-    current = {"stage": None}
+    current = {"stage": None, "finished": False}
     try:
         with worker.strategy.scope():  # teacher, student and optimizer built under it
             _run_stages(cfg, run, splits, stages, copy_teacher, force, current)
     except (KeyboardInterrupt, Interrupted):
         where = f" in stage {current['stage']}" if current["stage"] else ""
+        if mode == "overwrite" and not current["finished"]:
+            raise Interrupted(
+                f"interrupted{where} before any stage finished: {run.undo() or 'nothing changed'}"
+                "; run the --overwrite again to replace it"
+            ) from None
+        run.drop_snapshot()
         raise Interrupted(
             f"interrupted{where}; completed stages and the last completed epoch are kept in "
             f"{run.path}; continue with: python cli.py distill --config {run.config_path} "
             "--resume"
         ) from None
+    except BaseException as err:
+        if not current["finished"]:  # nothing of this command stands: leave nothing changed
+            undone = run.undo()
+            if undone and isinstance(err, KDError):
+                raise type(err)(f"{err}; {undone}") from err
+        raise
     finally:
         distribute.cleanup_worker(cfg, worker)
+    run.drop_snapshot()
     if not worker.is_chief:
         return {}  # the chief evaluates and writes the report
     return evaluate_and_report(run, splits=splits)
+
+
+def check_stages(cfg: Config, run: RunFolder, stages: list[str], mode: str) -> None:
+    """Refuse, before anything is written or removed, a request whose stages cannot run: a
+    `teacher.path` / `teacher.ensemble` entry that does not exist, or a distillation stage with
+    no teacher to learn from (none configured, none trained in this command, and none in the
+    folder that would survive the request)."""
+    from kd_keras.ensemble import member_source
+    from kd_keras.teacher import PRESET_PREFIXES
+
+    tc = cfg.teacher
+    if tc.from_user:
+        key = "teacher.path" if tc.path else "teacher.ensemble entry"
+        for source in [tc.path] if tc.path else tc.ensemble:
+            if not source.startswith(PRESET_PREFIXES) and not Path(source).exists():
+                raise KDError(f"{key} file not found: {source}")
+            member_source(source)  # a run folder must hold a teacher
+        return
+    if "distill" not in stages or "teacher" in stages:
+        return
+    teacher = run.model_path("teacher")
+    kept = teacher.is_file() and (mode != "overwrite" or run.stage_done("teacher", cfg))
+    if not kept:
+        why = (f"{teacher.name} in {run.path} was trained under another config and --overwrite "
+               "would remove it") if teacher.is_file() else f"none in {run.path}"  # fmt: skip
+        raise KDError(
+            f"stage distill needs a teacher: {why}, and teacher.path is not set; add the "
+            "teacher stage (--stages teacher,distill) or set teacher.path"
+        )
 
 
 def _run_stages(cfg, run: RunFolder, splits, stages, copy_teacher, force, current) -> None:
@@ -543,7 +586,8 @@ def _run_stages(cfg, run: RunFolder, splits, stages, copy_teacher, force, curren
         run.record_stage(stage, result.__dict__)
         run.set_stage(stage, "done", cfg, sha256=sha256_of(saved))
         run.drop_checkpoint(stage)
-        current["stage"] = None
+        run.drop_snapshot()  # this stage's results replace the old ones
+        current["stage"], current["finished"] = None, True
 
     def saved_teacher():
         """The run's teacher, rebuilt in the training precision when it is ours."""

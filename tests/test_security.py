@@ -200,3 +200,106 @@ def test_a_saved_model_view_loads_only_through_the_run_that_checked_it(tmp_path,
     (tmp_path / "sm" / "fingerprint.pb").write_bytes(b"changed")
     with pytest.raises(KDError, match="changed \\(or is gone\\) since it was checked"):
         load_model(tmp_path / "view.keras")
+
+
+# ---------------------------------------------------------------- part 2: nothing destroyed
+
+
+def finished_run(tmp_path, npz):
+    """A finished run as training leaves it (models with fingerprints, report, histories,
+    report.html, confusion files, predictions), to be overwritten."""
+    from conftest import make_run, tiny_classifier
+
+    from kd_keras.run import RunFolder, sha256_of
+
+    models = {"teacher": tiny_classifier(), "student": tiny_classifier(),
+              "student_scratch": tiny_classifier()}  # fmt: skip
+    folder = make_run(tmp_path / "runs" / "r", npz, models)
+    with (folder / "config.toml").open("a") as fh:
+        fh.write("[eval]\nseed_subset = false\n")
+    run = RunFolder(folder)
+    for name, stage in (("teacher", "teacher"), ("student", "distill"),
+                        ("student_scratch", "scratch")):  # fmt: skip
+        run.set_stage(stage, "done", run.cfg, sha256=sha256_of(run.model_path(name)))
+        run.history_path(stage).write_text("epoch,loss\n1,0.5\n")
+    for name in ("report.md", "report.html", "confusion_student.json", "train_log.json"):
+        (folder / name).write_text(f"{name} of the old run\n")
+    np.savez(folder / "predictions_student.npz", probs=np.ones((3, 2)))
+    return folder
+
+
+def every_byte(folder):
+    return {p.relative_to(folder).as_posix(): p.read_bytes()
+            for p in sorted(folder.rglob("*")) if p.is_file()}  # fmt: skip
+
+
+def overwrite(folder, *extra):
+    return run_cli("distill", "--config", str(folder / "config.toml"), "--overwrite",
+                   *sets(f"run.output_dir={folder.parent}", "train.verbose=2"), *extra)  # fmt: skip
+
+
+def test_overwrite_distill_without_a_teacher_loses_nothing(tmp_path, tiny_npz):
+    folder = finished_run(tmp_path, tiny_npz)
+    before = every_byte(folder)
+    code, _, err = overwrite(folder, "--stages", "distill", *sets("data.image_size=48"))
+    assert code == 2 and "stage distill needs a teacher" in err and "--overwrite would" in err
+    assert "Traceback" not in err
+    assert every_byte(folder) == before, "a refused --overwrite keeps every file's bytes"
+    assert not list(folder.parent.glob(".*")), "no snapshot is left behind"
+
+
+def test_overwrite_with_a_mistyped_teacher_path_loses_nothing(tmp_path, tiny_npz):
+    folder = finished_run(tmp_path, tiny_npz)
+    before = every_byte(folder)
+    code, _, err = overwrite(folder, *sets(f"teacher.path={tmp_path / 'techer.keras'}"))
+    assert code == 2 and "teacher.path file not found" in err and "Traceback" not in err
+    assert every_byte(folder) == before
+
+
+def test_overwrite_failing_after_it_started_restores_the_run(tmp_path, tiny_npz):
+    """The refusal comes after the old models were cleared (loading the teacher): the previous
+    run is put back byte for byte, and the malicious teacher never ran."""
+    marker = tmp_path / "ran"
+    evil = evil_model(tmp_path / "evil.keras", marker)
+    marker.unlink()
+    folder = finished_run(tmp_path, tiny_npz)
+    before = every_byte(folder)
+    code, _, err = overwrite(folder, "--stages", "distill", *sets(f"teacher.path={evil}"))
+    assert code == 2 and "holds a Lambda layer" in err and "is restored as it was" in err, err
+    assert every_byte(folder) == before and not marker.exists()
+    assert not list(folder.parent.glob(".*"))
+
+
+def test_a_refused_teacher_leaves_no_folder_to_evaluate(tmp_path, tiny_npz):
+    """distill with a teacher refused in safe mode, then evaluate / benchmark / report: there
+    is no run to treat the refused file as its teacher."""
+    from kd_keras.run import RunFolder
+
+    marker = tmp_path / "ran"
+    evil = evil_model(tmp_path / "evil.keras", marker)
+    marker.unlink()
+    code, _, err = run_cli("distill", "--config", XRAY, "--stages", "distill",
+                           *sets(f"data.path={tiny_npz}", f"run.output_dir={tmp_path / 'runs'}",
+                                 "run.name=evil", f"teacher.path={evil}",
+                                 "eval.seed_subset=false", "student.variant=tiny"))  # fmt: skip
+    assert code == 2 and "holds a Lambda layer" in err and "no run folder is left" in err, err
+    assert not (tmp_path / "runs" / "evil").exists() and not marker.exists()
+    for command in ("evaluate", "benchmark"):
+        code, _, err = run_cli(command, "--run", str(tmp_path / "runs" / "evil"))
+        assert code == 2 and "run folder not found" in err
+    with pytest.raises(KDError, match="no run found"):
+        RunFolder.find(runs_dir=tmp_path / "runs")
+
+
+def test_a_new_run_failing_before_its_first_stage_leaves_no_folder(tmp_path, tiny_npz):
+    from kd_keras.run import RunFolder
+
+    code, _, err = run_cli("distill", "--config", XRAY, "--stages", "distill",
+                           *sets(f"data.path={tiny_npz}", f"run.output_dir={tmp_path / 'runs'}",
+                                 "run.name=lonely", "eval.seed_subset=false"))  # fmt: skip
+    assert code == 2 and "stage distill needs a teacher: none in" in err
+    assert not (tmp_path / "runs").exists() or not any((tmp_path / "runs").iterdir())
+    (tmp_path / "runs" / ".lonely.before").mkdir(parents=True)  # a snapshot is never a run
+    (tmp_path / "runs" / ".lonely.before" / "config.toml").write_text("")
+    with pytest.raises(KDError, match="no run found"):
+        RunFolder.find(runs_dir=tmp_path / "runs")

@@ -251,6 +251,7 @@ def predict_files(
     if batch < 1:
         raise KDError(f"batch must be >= 1, got {batch}")
     files = list_images(inputs)
+    out = None if out is None else csv_target(out)  # decided before any prediction
     info = model_info(path)
     recipe, size = info["recipe"], info["image_size"]
     say = printer(quiet)
@@ -308,6 +309,22 @@ def _short_name(file: Path, inputs: list) -> str:
         if item.is_dir() and file.is_relative_to(item):
             return str(file.relative_to(item))
     return str(file)
+
+
+def csv_target(out: str | os.PathLike) -> Path:
+    """Where `--out` writes: the file it names, or `predictions.csv` inside it when it is a
+    folder (an existing one, or a path ending in '/'); its folder is created and proven
+    writable first."""
+    from kd_keras.errors import check_writable_dir
+
+    path = Path(out)
+    if path.is_dir() or str(out).endswith(("/", os.sep)):
+        path = path / "predictions.csv"
+    check_writable_dir(path.parent)
+    if path.is_dir():
+        raise KDError(f"--out {path} is a folder; name the CSV file to write (or a folder "
+                      "without a predictions.csv folder inside)")  # fmt: skip
+    return path
 
 
 def rows_csv(rows: list[dict[str, Any]]) -> str:

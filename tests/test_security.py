@@ -303,3 +303,106 @@ def test_a_new_run_failing_before_its_first_stage_leaves_no_folder(tmp_path, tin
     (tmp_path / "runs" / ".lonely.before" / "config.toml").write_text("")
     with pytest.raises(KDError, match="no run found"):
         RunFolder.find(runs_dir=tmp_path / "runs")
+
+
+# ---------------------------------------------------------------- part 4: degenerate training
+
+
+def tiny_distill(npz, out, name, *extra):
+    return run_cli("distill", "--config", XRAY,
+                   *sets(f"data.path={npz}", f"run.output_dir={out}", f"run.name={name}",
+                         "eval.seed_subset=false", "teacher.variant=tiny", "student.variant=tiny",
+                         "train.epochs=1", "train.verbose=0"), *extra)  # fmt: skip
+
+
+def test_a_trained_stage_at_chance_is_a_failure_unless_forced(tmp_path, tiny_npz):
+    """tiny_npz's images are noise: whatever the model learns is chance on validation. The
+    issue's row: teacher.learning_rate = 9.0 gave a normal-looking report at 0.500."""
+    code, _, err = tiny_distill(tiny_npz, tmp_path, "lr9", "--stages", "teacher",
+                                *sets("teacher.learning_rate=9.0"))  # fmt: skip
+    assert code == 2 and "Traceback" not in err, err
+    # at chance, diverged in a step, or diverged in its validation outputs: always a failure
+    # that points at the learning rate, never a normal-looking report
+    assert "learning rate" in err and any(
+        m in err
+        for m in ("ended no better than chance", "diverged in stage teacher", "non-finite logits")
+    ), err
+    assert not (tmp_path / "lr9").exists(), "a run failing in its first stage leaves no folder"
+    # every image the same grey: no model can tell the classes apart, whatever it learns
+    flat = write_npz(tmp_path / "flat.npz", train_images=np.full((40, 28, 28), 128, "uint8"),
+                     train_labels=labels(40), test_images=np.full((10, 28, 28), 128, "uint8"),
+                     test_labels=labels(10))  # fmt: skip
+    code, out, err = tiny_distill(flat, tmp_path, "noise", "--stages", "teacher")
+    assert code == 2 and "stage teacher ended no better than chance" in err, err
+    assert "--force" in err and not (tmp_path / "noise").exists()
+    code, out, err = tiny_distill(flat, tmp_path, "noise", "--stages", "teacher", "--force")
+    assert code == 0, err[-2000:]
+    assert "kept because of --force" in out and (tmp_path / "noise" / "teacher.keras").is_file()
+
+
+def test_non_finite_message_names_the_term_and_value_that_overflowed():
+    from conftest import tiny_classifier
+
+    from kd_keras.distiller import Distiller
+    from kd_keras.train import FiniteGuard
+
+    guard = FiniteGuard("distill", {"kd": ("1 - distill.alpha", 0.5), "feat": ("distill.beta",
+                                    1e39)}, ("train.learning_rate", 0.001))  # fmt: skip
+    logs = {"ce": 0.69, "kd": 0.1, "feat": 0.8, "loss": float("inf"), "accuracy": 0.5}
+    with pytest.raises(KDError) as info:
+        guard.on_train_batch_end(0, logs)
+    message = str(info.value)
+    assert "loss not finite (ce = 0.69, kd = 0.1, feat = 0.8, loss = inf)" in message
+    assert "distill.beta = 1e+39 times feat = 0.8; lower distill.beta" in message
+    assert "learning rate" not in message
+    # a term that itself overflows: the learning rate is the likely cause, named with its key
+    x = np.random.default_rng(0).uniform(0, 255, (8, 32, 32, 3)).astype("float32")
+    student = tiny_classifier()
+    kernel = student.get_layer("logits").kernel
+    kernel.assign(np.full(kernel.shape, np.nan, "float32"))
+    d = Distiller(student, None, alpha=1.0)
+    d.compile(optimizer="sgd")
+    guard = FiniteGuard("scratch", learning_rate=("student.learning_rate", 9.0))
+    with pytest.raises(
+        KDError,
+        match=r"ce, loss not finite \(ce = nan.*ce itself overflowed.*"
+        r"learning rate too high \(now 9, student.learning_rate",
+    ):
+        d.fit(x, np.zeros(8, "int32"), batch_size=8, epochs=1, verbose=0, callbacks=[guard])
+
+
+def test_predict_out_a_folder_writes_predictions_csv_inside_it(tmp_path):
+    from conftest import tiny_classifier, write_images
+
+    from kd_keras import predict
+
+    tiny_classifier().save(tmp_path / "m.keras")
+    write_images(tmp_path / "imgs", 2)
+    (tmp_path / "existing").mkdir()
+    code, stdout, err = run_cli("predict", str(tmp_path / "m.keras"), str(tmp_path / "imgs"),
+                                "--out", str(tmp_path / "existing"))  # fmt: skip
+    assert code == 0 and "Traceback" not in err, err
+    written = tmp_path / "existing" / "predictions.csv"
+    assert written.is_file() and len(written.read_text().splitlines()) == 3
+    assert f"written to {written}" in stdout.replace("\n", "")
+    # from Python, a path ending in "/" names a folder too (created first)
+    assert predict.csv_target(f"{tmp_path / 'new'}/") == tmp_path / "new" / "predictions.csv"
+    assert (tmp_path / "new").is_dir()
+
+
+def test_predict_out_that_cannot_be_written_fails_before_predicting(tmp_path, monkeypatch):
+    from conftest import tiny_classifier, write_images
+
+    from kd_keras import predict
+
+    tiny_classifier().save(tmp_path / "m.keras")
+    write_images(tmp_path / "imgs", 2)
+    (tmp_path / "blocked").write_text("a file, not a folder")
+
+    def never(*args, **kwargs):
+        raise AssertionError("the model was loaded before --out was checked")
+
+    monkeypatch.setattr(predict, "model_info", never)
+    code, _, err = run_cli("predict", str(tmp_path / "m.keras"), str(tmp_path / "imgs"),
+                           "--out", str(tmp_path / "blocked" / "p.csv"))  # fmt: skip
+    assert code == 2 and "error: output folder" in err and "Traceback" not in err, err

@@ -406,3 +406,57 @@ def test_predict_out_that_cannot_be_written_fails_before_predicting(tmp_path, mo
     code, _, err = run_cli("predict", str(tmp_path / "m.keras"), str(tmp_path / "imgs"),
                            "--out", str(tmp_path / "blocked" / "p.csv"))  # fmt: skip
     assert code == 2 and "error: output folder" in err and "Traceback" not in err, err
+
+
+def test_resume_never_runs_a_model_file_it_finds_in_the_run(tmp_path, tiny_npz):
+    from kd_keras.run import RunFolder
+
+    marker = tmp_path / "ran"
+    folder = finished_run(tmp_path, tiny_npz)
+    run = RunFolder(folder)
+    run.model_path("student").unlink()
+    run.set_stage("distill", "running", run.cfg)  # a killed run, to be resumed
+    evil_model(run.model_path("teacher"), marker)  # the teacher replaced since it was recorded
+    marker.unlink()
+    args = ["--resume", "--stages", "teacher,distill"]
+    code, _, err = run_cli("distill", "--config", str(run.config_path), *args,
+                           *sets(f"run.output_dir={folder.parent}"))  # fmt: skip
+    assert code == 2 and "teacher.keras changed since stage teacher saved it" in err, err
+    state = run.state()
+    state["stages"]["teacher"].pop("sha256")  # a run from elsewhere, without fingerprints
+    run.state_path.write_text(__import__("json").dumps(state))
+    code, _, err = run_cli("distill", "--config", str(run.config_path), *args,
+                           *sets(f"run.output_dir={folder.parent}"))  # fmt: skip
+    assert code == 2 and "holds a Lambda layer" in err and "Traceback" not in err, err
+    assert not marker.exists()
+
+
+def test_a_run_reloads_its_saved_model_teacher_only_while_it_is_unchanged(
+    tmp_path, tiny_npz, monkeypatch
+):
+    import keras
+    from conftest import make_run, tiny_classifier
+
+    from kd_keras import teacher
+    from kd_keras.run import RunFolder, sha256_of
+
+    inputs = keras.Input((32, 32, 3))
+    x = keras.layers.GlobalAveragePooling2D()(inputs)
+    keras.Model(inputs, keras.layers.Dense(2)(x)).export(str(tmp_path / "sm"), verbose=False)
+    view = teacher.load_teacher(str(tmp_path / "sm"))
+    folder = make_run(tmp_path / "runs" / "r", tiny_npz, {"student": tiny_classifier()})
+    config = (folder / "config.toml").read_text()
+    (folder / "config.toml").write_text(
+        config.replace("[teacher]\n", f'[teacher]\npath = "{tmp_path / "sm"}"\n')
+    )
+    view.save(folder / "teacher.keras")
+    run = RunFolder(folder)
+    run.set_stage("teacher", "done", run.cfg, source=str(tmp_path / "sm"),
+                  sha256=sha256_of(run.model_path("teacher")),
+                  saved_models=teacher.saved_models_in(view))  # fmt: skip
+    monkeypatch.setattr(teacher, "_TRUSTED_SAVED_MODELS", {})  # a later command
+    assert run.load_model("teacher") is not None, "the run's own SavedModel, unchanged: loads"
+    monkeypatch.setattr(teacher, "_TRUSTED_SAVED_MODELS", {})
+    (tmp_path / "sm" / "fingerprint.pb").write_bytes(b"changed")
+    with pytest.raises(KDError, match="changed \\(or is gone\\) since it was checked"):
+        run.load_model("teacher")

@@ -596,7 +596,7 @@ def run_distill(
         if not current["finished"]:  # nothing of this command stands: leave nothing changed
             undone = run.undo()
             if undone and isinstance(err, KDError):
-                raise type(err)(f"{err}; {undone}") from err
+                raise type(err)(f"{err}; as no stage of this command finished, {undone}") from err
         raise
     finally:
         distribute.cleanup_worker(cfg, worker)

@@ -460,3 +460,44 @@ def test_a_run_reloads_its_saved_model_teacher_only_while_it_is_unchanged(
     (tmp_path / "sm" / "fingerprint.pb").write_bytes(b"changed")
     with pytest.raises(KDError, match="changed \\(or is gone\\) since it was checked"):
         run.load_model("teacher")
+
+
+def test_every_model_kd_keras_writes_loads_in_safe_mode(tmp_path):
+    """Registered layers with get_config: the architectures, a keras-hub classifier view (what
+    a preset teacher becomes), a teacher view with scaling, probabilities and class order, and
+    an ensemble of views all round-trip through `load_model` (always safe mode)."""
+    import keras
+    import keras_hub
+    from conftest import tiny_classifier
+
+    from kd_keras import models
+    from kd_keras.ensemble import build_ensemble
+    from kd_keras.teacher import TeacherView, teacher_view
+
+    x = np.random.default_rng(0).uniform(0, 255, (2, 32, 32, 3)).astype("float32")
+    built = {arch: models.build_student(arch, 2, 32, patch_size=8, tiny=True)
+             for arch in models.STUDENTS}  # fmt: skip
+    built.update({arch: models.build_teacher(arch, 2, 32, tiny=True) for arch in models.TEACHERS})
+    backbone = keras_hub.models.ResNetBackbone(
+        input_conv_filters=[64], input_conv_kernel_sizes=[3], stackwise_num_filters=[64],
+        stackwise_num_blocks=[1], stackwise_num_strides=[1], block_type="basic_block",
+        image_shape=(None, None, 3),
+    )  # fmt: skip
+    converter = keras_hub.layers.ResNetImageConverter(image_size=(32, 32), scale=1 / 255.0)
+    classifier = keras_hub.models.ResNetImageClassifier(
+        backbone=backbone, num_classes=2,
+        preprocessor=keras_hub.models.ResNetImageClassifierPreprocessor(converter),
+    )  # fmt: skip
+    inputs = keras.Input((32, 32, 3), name="images")
+    built["hub view"] = keras.Model(inputs, classifier(converter(inputs)))
+    inputs = keras.Input((32, 32, 3), name="images")
+    probs = keras.layers.Softmax()(tiny_classifier()(inputs))
+    view = teacher_view(
+        keras.Model(inputs, probs), TeacherView(32, "unit", "probabilities", [1, 0])
+    )
+    built["teacher view"] = view
+    built["ensemble"] = build_ensemble([view, tiny_classifier("other", size=24)])
+    for name, model in built.items():
+        model.save(tmp_path / "m.keras")
+        again = models.load_model(tmp_path / "m.keras")
+        np.testing.assert_allclose(again(x), model(x), atol=1e-5, err_msg=name)

@@ -12,6 +12,10 @@
         confusion_<model>.json / .png
         predictions_<model>.npz  per-image test probabilities, labels and decisions
         tensorboard/<stage>/   TensorBoard scalars (with `train.tensorboard = true`)
+        run_state.json         each stage's status, config fingerprint and its model file's
+                               sha256 (checked before any command uses the model)
+    runs/.<name>.before/       while a command that may replace results runs: the folder as it
+                               was (hard links), put back if no stage of the command finishes
 
     <export dir>/<name>/
         export.json, benchmark.json   exported files and their checks; measured latency

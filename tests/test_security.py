@@ -501,3 +501,25 @@ def test_every_model_kd_keras_writes_loads_in_safe_mode(tmp_path):
         model.save(tmp_path / "m.keras")
         again = models.load_model(tmp_path / "m.keras")
         np.testing.assert_allclose(again(x), model(x), atol=1e-5, err_msg=name)
+
+
+def test_the_teacher_path_fallback_never_gives_a_file_the_run_did_not_record(tmp_path, tiny_npz):
+    from conftest import make_run, tiny_classifier
+
+    from kd_keras.run import RunFolder, sha256_of
+
+    marker = tmp_path / "ran"
+    evil = evil_model(tmp_path / "evil.keras", marker)
+    marker.unlink()
+    folder = make_run(tmp_path / "runs" / "r", tiny_npz, {"student": tiny_classifier()})
+    config = (folder / "config.toml").read_text()
+    (folder / "config.toml").write_text(
+        config.replace("[teacher]\n", f'[teacher]\npath = "{evil}"\n')
+    )
+    run = RunFolder(folder)
+    # no run state (a folder written by hand): the fallback is offered, and refused on loading
+    with pytest.raises(KDError, match="holds a Lambda layer"):
+        run.load_model("teacher")
+    run.set_stage("distill", "done", run.cfg, sha256=sha256_of(run.model_path("student")))
+    assert run.model_file("teacher") is None, "a run state that never recorded it as teacher"
+    assert list(run.models()) == ["student"] and not marker.exists()

@@ -42,7 +42,8 @@ def distill(
         typer.Option(help="Comma-separated subset of teacher,distill,scratch (default: config)."),
     ] = None,
     force: Annotated[
-        bool, typer.Option("--force", help="Distil from a teacher that fails the teacher check.")
+        bool,
+        typer.Option("--force", help="Distil from a teacher (or keep a stage) at chance level."),
     ] = False,
     resume: Annotated[
         bool, typer.Option("--resume", help="Continue a killed or partial run of this config.")

@@ -98,12 +98,12 @@ class StudentConfig:
 class DistillConfig:
     alpha: float = _spec(0.5, kind=float, lo=0.0, hi=1.0)
     temperature: float = _spec(4.0, kind=float, lo=1e-3, hi=100.0)
-    beta: float = _spec(1.0, kind=float, lo=0.0)
+    beta: float = _spec(1.0, kind=float, lo=0.0, hi=1000.0)
     mode: str = _spec("soft", kind=str, choices=("soft", "hard", "dkd"))
     feature_loss: str = _spec("fitnet", kind=str, choices=("fitnet", "attention"))
     feature_norm: str = _spec("l2", kind=str, choices=("none", "l2"))
-    dkd_alpha: float = _spec(1.0, kind=float, lo=0.0)
-    dkd_beta: float = _spec(8.0, kind=float, lo=0.0)
+    dkd_alpha: float = _spec(1.0, kind=float, lo=0.0, hi=1000.0)
+    dkd_beta: float = _spec(8.0, kind=float, lo=0.0, hi=1000.0)
 
 
 @dataclass

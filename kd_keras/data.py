@@ -128,21 +128,73 @@ def resolve_medmnist_path(dataset: str, size: int, path: str | None) -> Path:
 
 
 def load_npz(path: Path, class_names: list[str] | None) -> tuple[list[str], dict[str, Split]]:
+    """The splits of a MedMNIST-layout `.npz` (`<split>_images`, `<split>_labels`; `val`
+    optional), checked to add up: equal lengths, integer labels >= 0, images uint8 (0..255) or
+    float with values in 0..255 (float images in [0, 1] are refused: multiply by 255)."""
+    import zipfile
+
+    if not zipfile.is_zipfile(path):
+        raise KDError(f"data file {path} is not a readable .npz (corrupt or truncated)")
     try:
-        with np.load(path) as npz:
+        with np.load(path, allow_pickle=False) as npz:
             arrays = {k: npz[k] for k in npz.files}
-    except Exception as err:
-        raise KDError(f"data file {path} is not a readable .npz file: {err}") from err
+    except ValueError as err:  # numpy's pickle refusal: object arrays
+        raise KDError(f"data file {path} holds object (pickled) arrays, which kd_keras does not "
+                      "load; save images and labels as plain numeric arrays") from err  # fmt: skip
+    except (OSError, EOFError, zipfile.BadZipFile) as err:
+        raise KDError(f"data file {path} is not a readable .npz (corrupt or truncated)") from err
     splits = {}
     for split in SPLITS:
-        if f"{split}_images" not in arrays:
-            if split == "val":
-                continue
-            raise KDError(f"data file {path} has no '{split}_images' array (MedMNIST layout)")
-        labels = arrays[f"{split}_labels"].reshape(-1).astype("int64")
-        splits[split] = Split(arrays[f"{split}_images"], labels)
+        if f"{split}_images" not in arrays and f"{split}_labels" not in arrays and split == "val":
+            continue
+        for key in (f"{split}_images", f"{split}_labels"):
+            if key not in arrays:
+                held = sorted(arrays)
+                raise KDError(f"data file {path} has no '{key}' array (MedMNIST layout: "
+                              f"<split>_images and <split>_labels; it holds {held})")  # fmt: skip
+        images, labels = arrays[f"{split}_images"], arrays[f"{split}_labels"]
+        _check_npz_split(path, split, images, labels)
+        splits[split] = Split(images, labels.reshape(-1).astype("int64"))
     n = int(max(s.labels.max() for s in splits.values())) + 1
     return class_names or [f"class_{i}" for i in range(n)], splits
+
+
+def _check_npz_split(path: Path, split: str, images: np.ndarray, labels: np.ndarray) -> None:
+    """Refuse a split whose images and labels do not add up (see `load_npz`)."""
+    if images.ndim not in (3, 4) or (images.ndim == 4 and images.shape[-1] not in (1, 3)):
+        raise KDError(f"data file {path}: '{split}_images' has shape {images.shape}; expected "
+                      "(N, H, W) grey or (N, H, W, 1|3) images")  # fmt: skip
+    if labels.ndim > 2 or (labels.ndim == 2 and labels.shape[1] != 1):
+        raise KDError(f"data file {path}: '{split}_labels' has shape {labels.shape}; expected "
+                      "one label per image, (N,) or (N, 1)")  # fmt: skip
+    if len(images) != len(labels.reshape(-1)):
+        raise KDError(f"data file {path}: '{split}_images' holds {len(images)} images but "
+                      f"'{split}_labels' {labels.size} labels; they must be equal")  # fmt: skip
+    if len(images) == 0:
+        raise KDError(f"data file {path}: split '{split}' is empty")
+    if not np.issubdtype(labels.dtype, np.integer):
+        as_int = labels.astype("int64") if np.issubdtype(labels.dtype, np.floating) else None
+        if as_int is None or not np.array_equal(as_int, labels):
+            raise KDError(f"data file {path}: '{split}_labels' are {labels.dtype}, not whole "
+                          "class indices 0..k-1")  # fmt: skip
+    if labels.min() < 0:
+        raise KDError(f"data file {path}: '{split}_labels' has negative label {labels.min()}; "
+                      "labels are class indices 0..k-1")  # fmt: skip
+    if images.dtype == np.uint8:
+        return
+    if not np.issubdtype(images.dtype, np.number) or np.issubdtype(
+        images.dtype, np.complexfloating
+    ):
+        raise KDError(f"data file {path}: '{split}_images' are {images.dtype}; expected uint8 "
+                      "pixels 0..255")  # fmt: skip
+    low, high = float(np.min(images)), float(np.max(images))
+    if not (np.isfinite(low) and np.isfinite(high)) or low < 0 or high > 255:
+        raise KDError(f"data file {path}: '{split}_images' values span {low:g}..{high:g}; "
+                      "expected pixels 0..255 (uint8, or float in 0..255)")  # fmt: skip
+    if np.issubdtype(images.dtype, np.floating) and high <= 1.0:
+        raise KDError(f"data file {path}: '{split}_images' are {images.dtype} in {low:g}..{high:g}"
+                      ", which looks like [0, 1] scaling; kd_keras expects pixels 0..255: save "
+                      "them multiplied by 255 (as uint8)")  # fmt: skip
 
 
 def _list_images(folder: Path) -> list[str]:

@@ -371,14 +371,17 @@ def deit_small(
     return keras.Model(inputs, logits, name="deit_small")
 
 
-def load_model(path: str | Path, what: str = "model", safe_mode: bool = True) -> keras.Model:
-    """Load a `.keras` file with a clear error when it is missing or unreadable.
-
-    `safe_mode=False` only for files kd_keras wrote itself (a run's own models): a teacher
-    view around a user's SavedModel holds a `TFSMLayer`, which Keras loads only unsafely."""
+def load_model(path: str | Path, what: str = "model") -> keras.Model:
+    """Load a `.keras` file, always in Keras's safe mode, with a clear error when it is missing,
+    unreadable, or would need unsafe loading (a `Lambda` layer's Python code, Keras's own
+    `TFSMLayer`): such a file is refused, never run. A teacher view around a SavedModel holds
+    `kd_keras.teacher.SavedModelTeacher`, which loads only a SavedModel the run checked."""
     import zipfile
 
     import keras_hub  # noqa: F401  (registers keras-hub layers)
+
+    import kd_keras.ensemble  # noqa: F401  (registers the layers kd_keras writes)
+    import kd_keras.teacher  # noqa: F401
 
     path = Path(path)
     if not path.is_file():
@@ -387,8 +390,19 @@ def load_model(path: str | Path, what: str = "model", safe_mode: bool = True) ->
         raise KDError(f"{what} file {path} could not be loaded: it is not a .keras archive "
                       "(corrupt, truncated or another format)")  # fmt: skip
     try:
-        return keras.saving.load_model(path, compile=False, safe_mode=safe_mode)
+        return keras.saving.load_model(path, compile=False, safe_mode=True)
     except Exception as err:  # Keras reports unreadable files with many exception types
+        ours = _kd_error_in(err)
+        if ours is not None:  # raised by a kd_keras layer while loading: already one line
+            raise KDError(f"{what} file {path}: {ours}") from err
+        unsafe = re.search(r"deserialization of an? `(\w+)`", str(err))
+        if unsafe:
+            raise KDError(
+                f"{what} file {path} holds a {unsafe.group(1)} layer, which would run code from "
+                "the file: kd_keras loads models only in Keras's safe mode. Rebuild the model "
+                "without it (a registered layer with get_config instead of a Lambda), or as a "
+                "SavedModel folder named by teacher.path"
+            ) from err
         missing = re.search(r"Could not locate (?:class|function) '([^']+)'", str(err))
         if missing:
             raise KDError(
@@ -398,6 +412,17 @@ def load_model(path: str | Path, what: str = "model", safe_mode: bool = True) ->
             ) from err
         reason = str(err).strip().splitlines()[0][:300] if str(err).strip() else type(err).__name__
         raise KDError(f"{what} file {path} could not be loaded: {reason}") from err
+
+
+def _kd_error_in(err: BaseException) -> KDError | None:
+    """The KDError that caused `err` (Keras wraps errors raised while deserialising)."""
+    seen = set()
+    while err is not None and id(err) not in seen:
+        if isinstance(err, KDError):
+            return err
+        seen.add(id(err))
+        err = err.__cause__ or err.__context__
+    return None
 
 
 def build_teacher(

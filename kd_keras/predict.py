@@ -156,9 +156,10 @@ def model_info(path: Path) -> dict[str, Any]:
     info: dict[str, Any] = {"model": None, "note": ""}
     if path.suffix == ".keras":
         run = _run_of(path)
-        # a run's own files were written by kd_keras: a teacher view around a user's SavedModel
-        # loads only with Keras's safe mode off (see RunFolder.load_model)
-        model = load_model(path, safe_mode=run is None)
+        # always in safe mode; a run's own model is first checked against its fingerprint
+        # (and a teacher view may then load the SavedModel the run recorded)
+        own = run is not None and path.stem in _model_names()
+        model = run.load_model(path.stem) if own else load_model(path)
         size = image_size_of(model)
         info.update(model=model, image_size=size)
         if run is None:
@@ -250,6 +251,7 @@ def predict_files(
     if batch < 1:
         raise KDError(f"batch must be >= 1, got {batch}")
     files = list_images(inputs)
+    out = None if out is None else csv_target(out)  # decided before any prediction
     info = model_info(path)
     recipe, size = info["recipe"], info["image_size"]
     say = printer(quiet)
@@ -307,6 +309,22 @@ def _short_name(file: Path, inputs: list) -> str:
         if item.is_dir() and file.is_relative_to(item):
             return str(file.relative_to(item))
     return str(file)
+
+
+def csv_target(out: str | os.PathLike) -> Path:
+    """Where `--out` writes: the file it names, or `predictions.csv` inside it when it is a
+    folder (an existing one, or a path ending in '/'); its folder is created and proven
+    writable first."""
+    from kd_keras.errors import check_writable_dir
+
+    path = Path(out)
+    if path.is_dir() or str(out).endswith(("/", os.sep)):
+        path = path / "predictions.csv"
+    check_writable_dir(path.parent)
+    if path.is_dir():
+        raise KDError(f"--out {path} is a folder; name the CSV file to write (or a folder "
+                      "without a predictions.csv folder inside)")  # fmt: skip
+    return path
 
 
 def rows_csv(rows: list[dict[str, Any]]) -> str:

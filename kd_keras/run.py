@@ -12,6 +12,10 @@
         confusion_<model>.json / .png
         predictions_<model>.npz  per-image test probabilities, labels and decisions
         tensorboard/<stage>/   TensorBoard scalars (with `train.tensorboard = true`)
+        run_state.json         each stage's status, config fingerprint and its model file's
+                               sha256 (checked before any command uses the model)
+    runs/.<name>.before/       while a command that may replace results runs: the folder as it
+                               was (hard links), put back if no stage of the command finishes
 
     <export dir>/<name>/
         export.json, benchmark.json   exported files and their checks; measured latency
@@ -83,6 +87,20 @@ def stage_hash(cfg: Config, stage: str) -> str:
     return hashlib.sha256(text.encode()).hexdigest()[:16]
 
 
+def sha256_of(path: str | os.PathLike) -> str:
+    """The sha256 of a file, or of a folder's files (relative names and contents, in order)."""
+    path = Path(path)
+    digest = hashlib.sha256()
+    files = sorted(p for p in path.rglob("*") if p.is_file()) if path.is_dir() else [path]
+    for file in files:
+        if path.is_dir():
+            digest.update(file.relative_to(path).as_posix().encode() + b"\0")
+        with file.open("rb") as fh:
+            for block in iter(lambda: fh.read(1 << 20), b""):
+                digest.update(block)
+    return digest.hexdigest()
+
+
 REPORT_HTML_FILE = "report.html"
 TENSORBOARD_DIR = "tensorboard"
 EXPORT_FILE = "export.json"
@@ -114,6 +132,7 @@ class RunFolder:
 
     def __init__(self, path: str | os.PathLike):
         self.path = Path(path)
+        self.fresh = False  # set by `create`: the folder did not exist before
 
     # ------------------------------------------------------------ opening
 
@@ -146,6 +165,9 @@ class RunFolder:
             run._check_resumable(cfg)
         if check is not None:
             check(cfg)
+        run.fresh = not run.path.exists()
+        if mode != "resume" and not run.fresh:
+            run.snapshot()  # what a failure before the first finished stage restores
         if mode == "overwrite" and held:
             run._clear_for(cfg, stages or cfg.train.stages)
         run.path.mkdir(parents=True, exist_ok=True)
@@ -167,7 +189,8 @@ class RunFolder:
                 raise KDError(f"{path} is not a run folder (it has no {CONFIG_FILE})")
             return cls(path)
         root = Path(runs_dir)
-        runs = [p for p in root.iterdir() if (p / CONFIG_FILE).is_file()] if root.is_dir() else []
+        runs = [p for p in root.iterdir() if not p.name.startswith(".")
+                and (p / CONFIG_FILE).is_file()] if root.is_dir() else []  # fmt: skip
         if not runs:
             raise KDError(
                 f"no run found under {root}/ — train one with "
@@ -268,27 +291,70 @@ class RunFolder:
 
     def model_file(self, name: str) -> Path | None:
         """The saved model `name`; for the teacher, the configured `teacher.path` when the run
-        did not copy it. None when there is none."""
+        did not copy it: once a run records stage states, only a `.keras` file its teacher
+        stage is recorded as done from (with its sha256), never one the run refused. None when
+        there is none."""
         path = self.model_path(name)
         if path.is_file():
             return path
-        if name == "teacher" and self.cfg.teacher.path and Path(self.cfg.teacher.path).is_file():
-            return Path(self.cfg.teacher.path)
-        return None
+        source = self.cfg.teacher.path if name == "teacher" else None
+        if not source or not Path(source).is_file():
+            return None
+        if not self.state_path.is_file():  # written by hand or before run states: as it was
+            return Path(source)
+        entry = self.state()["stages"].get("teacher", {})
+        checked = entry.get("status") == "done" and entry.get("source") == source
+        return Path(source) if checked and entry.get("sha256") else None
 
     def models(self) -> dict[str, Path]:
         """Every model the run holds, in report order."""
         found = {name: self.model_file(name) for name in MODEL_STAGES}
         return {name: path for name, path in found.items() if path is not None}
 
+    def check_fingerprint(self, name: str, path: Path | None = None) -> None:
+        """Refuse model `name` when its file's sha256 differs from the one `run_state.json`
+        recorded at the end of its stage (a file replaced or edited since). Runs written before
+        fingerprints were recorded have none to compare."""
+        path = path or self.model_file(name)
+        recorded = self.state()["stages"].get(MODEL_STAGES[name], {}).get("sha256")
+        if path is None or not recorded:
+            return
+        if sha256_of(path) != recorded:
+            raise KDError(
+                f"{path} changed since stage {MODEL_STAGES[name]} saved it (its sha256 differs "
+                f"from the one in {self.state_path}); restore the run's own file, or retrain "
+                f"with `python cli.py distill --config {self.config_path} --overwrite`"
+            )
+
+    def check_fingerprints(self) -> None:
+        """`check_fingerprint` for every model the run holds."""
+        for name, path in self.models().items():
+            self.check_fingerprint(name, path)
+
     def load_model(self, name: str):
-        """The run's model `name` (None when absent). The run's own files load with Keras's
-        safe mode off: a teacher view around a user's SavedModel needs it (kd_keras wrote
-        the file; the SavedModel is the one the user named in `teacher.path`)."""
+        """The run's model `name` (None when absent), after its fingerprint check, in Keras's
+        safe mode. A teacher view around a SavedModel loads it only when the run recorded that
+        SavedModel (the config's own `teacher.path` or ensemble member) with the sha256 it
+        still has."""
         from kd_keras.models import load_model
 
         path = self.model_file(name)
-        return None if path is None else load_model(path, f"{name} model", safe_mode=False)
+        if path is None:
+            return None
+        self.check_fingerprint(name, path)
+        if name == "teacher":
+            self._trust_saved_models()
+        return load_model(path, f"{name} model")
+
+    def _trust_saved_models(self) -> None:
+        from kd_keras.teacher import trust_saved_model
+
+        tc = self.cfg.teacher
+        configured = {str(Path(p).resolve()) for p in [tc.path, *(tc.ensemble or [])] if p}
+        recorded = self.state()["stages"].get("teacher", {}).get("saved_models", {})
+        for path, sha in recorded.items():
+            if str(Path(path).resolve()) in configured:
+                trust_saved_model(path, sha)
 
     def arch(self, name: str) -> str:
         """The architecture of model `name` as reports, exports and benchmarks name it: the
@@ -317,6 +383,45 @@ class RunFolder:
         log = self.train_log()
         log[stage] = entry
         write_json(self.train_log_path, log)
+
+    # ------------------------------------------------------------ undo
+
+    @property
+    def snapshot_path(self) -> Path:
+        """Where `snapshot` keeps the folder as it was before this command changed it."""
+        return self.path.parent / f".{self.path.name}.before"
+
+    def snapshot(self) -> Path:
+        """Keep the folder's current files (hard links where the file system allows, else
+        copies): every file a run writes is replaced atomically, never changed in place, so
+        the links keep the old bytes while the run trains."""
+
+        def link(src, dst):
+            try:
+                os.link(src, dst)
+            except OSError:  # no hard links here (or across devices): copy
+                shutil.copy2(src, dst)
+            return dst
+
+        shutil.rmtree(self.snapshot_path, ignore_errors=True)
+        shutil.copytree(self.path, self.snapshot_path, symlinks=True, copy_function=link)
+        return self.snapshot_path
+
+    def undo(self) -> str | None:
+        """Put the folder back as it was before this command (its snapshot), or remove it when
+        the command created it; returns what was done, for the message (None: nothing)."""
+        if self.snapshot_path.is_dir():
+            shutil.rmtree(self.path, ignore_errors=True)
+            os.replace(self.snapshot_path, self.path)
+            return f"{self.path} is restored as it was"
+        if self.fresh:
+            shutil.rmtree(self.path, ignore_errors=True)
+            return f"no run folder is left ({self.path} removed)"
+        return None
+
+    def drop_snapshot(self) -> None:
+        """Forget the snapshot once a stage of this command finished (its results stand)."""
+        shutil.rmtree(self.snapshot_path, ignore_errors=True)
 
     # ------------------------------------------------------------ state
 
@@ -403,6 +508,7 @@ class RunFolder:
         if not self.state_path.is_file():
             return  # written before run states existed, or by hand: nothing to compare
         cfg = self.cfg
+        self.check_fingerprints()
         for model, stage in MODEL_STAGES.items():
             path = self.model_path(model)
             if not path.is_file():

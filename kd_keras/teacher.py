@@ -9,7 +9,11 @@ batch to every model's own input size, so teacher and student resolutions may di
 Sources (`teacher.path`):
 - a Keras 3 `.keras` file: functional, sequential or subclassed-with-config; its single output
   may be a tensor or a one-element list;
-- a TensorFlow SavedModel folder (through `keras.layers.TFSMLayer`);
+- a TensorFlow SavedModel folder (through `SavedModelTeacher`, a `keras.layers.TFSMLayer` that
+  loads only a SavedModel this process was told to trust, by its path and sha256: the
+  `teacher.path` of the config being distilled, or of the run folder that recorded its
+  fingerprint. A SavedModel is a TensorFlow graph that may run any TensorFlow op; a `.keras`
+  file alone can never make kd_keras load one);
 - a keras-hub image-classifier preset (`kaggle://...`, `hf://...`, or a local preset folder),
   which downloads on a machine with internet and fails fast without it.
 """
@@ -63,6 +67,82 @@ class SelectClasses(keras.layers.Layer):
 
     def get_config(self):
         return {**super().get_config(), "order": self.order}
+
+
+# SavedModel folders this process may load (resolved path -> sha256 of the folder's files)
+_TRUSTED_SAVED_MODELS: dict[str, str] = {}
+
+
+def trust_saved_model(path: str | Path, sha256: str) -> None:
+    """Allow `SavedModelTeacher` to load the SavedModel folder `path` while its files hash to
+    `sha256` (called for a `teacher.path` the user configured, or a run's recorded one)."""
+    _TRUSTED_SAVED_MODELS[str(Path(path).resolve())] = sha256
+
+
+@keras.saving.register_keras_serializable(package="kd_keras")
+class SavedModelTeacher(keras.layers.TFSMLayer):
+    """A TensorFlow SavedModel's serving signature as a layer with one output.
+
+    Unlike `TFSMLayer`, it is saved with the SavedModel's sha256 and loads in Keras's safe mode,
+    but only a SavedModel passed to `trust_saved_model` with that fingerprint; any other (a
+    `.keras` file from elsewhere naming some folder, or a SavedModel changed since the run
+    checked it) is refused with a `KDError`.
+
+    Args:
+        filepath: the SavedModel folder.
+        call_endpoint: the signature to call.
+        sha256: the folder's fingerprint (`kd_keras.run.sha256_of`); None computes it.
+        output: the key of the signature's output to return (None: its only output).
+
+    Example:
+        >>> trust_saved_model("teacher_sm", sha256_of("teacher_sm"))
+        >>> layer = SavedModelTeacher("teacher_sm")
+    """
+
+    def __init__(self, filepath: str, call_endpoint: str = "serving_default",
+                 sha256: str | None = None, output: str | None = None, **kwargs):  # fmt: skip
+        from kd_keras.run import sha256_of
+
+        kwargs.pop("call_training_endpoint", None)
+        path = str(Path(filepath).resolve())
+        trusted = _TRUSTED_SAVED_MODELS.get(path)
+        if trusted is None or (sha256 is not None and sha256 != trusted):
+            raise KDError(
+                f"refused to load the TensorFlow SavedModel {path} (a graph that may run any "
+                "TensorFlow op): kd_keras loads a SavedModel only as the teacher.path of the "
+                "config being distilled, or of the run folder that recorded its sha256; use the "
+                "model through that run folder, or distil again with teacher.path set to it"
+            )
+        if not Path(path).is_dir() or sha256_of(path) != trusted:
+            raise KDError(
+                f"the SavedModel {path} changed (or is gone) since it was checked (sha256 "
+                f"{trusted[:12]}...); restore it, or distil again with --overwrite"
+            )
+        super().__init__(path, call_endpoint=call_endpoint, **kwargs)
+        self.sha256 = trusted
+        self.output_key = output
+
+    def call(self, inputs, training=False):
+        out = super().call(inputs, training=False)
+        if isinstance(out, dict):
+            out = out[self.output_key] if self.output_key else next(iter(out.values()))
+        return out
+
+    def get_config(self):
+        config = {**super().get_config(), "sha256": self.sha256, "output": self.output_key}
+        config.pop("call_training_endpoint", None)
+        return config
+
+    @classmethod
+    def from_config(cls, config, custom_objects=None, safe_mode=None):
+        """Safe in safe mode: the constructor loads only a trusted, unchanged SavedModel."""
+        return cls(**config)
+
+
+def saved_models_in(model: keras.Model) -> dict[str, str]:
+    """The SavedModel folders inside `model` (a teacher view or an ensemble): path -> sha256."""
+    return {layer.filepath: layer.sha256 for layer in all_layers(model)
+            if isinstance(layer, SavedModelTeacher)}  # fmt: skip
 
 
 # ---------------------------------------------------------------- loading
@@ -125,7 +205,10 @@ def _load_preset(handle: str) -> keras.Model:
 
 
 def _load_saved_model(path: Path) -> keras.Model:
+    """The SavedModel the user configured (trusted at its current sha256) as a Keras model."""
     import tensorflow as tf
+
+    from kd_keras.run import sha256_of
 
     try:
         loaded = tf.saved_model.load(str(path))
@@ -138,15 +221,14 @@ def _load_saved_model(path: Path) -> keras.Model:
             f"teacher.path {path}: the serving signature must take one image batch "
             f"(batch, h, w, 3); it takes {[str(s.shape) for s in specs]}"
         )
-    layer = keras.layers.TFSMLayer(str(path), call_endpoint="serving_default", name="saved_model")
+    outputs = sorted(signature.structured_outputs) if isinstance(
+        signature.structured_outputs, dict) else [None]  # fmt: skip
+    if len(outputs) != 1:
+        raise KDError(f"teacher.path {path}: the signature has outputs {outputs}; one needed")
+    trust_saved_model(path, sha256_of(path))
+    layer = SavedModelTeacher(str(path), output=outputs[0], name="saved_model")
     inputs = keras.Input(tuple(specs[0].shape[1:]), name="images")
-    out = layer(inputs)
-    if isinstance(out, dict):
-        if len(out) != 1:
-            names = sorted(out)
-            raise KDError(f"teacher.path {path}: the signature has outputs {names}; one needed")
-        out = next(iter(out.values()))
-    return keras.Model(inputs, out, name=path.name)
+    return keras.Model(inputs, layer(inputs), name=path.name)
 
 
 # ---------------------------------------------------------------- the teacher's view

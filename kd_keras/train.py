@@ -41,7 +41,7 @@ from kd_keras.inference import keras_predictor, predict_probs
 from kd_keras.models import build_student, build_teacher, image_size_of, set_batchnorm_momentum
 from kd_keras.precision import choose_jit_compile, choose_policy, float32_copy, policy_scope
 from kd_keras.report import evaluate_and_report
-from kd_keras.run import STAGE_MODELS, RunFolder
+from kd_keras.run import STAGE_MODELS, RunFolder, sha256_of
 
 
 def save_model(model: keras.Model, path: Path) -> Path:
@@ -148,25 +148,62 @@ class SelectBest(keras.callbacks.Callback):
 
 class FiniteGuard(keras.callbacks.Callback):
     """Stops training at the first batch whose loss or loss term is not finite, naming the
-    stage, epoch and term; the last completed epoch's checkpoint is kept."""
+    stage, epoch, the terms and their values, and the likely cause: a term that is itself not
+    finite (the model's outputs overflowed: usually the learning rate), or finite terms whose
+    weighted sum is not (a loss weight too large); the last completed epoch's checkpoint is kept.
 
-    def __init__(self, stage: str):
+    Args:
+        stage: the stage's name, for the message.
+        weights: the config key and value weighting each term, e.g. `{"feat": ("distill.beta",
+            1e39)}`, to name the one that overflowed.
+        learning_rate: the stage's learning rate and the key that set it, for the message.
+    """
+
+    def __init__(self, stage: str, weights: dict[str, tuple[str, float]] | None = None,
+                 learning_rate: tuple[str, float] | None = None):  # fmt: skip
         super().__init__()
         self.stage = stage
+        self.weights = weights or {}
+        self.learning_rate = learning_rate
         self.epoch = 0
 
     def on_epoch_begin(self, epoch, logs=None):
         self.epoch = epoch
 
     def on_train_batch_end(self, batch, logs=None):
-        bad = sorted(k for k, v in (logs or {}).items() if not np.all(np.isfinite(np.asarray(v))))
+        values = {k: np.asarray(v) for k, v in (logs or {}).items()}
+        bad = sorted(k for k, v in values.items() if not np.all(np.isfinite(v)))
         if bad:
             raise KDError(
                 f"training diverged in stage {self.stage}, epoch {self.epoch + 1}, batch "
-                f"{batch + 1}: {', '.join(bad)} not finite. Nothing of this stage was saved "
-                "except its last completed epoch (checkpoints/); lower the stage's learning rate "
-                "and train again with --overwrite"
+                f"{batch + 1}: {', '.join(bad)} not finite ({self._values(values)}); "
+                f"{self._cause(values, bad)}. Nothing of this stage was saved except its last "
+                "completed epoch (checkpoints/); fix that and train again with --overwrite"
             )
+
+    @staticmethod
+    def _values(values: dict) -> str:
+        shown = [k for k in ("ce", "kd", "feat", "loss") if k in values] or sorted(values)
+        return ", ".join(f"{k} = {float(np.mean(values[k])):.4g}" for k in shown)
+
+    def _cause(self, values: dict, bad: list[str]) -> str:
+        terms = [k for k in ("ce", "kd", "feat") if k in values]
+        if terms and not set(terms) & set(bad):  # every term finite, their weighted sum not
+            weighted = [(k, *self.weights[k]) for k in terms if k in self.weights]
+            if weighted:
+                term, key, weight = max(weighted, key=lambda t: abs(t[2]) * abs(float(
+                    np.mean(values[t[0]]))))  # fmt: skip
+                return (f"every term is finite but the weighted loss overflowed: {key} = "
+                        f"{weight:g} times {term} = {float(np.mean(values[term])):.4g}; lower "
+                        f"{key}")  # fmt: skip
+            return "every term is finite but their weighted sum is not: lower the loss weights"
+        lr = f" (now {self.learning_rate[1]:g}, {self.learning_rate[0]})" if self.learning_rate \
+            else ""  # fmt: skip
+        overflowed = ", ".join(k for k in terms if k in bad) or ", ".join(bad)
+        return (
+            f"{overflowed} itself overflowed: the model's outputs grew without bound, "
+            f"usually a learning rate too high{lr}, or inputs that are not finite"
+        )
 
 
 class StageCheckpoint(keras.callbacks.Callback):
@@ -330,6 +367,7 @@ class StageResult:
     best_epoch: int
     best_score: float
     epochs: int
+    val_balanced_accuracy: float | None = None
     precision: str = "float32"
     jit_compile: str = ""
 
@@ -406,7 +444,9 @@ def fit_stage(
           f"{epochs} epochs, lr {learning_rate}, alpha {alpha}, beta {beta}{kd}")  # fmt: skip
     history = HistoryCSV(run.history_path(stage))
     checkpoint = StageCheckpoint(run.checkpoint_dir(stage), select, history)
-    callbacks = [FiniteGuard(stage), select, history]
+    term_weights = {"kd": ("1 - distill.alpha", 1.0 - alpha), "feat": ("distill.beta", beta)}
+    guard = FiniteGuard(stage, term_weights, (learning_rate_key(stage, cfg), learning_rate))
+    callbacks = [guard, select, history]
     callbacks += [tensorboard_callback(run.tensorboard_dir(stage))] if tc.tensorboard else []
     if tc.batchnorm_momentum > 0:
         set_batchnorm_momentum(classifier, tc.batchnorm_momentum)
@@ -421,8 +461,40 @@ def fit_stage(
         distribute.unsync_batch_norm(synced)
         if cache is not None and cache.storage == "disk":
             shutil.rmtree(run.teacher_cache_dir, ignore_errors=True)
+    best = [r for r in history.rows if r.get("epoch") == select.best_epoch + 1]
+    balanced = best[0].get("val_balanced_accuracy") if best else None
     return StageResult(checkpoint.seconds, select.best_epoch + 1, select.best_score, epochs,
-                       precision=policy, jit_compile=f"{jit} ({jit_reason})")  # fmt: skip
+                       balanced, precision=policy, jit_compile=f"{jit} ({jit_reason})")  # fmt: skip
+
+
+def learning_rate_key(stage: str, cfg: Config) -> str:
+    """The config key that set a stage's learning rate (its own, or `train.learning_rate`)."""
+    own = "teacher" if stage == "teacher" else "student"
+    return f"{own}.learning_rate" if getattr(cfg, own).learning_rate is not None else (
+        "train.learning_rate")  # fmt: skip
+
+
+def check_not_chance(stage: str, result: StageResult, cfg: Config, splits: Splits,
+                     learning_rate: float, force: bool) -> None:  # fmt: skip
+    """A trained stage whose best model is no better than chance on validation (balanced
+    accuracy <= 1/k + 0.05, the rule `kd_keras.teacher.check_teacher` applies to a user's
+    teacher) is a failed stage, not a result, unless `force`."""
+    value = result.val_balanced_accuracy
+    chance = 1.0 / splits.num_classes
+    if value is None or value > chance + 0.05:
+        return
+    line = (f"stage {stage} ended no better than chance on validation (balanced accuracy "
+            f"{value:.3f} at its best epoch {result.best_epoch}, chance {chance:.3f})")  # fmt: skip
+    if force:
+        print(f"warning: {line}; kept because of --force")
+        return
+    raise KDError(
+        f"{line}, so it is not saved as a result. Likely causes: the learning rate (now "
+        f"{learning_rate:g}, {learning_rate_key(stage, cfg)}; too high diverges, too low does "
+        f"not move), too few epochs, or data whose labels do not match its images "
+        f"({len(splits.train)} training images, {splits.num_classes} classes). Change it and "
+        "train again, or use --force to keep such a model"
+    )
 
 
 def _augments(cfg: Config) -> bool:
@@ -479,28 +551,71 @@ def run_distill(
     cfg = distribute.worker_config(cfg, worker)  # non-chief workers: a temporary folder
     loaded = {}
 
-    def check_data(resolved: Config) -> None:  # before the run folder is touched
+    def check_request(resolved: Config) -> None:  # before the run folder is touched
         loaded["splits"] = check_splits(load_splits(resolved.data, seed=resolved.run.seed),
                                         resolved)  # fmt: skip
+        check_stages(resolved, RunFolder(resolved.run_dir), stages, mode)
 
-    run = RunFolder.create(cfg, mode, stages, check=check_data)
+    run = RunFolder.create(cfg, mode, stages, check=check_request)
     cfg, splits = run.cfg, loaded["splits"]
-    current = {"stage": None}
+    current = {"stage": None, "finished": False}
     try:
         with worker.strategy.scope():  # teacher, student and optimizer built under it
             _run_stages(cfg, run, splits, stages, copy_teacher, force, current)
     except (KeyboardInterrupt, Interrupted):
         where = f" in stage {current['stage']}" if current["stage"] else ""
+        if mode == "overwrite" and not current["finished"]:
+            raise Interrupted(
+                f"interrupted{where} before any stage finished: {run.undo() or 'nothing changed'}"
+                "; run the --overwrite again to replace it"
+            ) from None
+        run.drop_snapshot()
         raise Interrupted(
             f"interrupted{where}; completed stages and the last completed epoch are kept in "
             f"{run.path}; continue with: python cli.py distill --config {run.config_path} "
             "--resume"
         ) from None
+    except BaseException as err:
+        if not current["finished"]:  # nothing of this command stands: leave nothing changed
+            undone = run.undo()
+            if undone and isinstance(err, KDError):
+                raise type(err)(f"{err}; as no stage of this command finished, {undone}") from err
+        raise
     finally:
         distribute.cleanup_worker(cfg, worker)
+    run.drop_snapshot()
     if not worker.is_chief:
         return {}  # the chief evaluates and writes the report
     return evaluate_and_report(run, splits=splits)
+
+
+def check_stages(cfg: Config, run: RunFolder, stages: list[str], mode: str) -> None:
+    """Refuse, before anything is written or removed, a request whose stages cannot run: a
+    `teacher.path` / `teacher.ensemble` entry that does not exist, or a distillation stage with
+    no teacher to learn from (none configured, none trained in this command, and none in the
+    folder that would survive the request)."""
+    from kd_keras.ensemble import member_source
+    from kd_keras.teacher import PRESET_PREFIXES
+
+    tc = cfg.teacher
+    if tc.from_user:
+        key = "teacher.path" if tc.path else "teacher.ensemble entry"
+        for source in [tc.path] if tc.path else tc.ensemble:
+            if not source.startswith(PRESET_PREFIXES) and not Path(source).exists():
+                raise KDError(f"{key} file not found: {source}")
+            member_source(source)  # a run folder must hold a teacher
+        return
+    if "distill" not in stages or "teacher" in stages:
+        return
+    teacher = run.model_path("teacher")
+    kept = teacher.is_file() and (mode != "overwrite" or run.stage_done("teacher", cfg))
+    if not kept:
+        why = (f"{teacher.name} in {run.path} was trained under another config and --overwrite "
+               "would remove it") if teacher.is_file() else f"none in {run.path}"  # fmt: skip
+        raise KDError(
+            f"stage distill needs a teacher: {why}, and teacher.path is not set; add the "
+            "teacher stage (--stages teacher,distill) or set teacher.path"
+        )
 
 
 def _run_stages(cfg, run: RunFolder, splits, stages, copy_teacher, force, current) -> None:
@@ -526,11 +641,18 @@ def _run_stages(cfg, run: RunFolder, splits, stages, copy_teacher, force, curren
         current["stage"] = stage
         run.set_stage(stage, "running", cfg)
         result = fit_stage(cfg, splits, stage, model, teacher, epochs, learning_rate, run, tap)
-        save_model(float32_copy(model, lambda: build("none")), run.model_path(STAGE_MODELS[stage]))
+        try:
+            check_not_chance(stage, result, cfg, splits, learning_rate, force)
+        except KDError:
+            run.drop_checkpoint(stage)  # resuming it would only end at chance again
+            raise
+        saved = save_model(float32_copy(model, lambda: build("none")),
+                           run.model_path(STAGE_MODELS[stage]))  # fmt: skip
         run.record_stage(stage, result.__dict__)
-        run.set_stage(stage, "done", cfg)
+        run.set_stage(stage, "done", cfg, sha256=sha256_of(saved))
         run.drop_checkpoint(stage)
-        current["stage"] = None
+        run.drop_snapshot()  # this stage's results replace the old ones
+        current["stage"], current["finished"] = None, True
 
     def saved_teacher():
         """The run's teacher, rebuilt in the training precision when it is ours."""
@@ -550,10 +672,17 @@ def _run_stages(cfg, run: RunFolder, splits, stages, copy_teacher, force, curren
 
         teacher, teacher_tap, described = prepare_teacher(cfg, splits, "distill" in stages, force)
         print(f"teacher: {described}")
+        from kd_keras.teacher import saved_models_in
+
+        source = cfg.teacher.path or cfg.teacher.ensemble
+        # the fingerprints later commands check: the run's copy (or, not copied, the user's
+        # .keras file itself) and every SavedModel inside the view
+        recorded = {"source": source, "saved_models": saved_models_in(teacher)}
         if copy_teacher:
-            save_model(teacher, teacher_file)
-            source = cfg.teacher.path or cfg.teacher.ensemble
-            run.set_stage("teacher", "done", cfg, source=source)
+            recorded["sha256"] = sha256_of(save_model(teacher, teacher_file))
+        elif cfg.teacher.path and Path(cfg.teacher.path).is_file():
+            recorded["sha256"] = sha256_of(cfg.teacher.path)
+        run.set_stage("teacher", "done", cfg, **recorded)
     elif "teacher" in stages and run.stage_done("teacher", cfg) and teacher_file.is_file():
         print(f"\n== stage teacher: finished earlier, kept ({teacher_file})")
         teacher = saved_teacher()

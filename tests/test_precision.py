@@ -74,7 +74,9 @@ def test_mixed_bfloat16_training_saves_float32_models(tmp_path, tiny_npz):
     sets = [f"data.path={tiny_npz}", f"run.output_dir={tmp_path}", "run.name=bf16",
             "eval.seed_subset=false", "teacher.variant=tiny", "student.variant=tiny",
             "train.epochs=1", "train.precision=mixed_bfloat16", "train.verbose=0"]  # fmt: skip
-    code, out, err = run_cli("distill", "--config", str(ROOT / "configs" / "xray.toml"),
+    # tiny_npz's pixels are noise: a model at chance is accepted (--force), as the test is about
+    # the precision, not the learning
+    code, out, err = run_cli("distill", "--config", str(ROOT / "configs" / "xray.toml"), "--force",
                              *[a for s in sets for a in ("--set", s)])  # fmt: skip
     assert code == 0, err[-2000:]
     assert "precision: mixed_bfloat16" in out

@@ -400,7 +400,8 @@ def test_tiny_distill_writes_tensorboard_scalars_and_report(tmp_path, real_npz):
             "data.image_size=32", "data.limit_train=96", "train.epochs=2", "teacher.epochs=1",
             "student.epochs=2", "teacher.variant=tiny", "student.variant=tiny",
             "train.tensorboard=true", "train.stages=[\"teacher\", \"distill\"]"]  # fmt: skip
-    code, out, err = run_cli("distill", "--config", str(ROOT / "configs" / "xray.toml"),
+    # one epoch on 96 images may end near chance: --force keeps it (the test is about the logs)
+    code, out, err = run_cli("distill", "--config", str(ROOT / "configs" / "xray.toml"), "--force",
                              *[a for s in sets for a in ("--set", s)])  # fmt: skip
     assert code == 0, err[-3000:]
     run = RunFolder(tmp_path / "tb")

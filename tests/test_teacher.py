@@ -107,7 +107,7 @@ def test_saved_model_teacher_distils_logits_only(tmp_path):
     expected = model(tf.image.resize(X, (40, 40), antialias=True))
     np.testing.assert_allclose(d._teacher_forward(X)["logits"], expected, atol=1e-5)
     wrapped.save(tmp_path / "view.keras")  # the run folder keeps this view as teacher.keras
-    again = models.load_model(tmp_path / "view.keras", safe_mode=False)
+    again = models.load_model(tmp_path / "view.keras")  # safe mode: the SavedModel is trusted
     x40 = tf.image.resize(X, (40, 40))
     np.testing.assert_allclose(again(x40), wrapped(x40), atol=1e-6)
 

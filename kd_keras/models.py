@@ -148,8 +148,9 @@ def _classifier(inputs, pooled, num_classes: int, name: str, dropout: float = 0.
     return keras.Model(inputs, logits, name=name)
 
 
-def _keras_application(app, arch, prep_mode, num_classes, image_size, weights):
-    _check_weights_path(weights, "teacher.weights")
+def _keras_application(app, arch, prep_mode, num_classes, image_size, weights,
+                       key="teacher.weights", dropout=0.2):  # fmt: skip
+    _check_weights_path(weights, key)
     inputs = keras.Input((image_size, image_size, 3), name="images")
     x = ImagePreprocessing(prep_mode, name="preprocessing")(inputs)
     if weights == "none":
@@ -158,9 +159,9 @@ def _keras_application(app, arch, prep_mode, num_classes, image_size, weights):
         try:
             base = app(include_top=False, weights=weights, input_tensor=x)
         except Exception as err:  # download and file errors surface as many types
-            raise _weights_failed(arch, weights, err, "teacher.weights") from err
+            raise _weights_failed(arch, weights, err, key) from err
     pooled = keras.layers.GlobalAveragePooling2D(name="avg_pool")(base.output)
-    return _classifier(inputs, pooled, num_classes, name=arch)
+    return _classifier(inputs, pooled, num_classes, name=arch, dropout=dropout)
 
 
 def _tiny_only_from_scratch(arch: str, weights: str, key: str) -> None:
@@ -271,6 +272,43 @@ def resnet18(
     _, top = taps(x)
     pooled = keras.layers.GlobalAveragePooling2D(name="avg_pool")(top)
     return _classifier(inputs, pooled, num_classes, name="resnet18", dropout=0.0)
+
+
+def _mobilenet_v3_small(alpha: float):
+    def app(include_top, weights, input_tensor):
+        # [-1, 1] scaling is our ImagePreprocessing layer, not the application's own
+        return keras.applications.MobileNetV3Small(
+            alpha=alpha, include_top=include_top, weights=weights, input_tensor=input_tensor,
+            include_preprocessing=False,
+        )  # fmt: skip
+
+    return app
+
+
+@_register(STUDENTS, "mobilenet_v3_small")
+def mobilenet_v3_small(
+    num_classes: int, image_size: int, weights: str = "none", tiny: bool = False, **_
+) -> keras.Model:
+    """MobileNetV3-Small (keras.applications, alpha 1.0, squeeze-excite and hard-swish: the
+    edge-sized student; 0.94 M parameters with a 2-class head, 1/25 of ResNet50).
+
+    The head is global pooling, dropout 0.2 and one Dense layer: the application's own
+    1024-wide last point-wise layer (0.59 M parameters) is left out. FLOPs at batch 1
+    (2 x multiply-accumulates of the FP32 ONNX graph, `kd_keras.compute.onnx_flops`): 3.7 M at
+    32 px, 118 M at 224 px (ResNet18: 71 M and 3.64 G). Feature tap: `expanded_conv_7_add`,
+    the output of the stride-16 stage (48 channels; 2x2 at 32 px, 4x4 at 64 px, like the
+    teachers' taps). Preprocessing: [-1, 1] (`"symmetric"`), as the ImageNet weights expect.
+    `weights = "imagenet"` loads keras.applications' weights (any square size >= 32 px; they
+    were trained at 224). Minimum image size 32 px: the stride-32 stage is 1x1 there (its
+    5x5 depth-wise convolutions then see one pixel; 64 px gives it 2x2). `tiny`: the same code
+    at alpha 0.25.
+    """
+    if tiny:
+        _tiny_only_from_scratch("mobilenet_v3_small", weights, "student.weights")
+    return _keras_application(
+        _mobilenet_v3_small(0.25 if tiny else 1.0), "mobilenet_v3_small", "symmetric",
+        num_classes, image_size, weights, key="student.weights",
+    )  # fmt: skip
 
 
 VIT_SMALL = dict(num_layers=12, num_heads=6, hidden_dim=384, mlp_dim=1536)
@@ -425,6 +463,7 @@ FEATURE_TAPS = (
     (r"conv4_block\d+_out", None, None),  # resnet50 (conv4_block6_out), stride 16
     (r"block5[a-z]+_.*", None, None),  # efficientnet_b3 stage 5 output (block5e_add), stride 16
     (r"resnet18_backbone", 0, None),  # resnet18 P4, stride 16
+    (r"expanded_conv_7_add", None, None),  # mobilenet_v3_small stride-16 stage output
     (r"vit_backbone", None, 1),  # vit_small: class token + patches
     (r"deit_backbone", None, 2),  # deit_small: class + distillation tokens + patches
 )

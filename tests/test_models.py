@@ -1,6 +1,8 @@
 """The model registry: every architecture builds, runs, taps its feature map and round-trips
 through `.keras`; real sizes are checked once per architecture."""
 
+from pathlib import Path
+
 import keras
 import numpy as np
 import pytest
@@ -17,6 +19,7 @@ ARCHS = [
     ("resnet50", 23.59, (2, 2, 1024), (2, 2, 128)),
     ("efficientnet_b3", 10.79, (2, 2, 136), (2, 2, 32)),
     ("resnet18", 11.19, (2, 2, 256), (2, 2, 64)),
+    ("mobilenet_v3_small", 0.94, (2, 2, 48), (2, 2, 16)),
     ("vit_small", 21.38, (4, 4, 384), (4, 4, 32)),
     ("deit_small", 21.38, (4, 4, 384), (4, 4, 32)),
 ]
@@ -25,7 +28,7 @@ IDS = [a[0] for a in ARCHS]
 
 def test_every_architecture_is_registered():
     assert list(models.TEACHERS) == ["resnet50", "efficientnet_b3"]
-    assert list(models.STUDENTS) == ["resnet18", "vit_small", "deit_small"]
+    assert list(models.STUDENTS) == ["resnet18", "mobilenet_v3_small", "vit_small", "deit_small"]
     assert sorted(IDS) == sorted([*models.TEACHERS, *models.STUDENTS])
 
 
@@ -62,10 +65,34 @@ def test_real_taps_are_the_documented_layers(real_zoo):
 
     assert tap("resnet50") == "conv4_block6_out"
     assert tap("efficientnet_b3") == "block5e_add"
+    assert tap("mobilenet_v3_small") == "expanded_conv_7_add"
     backbone = real_zoo("deit_small").get_layer("deit_backbone")
     assert (backbone.hidden_dim, backbone.num_layers, backbone.num_heads) == (384, 12, 6)
     assert backbone.intermediate_dim == 1536
     assert tuple(backbone.output.shape[1:]) == (2 + (SIZE // PATCH) ** 2, 384)
+
+
+def test_small_student_is_at_most_a_twentieth_of_the_teacher(real_zoo):
+    """Issue 22: the edge student has <= 1/20 of the default ResNet50 teacher's parameters."""
+    teacher = real_zoo("resnet50", 2).count_params()
+    small = real_zoo("mobilenet_v3_small", 2).count_params()
+    assert small <= teacher / 20, (small, teacher)
+    assert small == 940_274
+
+
+@pytest.mark.parametrize("arch", ["mobilenet_v3_small"])
+def test_no_stage_collapses_at_the_minimum_image_size(arch):
+    """At `MIN_IMAGE_SIZE` every feature map of the real model is at least 1x1 and the tap at
+    least 2x2; one pixel less is refused by the config with the minimum in the message."""
+    from kd_keras.config import MIN_IMAGE_SIZE, build_config
+
+    size = MIN_IMAGE_SIZE[arch]
+    model = models.build_student(arch, 2, size)
+    maps = [lay.output.shape for lay in model.layers if len(lay.output.shape) == 4]
+    assert maps and min(min(s[1], s[2]) for s in maps) == 1
+    assert tuple(models.feature_tensor(model).shape[1:3]) == (2, 2)
+    with pytest.raises(KDError, match=f"data.image_size = {size - 1} is too small.*{size}"):
+        build_config({"data": {"image_size": size - 1}, "student": {"arch": arch}}, Path("."))
 
 
 def test_preprocessing_is_inside_the_model():
@@ -91,6 +118,10 @@ def test_registry_errors_list_valid_names(tmp_path):
         models.load_model(bad)
     with pytest.raises(KDError, match='tiny resnet18 has no pretrained weights.*"none"'):
         models.build_student("resnet18", 2, 32, weights="imagenet", tiny=True)
+    with pytest.raises(KDError, match="tiny mobilenet_v3_small has no pretrained weights"):
+        models.build_student("mobilenet_v3_small", 2, 32, weights="imagenet", tiny=True)
+    with pytest.raises(KDError, match="student.weights file not found"):
+        models.build_student("mobilenet_v3_small", 2, 32, weights=str(tmp_path / "missing"))
 
 
 def test_internal_build_failures_are_not_reported_as_weight_problems(monkeypatch):
@@ -111,6 +142,10 @@ def test_imagenet_weights_offline_fail_fast_with_advice():
         models.build_teacher("resnet50", 2, 32, weights="imagenet")
     except KDError as err:
         assert "teacher.weights" in str(err) and "local file" in str(err)
+    try:
+        models.build_student("mobilenet_v3_small", 2, 32, weights="imagenet")
+    except KDError as err:
+        assert "student.weights" in str(err) and "mobilenet_v3_small" in str(err)
     # with internet the weights load and the model builds: nothing to assert offline
 
 

@@ -265,10 +265,14 @@ def verdict_markdown(rows: list[dict], heading: str = "##") -> str:
     and test differences of balanced accuracy and AUC, the test 95% CI and a verdict."""
     lines = [f"{heading} Verdict: each cell against the scratch student, paired by seed", "",
              *VERDICT_HEAD]  # fmt: skip
-    for row in rows:
-        if row.get("paired"):
-            lines += verdict_rows(row["name"], row["paired"])
-    return "\n".join(lines + ["", method_line()]) + "\n"
+    cells = [row for row in rows if row.get("paired")]
+    for row in cells:
+        lines += verdict_rows(row["name"], row["paired"])
+    chance = (f"{len(cells)} cells, each tested at 95%: about {len(cells) / 20:.1f} verdict(s) "
+              "other than 'cannot tell' per metric are expected by chance alone when no cell "
+              "differs from scratch; read the cells the ablation selects on "
+              "validation.")  # fmt: skip
+    return "\n".join(lines + ["", method_line(), "", chance]) + "\n"
 
 
 def _verdict_columns(row: dict) -> dict:

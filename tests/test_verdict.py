@@ -95,6 +95,14 @@ def test_bootstrap_interval_is_seeded_and_inside_the_observed_range():
     assert d.high == pytest.approx(ref.confidence_interval.high, abs=0.003)
 
 
+def test_public_api_names():
+    import kd_keras
+    from kd_keras.compare import compare_runs
+
+    assert kd_keras.paired_difference is paired_difference
+    assert kd_keras.compare_runs is compare_runs
+
+
 def test_bad_input_is_refused():
     with pytest.raises(ValueError, match="length"):
         paired_difference([0.9, 0.8], [0.9])

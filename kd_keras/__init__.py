@@ -37,6 +37,8 @@ _API = {
     "benchmark_run": "kd_keras.benchmark",
     "benchmark_fresh": "kd_keras.benchmark",
     "run_sweep": "kd_keras.sweep",
+    "paired_difference": "kd_keras.verdict",
+    "compare_runs": "kd_keras.compare",
     "load_predictor": "kd_keras.inference",
 }
 __all__ = sorted(_API)

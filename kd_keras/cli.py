@@ -1,5 +1,5 @@
 """kd_keras command line: `distill`, `evaluate`, `report`, `export`, `predict`, `benchmark`,
-`sweep`.
+`sweep`, `compare`.
 
 A thin shim over library functions (`python cli.py ...` or the `kd-keras` console script).
 A user mistake (`KDError`) prints one `error:` line and exits with status 2; anything else is
@@ -250,6 +250,43 @@ def sweep(
     root = Path(result["root"])
     typer.echo("\n" + (root / "results.md").read_text() + "\n" + (root / "ablation.md").read_text())
     typer.echo(f"sweep folder: {root}")
+
+
+@app.command()
+def compare(
+    runs: Annotated[list[Path], typer.Argument(help="Finished run folders (one per seed).")],
+    model: Annotated[
+        str, typer.Option(help="Model compared: student, student_scratch, teacher.")
+    ] = "student",
+    against: Annotated[
+        str, typer.Option(help="Baseline model (scratch = student_scratch).")
+    ] = "scratch",
+    baseline_run: Annotated[
+        list[Path] | None,
+        typer.Option(
+            "--baseline-run",
+            help="Take --against from these runs instead, paired by run.seed (repeatable).",
+        ),
+    ] = None,
+    out: Annotated[
+        Path | None, typer.Option("--out", help="Write <out>.md and <out>.json.")
+    ] = None,
+    bootstrap: Annotated[
+        int, typer.Option(help="Bootstrap resamples instead of the paired t interval (0: t).")
+    ] = 0,
+) -> None:
+    """Paired verdict over finished runs: mean, sample std, 95% CI and pays / hurts / cannot
+    tell, for validation and test balanced accuracy and AUC (reads report.json only)."""
+    from kd_keras.compare import compare_runs, comparison_markdown, write_comparison
+
+    if bootstrap < 0:
+        _fail(f"--bootstrap must be 0 (paired t) or a number of resamples, got {bootstrap}")
+    result = compare_runs(runs, model=model, against=against, baseline_runs=baseline_run,
+                          bootstrap=bootstrap)  # fmt: skip
+    typer.echo(comparison_markdown(result))
+    if out is not None:
+        md, js = write_comparison(result, out)
+        typer.echo(f"written: {md}, {js}")
 
 
 def main(argv: list[str] | None = None) -> None:

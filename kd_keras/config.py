@@ -85,7 +85,11 @@ class TeacherConfig:
 
 @dataclass
 class StudentConfig:
-    arch: str = _spec("resnet18", kind=str, choices=("resnet18", "vit_small", "deit_small"))
+    arch: str = _spec(
+        "resnet18",
+        kind=str,
+        choices=("resnet18", "mobilenet_v3_small", "resnet8x3", "vit_small", "deit_small"),
+    )
     weights: str = _spec("none", kind=str, path=True)
     variant: str = _spec("full", kind=str, choices=("full", "tiny"))
     patch_size: int = _spec(16, kind=int, lo=1)
@@ -194,7 +198,8 @@ STAGES = ("teacher", "distill", "scratch")
 SECTIONS: dict[str, type] = {f.name: f.default_factory for f in dataclasses.fields(Config)}
 
 # Smallest input each architecture accepts (its deepest feature map must stay at least 1x1).
-MIN_IMAGE_SIZE = {"resnet50": 32, "efficientnet_b3": 32, "resnet18": 32}
+MIN_IMAGE_SIZE = {"resnet50": 32, "efficientnet_b3": 32, "resnet18": 32,
+                  "mobilenet_v3_small": 32, "resnet8x3": 16}  # fmt: skip
 
 
 def _check_value(section: str, f: dataclasses.Field, value: Any) -> Any:

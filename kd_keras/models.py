@@ -150,8 +150,9 @@ def _classifier(inputs, pooled, num_classes: int, name: str, dropout: float = 0.
     return keras.Model(inputs, logits, name=name)
 
 
-def _keras_application(app, arch, prep_mode, num_classes, image_size, weights):
-    _check_weights_path(weights, "teacher.weights")
+def _keras_application(app, arch, prep_mode, num_classes, image_size, weights,
+                       key="teacher.weights", dropout=0.2):  # fmt: skip
+    _check_weights_path(weights, key)
     inputs = keras.Input((image_size, image_size, 3), name="images")
     x = ImagePreprocessing(prep_mode, name="preprocessing")(inputs)
     if weights == "none":
@@ -160,9 +161,9 @@ def _keras_application(app, arch, prep_mode, num_classes, image_size, weights):
         try:
             base = app(include_top=False, weights=weights, input_tensor=x)
         except Exception as err:  # download and file errors surface as many types
-            raise _weights_failed(arch, weights, err, "teacher.weights") from err
+            raise _weights_failed(arch, weights, err, key) from err
     pooled = keras.layers.GlobalAveragePooling2D(name="avg_pool")(base.output)
-    return _classifier(inputs, pooled, num_classes, name=arch)
+    return _classifier(inputs, pooled, num_classes, name=arch, dropout=dropout)
 
 
 def _tiny_only_from_scratch(arch: str, weights: str, key: str) -> None:
@@ -273,6 +274,109 @@ def resnet18(
     _, top = taps(x)
     pooled = keras.layers.GlobalAveragePooling2D(name="avg_pool")(top)
     return _classifier(inputs, pooled, num_classes, name="resnet18", dropout=0.0)
+
+
+def _mobilenet_v3_small(alpha: float):
+    def app(include_top, weights, input_tensor):
+        # [-1, 1] scaling is our ImagePreprocessing layer, not the application's own
+        return keras.applications.MobileNetV3Small(
+            alpha=alpha, include_top=include_top, weights=weights, input_tensor=input_tensor,
+            include_preprocessing=False,
+        )  # fmt: skip
+
+    return app
+
+
+@_register(STUDENTS, "mobilenet_v3_small")
+def mobilenet_v3_small(
+    num_classes: int, image_size: int, weights: str = "none", tiny: bool = False, **_
+) -> keras.Model:
+    """MobileNetV3-Small (keras.applications, alpha 1.0, squeeze-excite and hard-swish: the
+    edge-sized student; 0.94 M parameters with a 2-class head, 1/25 of ResNet50).
+
+    The head is global pooling, dropout 0.2 and one Dense layer: the application's own
+    1024-wide last point-wise layer (0.59 M parameters) is left out. FLOPs at batch 1
+    (2 x multiply-accumulates of the FP32 ONNX graph, `kd_keras.compute.onnx_flops`): 3.1 M at
+    32 px, 9.8 M at 64 px, 110 M at 224 px (ResNet18: 74 M, 296 M and 3.63 G). Feature tap:
+    `expanded_conv_7_add`, the output of the stride-16 stage (48 channels; 2x2 at 32 px, 4x4
+    at 64 px, like the teachers' taps). Preprocessing: [-1, 1] (`"symmetric"`), as the
+    ImageNet weights expect. `weights = "imagenet"` loads keras.applications' weights (any
+    square size >= 32 px; they were trained at 224). Minimum image size 32 px: the stride-32
+    stage is 1x1 there (its 5x5 depth-wise convolutions then see one pixel; 64 px gives it
+    2x2). `tiny`: the same code at alpha 0.25.
+    """
+    if tiny:
+        _tiny_only_from_scratch("mobilenet_v3_small", weights, "student.weights")
+    return _keras_application(
+        _mobilenet_v3_small(0.25 if tiny else 1.0), "mobilenet_v3_small", "symmetric",
+        num_classes, image_size, weights, key="student.weights",
+    )  # fmt: skip
+
+
+RESNET8X3 = dict(stem=32, widths=(48, 96, 192))
+RESNET8X3_TINY = dict(stem=8, widths=(8, 16, 32))
+
+
+def _basic_block(x, filters: int, stride: int, name: str):
+    """ResNet's basic block (two 3x3 convolutions, batch norm, identity or 1x1 projection)."""
+    layers = keras.layers
+    shortcut = x
+    if stride != 1 or x.shape[-1] != filters:
+        shortcut = layers.Conv2D(filters, 1, strides=stride, use_bias=False,
+                                 name=f"{name}_proj_conv")(x)  # fmt: skip
+        shortcut = layers.BatchNormalization(epsilon=1e-5, name=f"{name}_proj_bn")(shortcut)
+    y = layers.Conv2D(filters, 3, strides=stride, padding="same", use_bias=False,
+                      name=f"{name}_conv1")(x)  # fmt: skip
+    y = layers.BatchNormalization(epsilon=1e-5, name=f"{name}_bn1")(y)
+    y = layers.ReLU(name=f"{name}_relu1")(y)
+    y = layers.Conv2D(filters, 3, padding="same", use_bias=False, name=f"{name}_conv2")(y)
+    y = layers.BatchNormalization(epsilon=1e-5, name=f"{name}_bn2")(y)
+    y = layers.Add(name=f"{name}_add")([shortcut, y])
+    return layers.ReLU(name=f"{name}_out")(y)
+
+
+@_register(STUDENTS, "resnet8x3")
+def resnet8x3(
+    num_classes: int, image_size: int, weights: str = "none", tiny: bool = False, **_
+) -> keras.Model:
+    """A narrow ResNet for small images (plain Keras layers; 0.69 M parameters with a 2-class
+    head, 1/34 of ResNet50): the CIFAR ResNet8x4 of the distillation literature (CRD,
+    mdistiller) at 3/4 width, with a stride-2 stem.
+
+    A 3x3 stride-2 stem (32 channels), then one basic block per stage at 48, 96 and 192
+    channels, strides 1, 2, 2: at 32 px the stages see 16x16, 8x8 and 4x4 maps (the CIFAR
+    original's stride-1 stem would cost 4x the FLOPs for little at this data size); at 28 px
+    14, 7, 4. FLOPs at batch 1 (as `kd_keras.compute.onnx_flops` counts them): 52 M at 32 px,
+    2.5 G at 224 px — a student for 28-64 px images; for 224 px edge deployment use
+    mobilenet_v3_small. Feature tap: the last stage's output (`narrow_stage3_out`, stride 8,
+    192 channels, 4x4 at 32 px). Preprocessing: ImageNet mean/std. Minimum image size 16 px
+    (last stage 2x2). No pretrained weights exist: `student.weights` is "none" or a
+    `.weights.h5` file saved from this architecture. `tiny`: widths 8, 16, 32.
+    """
+    if tiny:
+        _tiny_only_from_scratch("resnet8x3", weights, "student.weights")
+    if weights == "imagenet":
+        raise KDError('resnet8x3 has no ImageNet weights: set student.weights = "none" (or a '
+                      '.weights.h5 file of this architecture)')  # fmt: skip
+    _check_weights_path(weights, "student.weights")
+    spec = RESNET8X3_TINY if tiny else RESNET8X3
+    layers = keras.layers
+    inputs = keras.Input((image_size, image_size, 3), name="images")
+    x = ImagePreprocessing("imagenet", name="preprocessing")(inputs)
+    x = layers.Conv2D(spec["stem"], 3, strides=2, padding="same", use_bias=False,
+                      name="stem_conv")(x)  # fmt: skip
+    x = layers.BatchNormalization(epsilon=1e-5, name="stem_bn")(x)
+    x = layers.ReLU(name="stem_relu")(x)
+    for i, (width, stride) in enumerate(zip(spec["widths"], (1, 2, 2)), start=1):
+        x = _basic_block(x, width, stride, name=f"narrow_stage{i}")
+    pooled = keras.layers.GlobalAveragePooling2D(name="avg_pool")(x)
+    model = _classifier(inputs, pooled, num_classes, name="resnet8x3", dropout=0.0)
+    if weights != "none":
+        try:
+            model.load_weights(weights)
+        except (ValueError, OSError, KeyError) as err:
+            raise _weights_failed("resnet8x3", weights, err, "student.weights") from err
+    return model
 
 
 VIT_SMALL = dict(num_layers=12, num_heads=6, hidden_dim=384, mlp_dim=1536)
@@ -452,6 +556,8 @@ FEATURE_TAPS = (
     (r"conv4_block\d+_out", None, None),  # resnet50 (conv4_block6_out), stride 16
     (r"block5[a-z]+_.*", None, None),  # efficientnet_b3 stage 5 output (block5e_add), stride 16
     (r"resnet18_backbone", 0, None),  # resnet18 P4, stride 16
+    (r"expanded_conv_7_add", None, None),  # mobilenet_v3_small stride-16 stage output
+    (r"narrow_stage3_out", None, None),  # resnet8x3 last stage, stride 8
     (r"vit_backbone", None, 1),  # vit_small: class token + patches
     (r"deit_backbone", None, 2),  # deit_small: class + distillation tokens + patches
 )

@@ -9,7 +9,9 @@ Layout under `<output_dir>/<name>_sweep/`:
     scratch/seed<k>/         the student without distillation, one per seed
     cells/<cell>/seed<k>/    one distilled student per grid cell and seed
     runs.csv                 one flat row per trained run (cell, seed, metrics)
-    results.csv, results.md  mean +- sample std (ddof = 1) over seeds per cell
+    results.csv, results.md  mean +- sample std (ddof = 1) over seeds per cell, and per cell the
+                             paired difference to scratch with its 95% CI and verdict
+                             (kd_keras.verdict: paired t over seeds)
     results.html             the same with the heatmaps, the ablation and every seed's value
     heatmap.png              balanced accuracy over temperature x alpha (validation | test)
     ablation.md              seed 002's comparison, every row selected on validation
@@ -31,6 +33,15 @@ import pandas as pd
 from kd_keras.config import Config, build_config, parse_override, toml_value
 from kd_keras.errors import KDError, atomic_write, write_text
 from kd_keras.run import RunFolder
+from kd_keras.verdict import (
+    VERDICT_HEAD,
+    VERDICT_METRICS,
+    difference_text,
+    interval_text,
+    method_line,
+    paired_difference,
+    verdict_rows,
+)
 
 METRICS = (
     ("val_bal_acc", "val", "balanced_accuracy"),
@@ -176,6 +187,8 @@ def run_sweep(
 
 
 LABELS = [m[0] for m in METRICS] + ["subset_minority_recall"]
+# compared per cell against scratch by `add_verdicts` (not summarised per cell)
+PAIRED = tuple(key for _, val, test in VERDICT_METRICS for key in (val, test))
 
 
 def run_row(name: str, setting: dict, seed: int, report: dict, model: str) -> dict:
@@ -183,6 +196,7 @@ def run_row(name: str, setting: dict, seed: int, report: dict, model: str) -> di
     row = {"name": name, **setting, "seed": seed}
     for label, split, metric in METRICS:
         row[label] = _value(report, model, split, metric)
+    row["val_auc"] = _value(report, model, "val", "roc_auc")
     minority = report.get("subset", {}).get("minority_class")
     row["subset_minority_recall"] = None
     if minority is not None and model in report["models"]:
@@ -208,7 +222,7 @@ def summarize(runs: list[dict]) -> list[dict]:
         row.update({lab: (float(means.at[name, lab]), float(stds.at[name, lab]))
                     for lab in LABELS})  # fmt: skip
         rows.append(row)
-    return add_paired_gain(rows, runs)
+    return add_verdicts(add_paired_gain(rows, runs), runs)
 
 
 def add_paired_gain(rows: list[dict], runs: list[dict], metric: str = "test_bal_acc") -> list[dict]:
@@ -225,6 +239,53 @@ def add_paired_gain(rows: list[dict], runs: list[dict], metric: str = "test_bal_
             if diffs else (np.nan, np.nan)
         )  # fmt: skip
     return rows
+
+
+def add_verdicts(rows: list[dict], runs: list[dict], confidence: float = 0.95) -> list[dict]:
+    """Give each grid cell `paired`: {metric: `PairedDifference` of the cell against the
+    scratch student, paired by seed} for the validation and test balanced accuracy and AUC
+    (seeds where either value is missing are left out). Baselines get an empty dict."""
+    scratch = {key: {r["seed"]: r.get(key) for r in runs if r["name"] == "student_scratch"}
+               for key in PAIRED}  # fmt: skip
+    for row in rows:
+        row["paired"] = {}
+        if not row["setting"]:
+            continue
+        for key in PAIRED:
+            pairs = [(r[key], scratch[key][r["seed"]]) for r in runs
+                     if r["name"] == row["name"] and r.get(key) is not None
+                     and scratch[key].get(r["seed"]) is not None]  # fmt: skip
+            row["paired"][key] = paired_difference([a for a, _ in pairs], [b for _, b in pairs],
+                                                   confidence)  # fmt: skip
+    return rows
+
+
+def verdict_markdown(rows: list[dict], heading: str = "##") -> str:
+    """The verdict section: per grid cell against scratch (paired by seed), the validation
+    and test differences of balanced accuracy and AUC, the test 95% CI and a verdict."""
+    lines = [f"{heading} Verdict: each cell against the scratch student, paired by seed", "",
+             *VERDICT_HEAD]  # fmt: skip
+    cells = [row for row in rows if row.get("paired")]
+    for row in cells:
+        lines += verdict_rows(row["name"], row["paired"])
+    chance = (f"{len(cells)} cells, each tested at 95%: about {len(cells) / 20:.1f} verdict(s) "
+              "other than 'cannot tell' per metric are expected by chance alone when no cell "
+              "differs from scratch; read the cells the ablation selects on "
+              "validation.")  # fmt: skip
+    return "\n".join(lines + ["", method_line(), "", chance]) + "\n"
+
+
+def _verdict_columns(row: dict) -> dict:
+    """results.csv columns of a cell's paired comparisons with scratch (empty for baselines)."""
+    out = {}
+    for key in PAIRED:
+        d = row.get("paired", {}).get(key)
+        for stat in ("n", "mean", "std", "low", "high"):
+            out[f"{key}_diff_{stat}"] = getattr(d, stat) if d is not None else np.nan
+        if key.startswith("test_"):
+            out[f"{key}_verdict"] = d.verdict if d is not None else ""
+            out[f"{key}_seeds_needed"] = d.seeds_needed if d is not None else None
+    return out
 
 
 def validation_test_rank_correlation(rows: list[dict]) -> tuple[float, int]:
@@ -257,7 +318,7 @@ def write_results(
     table = pd.DataFrame(
         [{"name": r["name"], **{k: r["setting"].get(k, "") for k in keys}, "seeds": r["seeds"],
           **{f"{lab}_{stat}": r[lab][i] for lab in (*LABELS, "gain")
-             for i, stat in enumerate(("mean", "std"))}} for r in rows]
+             for i, stat in enumerate(("mean", "std"))}, **_verdict_columns(r)} for r in rows]
     )  # fmt: skip
     write_text(root / "results.csv", table.to_csv(index=False, float_format="%.4f"))
 
@@ -267,7 +328,7 @@ def write_results(
     lines += [f"| {r['name']} | {r['seeds']} | " + " | ".join(_fmt(r[lab]) for lab in LABELS)
               + f" | {_fmt(r['gain'], signed=True) if r['setting'] else '—'} |"
               for r in rows]  # fmt: skip
-    lines += ["", rank_correlation_line(rows)]
+    lines += ["", rank_correlation_line(rows), "", verdict_markdown(rows).rstrip("\n")]
     write_text(root / "results.md", "\n".join(lines) + "\n")
     ablation = ablation_markdown(rows, base)
     write_text(root / "ablation.md", ablation)
@@ -315,16 +376,32 @@ def ablation_markdown(rows: list[dict], base: Config) -> str:
     ]  # fmt: skip
     lines = ["# Ablation (each KD row: the cell with the best validation balanced accuracy)", "",
              "| variant | selected cell | val bal. acc. | test bal. acc. | test acc. | test AUC "
-             "| test bal. acc. − scratch, paired by seed |",
-             "|---|---|---|---|---|---|---|"]  # fmt: skip
+             "| test bal. acc. − scratch, paired by seed | its 95% CI | verdict "
+             "| test AUC − scratch, paired | its 95% CI | verdict |",
+             "|---|---|---|---|---|---|---|---|---|---|---|---|"]  # fmt: skip
     for label, row in entries:
         if row is None:
             continue
         gain = _fmt(row["gain"], signed=True) if row["setting"] else "—"
+        paired = row.get("paired", {})
+        bal, auc = paired.get("test_bal_acc"), paired.get("test_auc")
         lines.append(f"| {label} | {row['name']} | {_fmt(row['val_bal_acc'])} | "
                      f"{_fmt(row['test_bal_acc'])} | {_fmt(row['test_acc'])} | "
-                     f"{_fmt(row['test_auc'])} | {gain} |")  # fmt: skip
-    return "\n".join(lines + ["", rank_correlation_line(rows)]) + "\n"
+                     f"{_fmt(row['test_auc'])} | {gain} | {_verdict_cells(bal)} | "
+                     f"{_verdict_cells(auc, with_difference=True)} |")  # fmt: skip
+    note = method_line(unit="fractions, as the rest of this table")
+    return "\n".join(lines + ["", rank_correlation_line(rows), "", note]) + "\n"
+
+
+def _verdict_cells(d, with_difference: bool = False) -> str:
+    """Ablation cells of one paired comparison, as fractions like the rest of its table: (the
+    difference,) its 95% CI and the verdict; dashes for the baselines, which have none."""
+    unit = dict(scale=1.0, digits=3)
+    none = d is None or d.n == 0
+    cells = ["—", "—"] if none else [interval_text(d, **unit), d.verdict_line()]
+    if with_difference:
+        cells.insert(0, "—" if none else difference_text(d, **unit))
+    return " | ".join(cells)
 
 
 def rank_correlation_line(rows: list[dict]) -> str:

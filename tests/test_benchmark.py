@@ -201,3 +201,22 @@ def test_providers():
     assert providers("auto")[-1] == "CPUExecutionProvider"
     with pytest.raises(KDError, match="provider cuda: ONNX Runtime .* onnxruntime-gpu"):
         providers("cuda")
+
+
+@pytest.mark.parametrize(
+    "arch, flops", [("mobilenet_v3_small", 3_141_760), ("resnet8x3", 51_954_432)]
+)
+def test_small_students_flops_and_rebuild_at_deployment_size(tmp_path, tiny_npz, arch, flops):
+    """The FLOPs the registry documents (real size, 32 px), and a trained small student is
+    rebuilt at 224 px with its own weights for the deployment-size benchmark rows."""
+    from kd_keras.compute import onnx_flops
+    from kd_keras.export import to_onnx
+
+    to_onnx(build_student(arch, 2, 32), tmp_path / "real.onnx")
+    assert onnx_flops(tmp_path / "real.onnx") == {"flops": flops, "uncounted": 0}
+    run = RunFolder(make_run(tmp_path / "r", tiny_npz, {}, student=arch))
+    tiny = build_student(arch, 2, 32, tiny=True)
+    model, note = rebuild_at_size(run, "student", tiny, 224, 2)
+    assert image_size_of(model) == 224 and "with the trained weights" in note
+    assert all(np.array_equal(a, b) for a, b in zip(tiny.get_weights(), model.get_weights(),
+                                                   strict=True))  # fmt: skip

@@ -94,6 +94,43 @@ def test_vit_student_exports_gelu_and_quantizes_dynamically(tmp_path, real_npz):
     assert result["skipped"] == {}
 
 
+def _with_batch_statistics(model, images):
+    """`model` with its batch norms' moving statistics set from `images`: untrained, their
+    moving variance of 1 shrinks MobileNetV3's signal to ~1e-8 by the logits, where any
+    parity check passes; one training-mode pass at momentum 0 makes the logits O(1)."""
+    from kd_keras.models import set_batchnorm_momentum
+
+    set_batchnorm_momentum(model, 0.0)
+    model(images, training=True)
+    set_batchnorm_momentum(model, 0.9)
+    return model
+
+
+@pytest.mark.parametrize("arch", ["mobilenet_v3_small", "resnet8x3"])
+def test_small_student_exports_onnx_tflite_and_int8(tmp_path, real_npz, arch):
+    """The small students (MobileNetV3: squeeze-excite, hard-swish; the narrow ResNet): FP32
+    parity on ONNX and TFLite, static INT8 ONNX and full-integer TFLite that still agree with
+    Keras."""
+    keras.utils.set_random_seed(0)
+    images = np.random.default_rng(0).uniform(0, 255, (64, 32, 32, 3)).astype("float32")
+    student = _with_batch_statistics(build_student(arch, 2, 32, tiny=True), images)
+    logits = student.predict(images, verbose=0)
+    assert np.abs(logits).max() > 0.05, "a parity check on near-zero logits would prove nothing"
+    run = make_run(tmp_path / "edge", real_npz, {"student": student}, student=arch)
+    result = export_run(run, tmp_path / "export", models=["student"], fmt="onnx,tflite",
+                        int8=True, limit=64, quiet=True)  # fmt: skip
+    arts = result["artefacts"]
+    for key in ("student", "student.tflite"):
+        parity = arts[key]["parity"]
+        assert parity["status"] == "PASS" and parity["max_abs_diff"] <= 1e-4, (key, parity)
+    assert arts["student.int8"]["quantization"]["method"] == "static"
+    for key in ("student.int8", "student.int8.tflite"):
+        assert arts[key]["vs_keras"]["argmax_agreement"] > 0.5, (key, arts[key]["vs_keras"])
+    out = tmp_path / "export" / "edge"
+    np.testing.assert_allclose(run_onnx(out / "student.onnx", images[:8])["logits"], logits[:8],
+                               atol=1e-4)  # fmt: skip
+
+
 @pytest.mark.parametrize("fmt, what", [("onnx", "ONNX"), ("tflite", "TFLite")])
 def test_parity_failure_deletes_the_file_and_raises(tmp_path, real_npz, monkeypatch, fmt, what):
     run = make_run(tmp_path / "bad", real_npz, {"student": tiny_classifier()})

@@ -1,6 +1,8 @@
 """The model registry: every architecture builds, runs, taps its feature map and round-trips
 through `.keras`; real sizes are checked once per architecture."""
 
+from pathlib import Path
+
 import keras
 import numpy as np
 import pytest
@@ -17,6 +19,8 @@ ARCHS = [
     ("resnet50", 23.59, (2, 2, 1024), (2, 2, 128)),
     ("efficientnet_b3", 10.79, (2, 2, 136), (2, 2, 32)),
     ("resnet18", 11.19, (2, 2, 256), (2, 2, 64)),
+    ("mobilenet_v3_small", 0.94, (2, 2, 48), (2, 2, 16)),
+    ("resnet8x3", 0.69, (4, 4, 192), (4, 4, 32)),
     ("vit_small", 21.38, (4, 4, 384), (4, 4, 32)),
     ("deit_small", 21.38, (4, 4, 384), (4, 4, 32)),
 ]
@@ -25,7 +29,9 @@ IDS = [a[0] for a in ARCHS]
 
 def test_every_architecture_is_registered():
     assert list(models.TEACHERS) == ["resnet50", "efficientnet_b3"]
-    assert list(models.STUDENTS) == ["resnet18", "vit_small", "deit_small"]
+    assert list(models.STUDENTS) == [
+        "resnet18", "mobilenet_v3_small", "resnet8x3", "vit_small", "deit_small",
+    ]  # fmt: skip
     assert sorted(IDS) == sorted([*models.TEACHERS, *models.STUDENTS])
 
 
@@ -62,10 +68,35 @@ def test_real_taps_are_the_documented_layers(real_zoo):
 
     assert tap("resnet50") == "conv4_block6_out"
     assert tap("efficientnet_b3") == "block5e_add"
+    assert tap("mobilenet_v3_small") == "expanded_conv_7_add"
+    assert tap("resnet8x3") == "narrow_stage3_out"
     backbone = real_zoo("deit_small").get_layer("deit_backbone")
     assert (backbone.hidden_dim, backbone.num_layers, backbone.num_heads) == (384, 12, 6)
     assert backbone.intermediate_dim == 1536
     assert tuple(backbone.output.shape[1:]) == (2 + (SIZE // PATCH) ** 2, 384)
+
+
+def test_small_student_is_at_most_a_twentieth_of_the_teacher(real_zoo):
+    """Issue 22: the edge student has <= 1/20 of the default ResNet50 teacher's parameters."""
+    teacher = real_zoo("resnet50", 2).count_params()
+    small = {arch: real_zoo(arch, 2).count_params() for arch in ("mobilenet_v3_small", "resnet8x3")}
+    assert all(n <= teacher / 20 for n in small.values()), (small, teacher)
+    assert small == {"mobilenet_v3_small": 940_274, "resnet8x3": 686_626}
+
+
+@pytest.mark.parametrize("arch, last_map", [("mobilenet_v3_small", 1), ("resnet8x3", 2)])
+def test_no_stage_collapses_at_the_minimum_image_size(arch, last_map):
+    """At `MIN_IMAGE_SIZE` every feature map of the real model is at least `last_map` wide and
+    the tap at least 2x2; one pixel less is refused by the config."""
+    from kd_keras.config import MIN_IMAGE_SIZE, build_config
+
+    size = MIN_IMAGE_SIZE[arch]
+    model = models.build_student(arch, 2, size)
+    maps = [lay.output.shape for lay in model.layers if len(lay.output.shape) == 4]
+    assert maps and min(min(s[1], s[2]) for s in maps) == last_map
+    assert tuple(models.feature_tensor(model).shape[1:3]) == (2, 2)
+    with pytest.raises(KDError, match=f"data.image_size = {size - 1} is too small"):
+        build_config({"data": {"image_size": size - 1}, "student": {"arch": arch}}, Path("."))
 
 
 def test_preprocessing_is_inside_the_model():
@@ -91,6 +122,12 @@ def test_registry_errors_list_valid_names(tmp_path):
         models.load_model(bad)
     with pytest.raises(KDError, match='tiny resnet18 has no pretrained weights.*"none"'):
         models.build_student("resnet18", 2, 32, weights="imagenet", tiny=True)
+    with pytest.raises(KDError, match="tiny mobilenet_v3_small has no pretrained weights"):
+        models.build_student("mobilenet_v3_small", 2, 32, weights="imagenet", tiny=True)
+    with pytest.raises(KDError, match="student.weights file not found"):
+        models.build_student("mobilenet_v3_small", 2, 32, weights=str(tmp_path / "missing"))
+    with pytest.raises(KDError, match='resnet8x3 has no ImageNet weights.*"none"'):
+        models.build_student("resnet8x3", 2, 32, weights="imagenet")
 
 
 def test_internal_build_failures_are_not_reported_as_weight_problems(monkeypatch):
@@ -114,6 +151,12 @@ def test_imagenet_weights_offline_fail_fast_with_advice():
     else:  # with internet: the pretrained backbone under a fresh 2-class head
         assert model.output_shape == (None, 2)
         assert np.isfinite(np.asarray(model(X[:1, :32, :32]))).all()
+    try:
+        model = models.build_student("mobilenet_v3_small", 2, 32, weights="imagenet")
+    except KDError as err:
+        assert "student.weights" in str(err) and "mobilenet_v3_small" in str(err)
+    else:  # with internet: the pretrained backbone under a fresh 2-class head
+        assert model.output_shape == (None, 2)
 
 
 def test_batchnorm_momentum_reaches_nested_layers_and_is_saved(tmp_path):

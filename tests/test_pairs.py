@@ -24,10 +24,13 @@ X = RNG.uniform(0, 255, (4, SIZE, SIZE, 3)).astype("float32")
 Y = np.array([0, 1, 2, 1])
 
 TEACHERS = ["resnet50", "efficientnet_b3"]
-STUDENTS = ["resnet18", "vit_small", "deit_small"]
-# tiny variants' taps at 32 px: teachers stride 16 (2x2); resnet18 P4 2x2; token grids 4x4
+STUDENTS = ["resnet18", "mobilenet_v3_small", "resnet8x3", "vit_small", "deit_small"]
+# tiny variants' taps at 32 px: teachers stride 16 (2x2); resnet18 P4 and mobilenet_v3_small's
+# stride-16 stage 2x2; resnet8x3's last stage (stride 8) and token grids 4x4
 TEACHER_FEATURES = {"resnet50": (2, 2, 128), "efficientnet_b3": (2, 2, 32)}
-STUDENT_FEATURES = {"resnet18": (2, 2, 64), "vit_small": (4, 4, 32), "deit_small": (4, 4, 32)}
+STUDENT_FEATURES = {"resnet18": (2, 2, 64), "mobilenet_v3_small": (2, 2, 16),
+                    "resnet8x3": (4, 4, 32), "vit_small": (4, 4, 32),
+                    "deit_small": (4, 4, 32)}  # fmt: skip
 
 
 @pytest.fixture(scope="module")

@@ -26,6 +26,7 @@ import pandas as pd
 
 from kd_keras.errors import KDError, read_json, write_text
 from kd_keras.evaluate import Predictions, evaluate_run, load_predictions, report_markdown
+from kd_keras.host import host_line
 from kd_keras.run import MODEL_STAGES, RunFolder
 
 MAX_MISTAKES = 24  # per model, the most confident ones first
@@ -363,11 +364,12 @@ def run_report_html(run: RunFolder, export_dir: str | os.PathLike | None = None)
         f"images at {report.get('image_size', run.cfg.data.image_size)} px; decision rule: "
         f"{report.get('decision_rule', '?')}. Written {time.strftime('%Y-%m-%d %H:%M')}."
     )
-    trained_on = run.train_log().get("host")
-    if trained_on:
-        from kd_keras.host import host_line
-
-        subtitle += f" Trained on {host_line(trained_on)}."
+    hosts = {}  # a resumed run may have trained its stages on different machines
+    for stage, entry in run.train_log().items():
+        if isinstance(entry, dict) and isinstance(entry.get("host"), dict):
+            hosts.setdefault(host_line(entry["host"]), []).append(stage)
+    for line, stages in hosts.items():
+        subtitle += f" Stage {', '.join(stages)} trained on {line}."
     sections = [
         ("summary", "Results", _summary_section(report)),
         ("training", "Training curves", _training_section(run)),

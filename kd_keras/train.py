@@ -625,7 +625,6 @@ def _run_stages(cfg, run: RunFolder, splits, stages, copy_teacher, force, curren
 
     info = describe_host(tf_matmul_peak(seconds=0.5))
     print(f"host: {host_line(info)}")
-    run.record_stage("host", info)
     policy, reason = choose_policy(tc.precision)
     print(f"precision: {policy} ({reason}); saved models float32")
 
@@ -648,7 +647,7 @@ def _run_stages(cfg, run: RunFolder, splits, stages, copy_teacher, force, curren
             raise
         saved = save_model(float32_copy(model, lambda: build("none")),
                            run.model_path(STAGE_MODELS[stage]))  # fmt: skip
-        run.record_stage(stage, result.__dict__)
+        run.record_stage(stage, {**result.__dict__, "host": info})
         run.set_stage(stage, "done", cfg, sha256=sha256_of(saved))
         run.drop_checkpoint(stage)
         run.drop_snapshot()  # this stage's results replace the old ones

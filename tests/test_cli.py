@@ -44,6 +44,17 @@ def test_distill_end_to_end_then_evaluate_and_export(real_npz, tmp_path, monkeyp
     assert "| student |" in out and "recall normal" in out
     assert "kd:" in out and "feat:" in out  # per-term metrics reported
     assert "soft KD at T 4.0" in out
+    # the run says what ran: the host per stage, with oneDNN on (any x86 host), and why
+    from kd_keras.host import isa_level
+
+    assert out.count("host: ") == 1 and "oneDNN on" in out and "precision: float32" in out
+    log = json.loads((run / "train_log.json").read_text())
+    for stage in ("teacher", "distill", "scratch"):
+        host = log[stage]["host"]
+        assert host["isa_level"] == isa_level() and host["onednn"] is True
+        assert host["fp32_peak_gflops"] > 0 and host["threads"] >= 1
+        assert log[stage]["jit_compile"].startswith("False (auto:")
+    assert "trained on" in (run / "report.html").read_text()
 
     code, out, err = run_cli("evaluate", "--run", str(run))
     assert code == 0, err[-3000:]

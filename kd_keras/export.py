@@ -14,7 +14,13 @@ One call, `export_run`, turns a run folder into deployable files under `export/<
   slower than FP32 here). Attention-dominated graphs (ViT, DeiT) get dynamic quantization of their
   MatMul/Gemm weights (about 2x faster than FP32 on ViT-small; no calibration). The choice is read
   from the ONNX graph itself (`quantization_method`), not from model names, so a new architecture
-  needs no list to be updated.
+  needs no list to be updated. Weights are 7-bit (`reduce_range`, `INT8_RECIPE`): a file is
+  exported once and run on CPUs nobody knows in advance, and without VNNI (AVX2, AVX-512
+  without VNNI) ONNX Runtime's U8S8 kernels sum pairs of products in 16 bits, which 8-bit
+  weights can saturate (measured on an AVX2 host: student argmax agreement 93.3% instead of
+  99.7%). The metadata (`int8_recipe`, `int8_checked_on`) and export.json record the recipe
+  and the CPU and ISA level its rows were measured on; on a CPU without VNNI the export says
+  INT8 is not expected to be faster than FP32 there.
 - `<model>.tflite`, `<model>.int8.tflite` (format `tflite`): see `kd_keras.tflite` (same
   interface, metadata, parity check and INT8 threshold rule).
 - `export.json`: per file, the parity check and the test-split metrics.
@@ -131,11 +137,14 @@ def _frozen_heap():
     import gc
 
     gc.collect()
-    gc.freeze()
+    mine = gc.get_freeze_count() == 0  # never unfreeze what the caller froze
+    if mine:
+        gc.freeze()
     try:
         yield
     finally:
-        gc.unfreeze()
+        if mine:
+            gc.unfreeze()
         gc.collect()
 
 

@@ -235,13 +235,15 @@ def _int8_lines(export: dict | None) -> list[str]:
     """The ONNX INT8 recipe, the host it was checked on, and the speed caveat, if any."""
     if not export:
         return []
-    lines = []
+    groups: dict[tuple[str, str], list[str]] = {}
     for entry in export.get("artefacts", {}).values():
         q = entry.get("quantization", {})
         if "recipe" in q:
             host = q.get("checked_on", {})
-            lines.append(f"- `{entry['file']}`: {q['recipe']}; its rows above were measured on "
-                         f"{host.get('cpu', '?')} ({host.get('isa_level', '?')}).")  # fmt: skip
+            where = f"{host.get('cpu', '?')} ({host.get('isa_level', '?')})"
+            groups.setdefault((q["recipe"], where), []).append(f"`{entry['file']}`")
+    lines = [f"- {', '.join(files)}: {recipe}. Their rows above were measured on {where}."
+             for (recipe, where), files in groups.items()]  # fmt: skip
     if export.get("int8_speed_note"):
         lines.append(f"- {export['int8_speed_note']}.")
     return lines

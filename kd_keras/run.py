@@ -313,12 +313,9 @@ class RunFolder:
         return read_json(self.train_log_path) if self.train_log_path.is_file() else {}
 
     def record_stage(self, stage: str, entry: dict[str, Any]) -> None:
-        """Add one stage's entry to the training log (atomically), with the process's peak
-        resident memory so far (`peak_rss_mb`, MB)."""
-        from kd_keras.host import peak_rss_mb
-
+        """Add one stage's entry to the training log (atomically)."""
         log = self.train_log()
-        log[stage] = {**entry, "peak_rss_mb": entry.get("peak_rss_mb", peak_rss_mb())}
+        log[stage] = entry
         write_json(self.train_log_path, log)
 
     # ------------------------------------------------------------ state

@@ -37,6 +37,7 @@ from kd_keras.errors import (
     write_text,
 )
 from kd_keras.evaluate import choose_threshold, classification_metrics
+from kd_keras.host import peak_rss_mb
 from kd_keras.inference import keras_predictor, predict_probs
 from kd_keras.models import build_student, build_teacher, image_size_of, set_batchnorm_momentum
 from kd_keras.precision import float32_copy, policy_scope, resolve_policy
@@ -539,7 +540,7 @@ def _run_stages(cfg, run: RunFolder, splits, stages, copy_teacher, force, curren
         run.set_stage(stage, "running", cfg)
         result = fit_stage(cfg, splits, stage, model, teacher, epochs, learning_rate, run, tap)
         save_model(float32_copy(model, lambda: build("none")), run.model_path(STAGE_MODELS[stage]))
-        run.record_stage(stage, result.__dict__)
+        run.record_stage(stage, {**result.__dict__, "peak_rss_mb": peak_rss_mb()})
         run.set_stage(stage, "done", cfg)
         run.drop_checkpoint(stage)
         current["stage"] = None

@@ -44,6 +44,8 @@ def test_distill_end_to_end_then_evaluate_and_export(real_npz, tmp_path, monkeyp
     assert "| student |" in out and "recall normal" in out
     assert "kd:" in out and "feat:" in out  # per-term metrics reported
     assert "soft KD at T 4.0" in out
+    log = json.loads((run / "train_log.json").read_text())
+    assert all(entry["peak_rss_mb"] > 0 for entry in log.values()), log
 
     code, out, err = run_cli("evaluate", "--run", str(run))
     assert code == 0, err[-3000:]
@@ -57,6 +59,7 @@ def test_distill_end_to_end_then_evaluate_and_export(real_npz, tmp_path, monkeyp
     assert code == 0, err[-3000:]
     exported = json.loads((tmp_path / "export" / "tiny" / "export.json").read_text())
     assert exported["artefacts"]["student"]["parity"]["status"] == "PASS"
+    assert exported["peak_rss_mb"] > 0
     assert exported["artefacts"]["student"]["metrics"]["balanced_accuracy"] == pytest.approx(
         student["test"]["balanced_accuracy"], abs=0.002
     ), "the ONNX file scores what the report says"

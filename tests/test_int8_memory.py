@@ -19,7 +19,6 @@ from kd_keras.export import (
     to_onnx,
 )
 from kd_keras.models import build_student
-from kd_keras.run import RunFolder
 
 INT16_MAX = 2**15 - 1
 U8_MAX = 255
@@ -97,13 +96,6 @@ def test_peak_rss_from_vmhwm_and_from_getrusage(monkeypatch):
     monkeypatch.setattr(Path, "read_text", no_proc)
     fallback = host.peak_rss_mb()
     assert fallback is not None and abs(fallback - peak) < 0.5 * peak
-
-
-def test_train_log_stages_record_peak_rss(tmp_path, real_npz):
-    run = RunFolder.find(make_run(tmp_path / "r", real_npz, {"student": tiny_classifier()}))
-    run.record_stage("scratch", {"best_epoch": 1})
-    entry = run.train_log()["scratch"]
-    assert entry["best_epoch"] == 1 and entry["peak_rss_mb"] > 0
 
 
 def test_calibration_batches_are_small_by_default(real_npz):

@@ -19,6 +19,7 @@ from kd_keras.export import (
     to_onnx,
 )
 from kd_keras.models import build_student
+from kd_keras.run import RunFolder
 
 INT16_MAX = 2**15 - 1
 U8_MAX = 255
@@ -105,3 +106,36 @@ def test_calibration_batches_are_small_by_default(real_npz):
     train = load_splits(DataConfig(path=str(real_npz)), seed=0).train
     shapes = [b.shape[0] for b in calibration_batches(train, 32, 20, seed=0)]
     assert CALIBRATION_BATCH == 8 and shapes == [8, 8, 4]
+
+
+def test_dynamic_int8_vit_agrees_with_keras_under_non_vnni_arithmetic(tmp_path, real_npz):
+    """The fast ViT export test's model and images, run with the integer arithmetic of a CPU
+    without VNNI (emulated, `u8s8_emulation`): the default recipe saturates no pair sum, so it
+    agrees with Keras there as here (>= 0.9); 8-bit weights saturate and fall below it, as
+    measured on a real AVX2-only host (0.83)."""
+    import keras
+    import u8s8_emulation as emu
+
+    from kd_keras.inference import keras_predictor
+
+    keras.utils.set_random_seed(0)
+    student = build_student("vit_small", 2, 32, patch_size=8, tiny=True)
+    run = make_run(tmp_path / "vit", real_npz, {"student": student}, student="vit_small")
+    export_run(run, tmp_path / "export", models=["student"], int8=True, limit=64, quiet=True)
+    folder = tmp_path / "export" / "vit"
+    test_split = RunFolder.find(run).load_splits().test
+    from kd_keras.data import make_dataset
+
+    images = next(make_dataset(test_split.subset(np.arange(64)), 32, 64, labels=False,
+                               cache=False).as_numpy_iterator())  # fmt: skip
+    reference = keras_predictor(student)(images).argmax(1)
+    emu.MatMulInteger.saturated = 0
+    default = emu.logits(folder / "student.int8.onnx", images, without_vnni=True)
+    assert emu.MatMulInteger.pairs > 0 and emu.MatMulInteger.saturated == 0
+    assert (default.argmax(1) == reference).mean() >= 0.9
+
+    quantize(folder / "student.onnx", tmp_path / "full.int8.onnx", reduce_range=False)
+    emu.MatMulInteger.saturated = 0
+    full = emu.logits(tmp_path / "full.int8.onnx", images, without_vnni=True)
+    assert emu.MatMulInteger.saturated > 0
+    assert (full.argmax(1) == reference).mean() < 0.9, "the emulation shows the failure"

@@ -39,6 +39,13 @@ models are converted (ONNX, TFLite, INT8 as asked) in a temporary folder. Accura
 measured then (a model evaluated at a size it was not trained at says nothing useful), and the
 row says so. Results go to `export/<run>/benchmark.json` and `benchmark.md`
 (`benchmark_<N>px.*` for another size, so the trained-size table is never overwritten).
+
+Every result also records `host` (`kd_keras.host.describe_host`: CPU, ISA level, oneDNN,
+threads, the float32 peak), `peak_rss_mb` (the command's own peak resident memory, VmHWM) and,
+when INT8 is measured on a CPU without VNNI, `int8_speed_note`: INT8 is not expected to be
+faster than FP32 there (ONNX Runtime's U8S8 kernels multiply in 16 bits without VNNI).
+Calibration for the rebuilt models uses small batches (`export.CALIBRATION_BATCH`): ONNX
+Runtime's calibration memory grows with the batch (a 224 px ResNet50 at batch 64 took ~13 GB).
 """
 
 from __future__ import annotations

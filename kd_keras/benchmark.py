@@ -39,6 +39,13 @@ models are converted (ONNX, TFLite, INT8 as asked) in a temporary folder. Accura
 measured then (a model evaluated at a size it was not trained at says nothing useful), and the
 row says so. Results go to `export/<run>/benchmark.json` and `benchmark.md`
 (`benchmark_<N>px.*` for another size, so the trained-size table is never overwritten).
+
+Every result also records `host` (`kd_keras.host.describe_host`: CPU, ISA level, oneDNN,
+threads, the float32 peak), `peak_rss_mb` (the command's own peak resident memory, VmHWM) and,
+when INT8 is measured on a CPU without VNNI, `int8_speed_note`: INT8 is not expected to be
+faster than FP32 there (ONNX Runtime's U8S8 kernels multiply in 16 bits without VNNI).
+Calibration for the rebuilt models uses small batches (`export.CALIBRATION_BATCH`): ONNX
+Runtime's calibration memory grows with the batch (a 224 px ResNet50 at batch 64 took ~13 GB).
 """
 
 from __future__ import annotations
@@ -56,7 +63,14 @@ import numpy as np
 
 from kd_keras.compute import FLOPS_METHOD, matmul_peak, onnx_flops
 from kd_keras.errors import KDError, check_writable_dir, write_json, write_text
-from kd_keras.export import calibration_batches, quantization_plan, quantize, to_onnx
+from kd_keras.export import (
+    CALIBRATION_BATCH,
+    calibration_batches,
+    quantization_plan,
+    quantize,
+    to_onnx,
+)
+from kd_keras.host import peak_rss_mb
 from kd_keras.inference import (
     PROVIDER_CHOICES,
     console,
@@ -353,10 +367,32 @@ def benchmark_table(result: dict[str, Any]):
     return table
 
 
+def _int8_note(result: dict[str, Any], formats) -> None:
+    """Record the host and, when INT8 was measured on a CPU without VNNI, say plainly that it
+    cannot be expected to beat FP32 here."""
+    from kd_keras.export import int8_speed_note
+    from kd_keras.host import describe_host
+
+    result["host"] = describe_host(result.get("peak"))
+    note = int8_speed_note() if {"int8", "tflite_int8"} & set(formats) else None
+    if note:
+        result["int8_speed_note"] = note
+
+
+def _speed_lines(result: dict[str, Any]) -> list[str]:
+    return [result["int8_speed_note"]] if result.get("int8_speed_note") else []
+
+
+def _memory_lines(result: dict[str, Any]) -> list[str]:
+    if result.get("peak_rss_mb") is None:
+        return []
+    return [f"peak resident memory of this command: {result['peak_rss_mb']:.0f} MB (VmHWM)"]
+
+
 def print_benchmark(result: dict[str, Any]) -> None:
     out = console()
     out.print(benchmark_table(result))
-    lines = ratio_lines(result) + _notes(result)
+    lines = ratio_lines(result) + _notes(result) + _speed_lines(result) + _memory_lines(result)
     if result.get("json"):
         lines.append(f"written to {result['json']} and {result['md']}")
     for line in lines:
@@ -374,7 +410,7 @@ def benchmark_markdown(result: dict[str, Any]) -> str:
         "|" + "|".join("---" if i < LEFT_COLUMNS else "---:" for i in range(len(headers))) + "|",
     ]
     lines += ["| " + " | ".join(_cells(row)) + " |" for row in result["rows"]]
-    extra = ratio_lines(result) + _notes(result)
+    extra = ratio_lines(result) + _notes(result) + _speed_lines(result) + _memory_lines(result)
     if extra:
         lines += [""] + [f"- {line}" for line in extra]
     return "\n".join(lines) + "\n"
@@ -617,7 +653,7 @@ def benchmark_run(
     calibration = None
     if size != trained and {"int8", "tflite_int8"} & set(formats):
         calibration = calibration_batches(splits.train, size, run.cfg.export.calibration_samples,
-                                          run.cfg.run.seed, run.cfg.data.batch_size)  # fmt: skip
+                                          run.cfg.run.seed)  # fmt: skip
 
     say(f"measuring this machine's float32 peak ({threads} threads) …")
     peak = matmul_peak(threads)
@@ -652,6 +688,8 @@ def benchmark_run(
             rows += benchmark_candidates(candidates, images, batch, **timing)
     result["rows"] = rows
     result["ratios"] = ratios(rows)
+    _int8_note(result, formats)
+    result["peak_rss_mb"] = peak_rss_mb()
     stem = "benchmark" if size == trained else f"benchmark_{size}px"
     result["json"], result["md"] = str(out / f"{stem}.json"), str(out / f"{stem}.md")
     write_text(result["md"], benchmark_markdown(result))
@@ -778,7 +816,7 @@ def benchmark_fresh(
     say = printer(quiet)
     say(f"measuring this machine's float32 peak ({threads} threads) …")
     peak = matmul_peak(threads)
-    calibration = _calibration_images(data, image_size, calibration_samples, batch)
+    calibration = _calibration_images(data, image_size, calibration_samples, CALIBRATION_BATCH)
     first = next(iter(calibration))
     images = np.resize(np.asarray(first, "float32"), (batch, image_size, image_size, 3))
     rows: list[dict[str, Any]] = []
@@ -802,6 +840,8 @@ def benchmark_fresh(
     result.update(keras_threads=keras_threads, formats=list(formats),
                   calibration=str(data) if data else "random pixels", rows=rows,
                   ratios=ratios(rows))  # fmt: skip
+    _int8_note(result, formats)
+    result["peak_rss_mb"] = peak_rss_mb()
     stem = folder / f"latency_{image_size}px"
     result["json"], result["md"] = str(stem.with_suffix(".json")), str(stem.with_suffix(".md"))
     write_text(result["md"], benchmark_markdown(result))

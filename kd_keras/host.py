@@ -164,6 +164,23 @@ def describe_host(peak: dict[str, Any] | None = None) -> dict[str, Any]:
     return info
 
 
+def peak_rss_mb() -> float | None:
+    """This process's peak resident memory so far, in MB (10^6 bytes): `VmHWM` of
+    /proc/self/status on Linux, else `resource.getrusage` (None where neither exists)."""
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("VmHWM:"):
+                return round(int(line.split()[1]) * 1024 / 1e6, 1)
+    except (OSError, ValueError, IndexError):
+        pass
+    try:
+        import resource
+    except ImportError:  # Windows
+        return None
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss  # KiB on Linux, bytes on macOS
+    return round(peak / 1e6 if sys.platform == "darwin" else peak * 1024 / 1e6, 1)
+
+
 def host_line(info: dict[str, Any] | None = None) -> str:
     """`describe_host()` as one human line, for logs and report headers."""
     info = describe_host() if info is None else info

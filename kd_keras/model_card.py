@@ -205,7 +205,7 @@ def _metrics(run: RunFolder, report: dict, export: dict | None) -> list[str]:
     return lines
 
 
-def _limitations(run: RunFolder, report: dict) -> list[str]:
+def _limitations(run: RunFolder, report: dict, export: dict | None = None) -> list[str]:
     cfg = run.cfg
     size = report.get("image_size", cfg.data.image_size)
     source = (f"{cfg.data.dataset} ({cfg.data.medmnist_size} px files)"
@@ -225,8 +225,27 @@ def _limitations(run: RunFolder, report: dict) -> list[str]:
          + ("" if cfg.teacher.weights == "imagenet" else " (no ImageNet pre-training)"))
         + f"; student weights `{cfg.student.weights}`.",
         "- INT8 files can differ from FP32 on individual images; use their own row above.",
+        *_int8_lines(export),
         "",
     ]  # fmt: skip
+    return lines
+
+
+def _int8_lines(export: dict | None) -> list[str]:
+    """The ONNX INT8 recipe, the host it was checked on, and the speed caveat, if any."""
+    if not export:
+        return []
+    groups: dict[tuple[str, str], list[str]] = {}
+    for entry in export.get("artefacts", {}).values():
+        q = entry.get("quantization", {})
+        if "recipe" in q:
+            host = q.get("checked_on", {})
+            where = f"{host.get('cpu', '?')} ({host.get('isa_level', '?')})"
+            groups.setdefault((q["recipe"], where), []).append(f"`{entry['file']}`")
+    lines = [f"- {', '.join(files)}: {recipe}. Their rows above were measured on {where}."
+             for (recipe, where), files in groups.items()]  # fmt: skip
+    if export.get("int8_speed_note"):
+        lines.append(f"- {export['int8_speed_note']}.")
     return lines
 
 
@@ -258,8 +277,8 @@ def model_card_markdown(run: RunFolder, export: dict | None = None) -> str:
     title = f"# {run.name}: {cfg.student.arch} distilled from {run.arch('teacher')}"
     lines = _front_matter(run, report) + [title, ""]
     for part in (_details(run, report, export), _uses(run, report), _data(run, report),
-                 _preprocessing(run), _metrics(run, report, export), _limitations(run, report),
-                 _usage(report, export)):  # fmt: skip
+                 _preprocessing(run), _metrics(run, report, export),
+                 _limitations(run, report, export), _usage(report, export)):  # fmt: skip
         lines += part
     lines.append("*Written by kd_keras from the run's own files; nothing here was measured "
                  "separately.*")  # fmt: skip

@@ -42,6 +42,7 @@ from kd_keras.inference import (
 )
 
 RUNTIME = "LiteRT (ai-edge-litert) CPU"
+TFLITE_CALIBRATION_BATCH = 32
 
 
 def convert(model, calibration: Iterable | None = None) -> bytes:
@@ -76,9 +77,13 @@ def _convert(converter, name: str, calibration: Iterable | None) -> bytes:
     import tensorflow as tf
 
     if calibration is not None:
-        batches = list(calibration)
+        batches = [np.asarray(b, "float32") for b in calibration]
         if not batches:
             raise KDError("full-integer INT8 TFLite conversion needs calibration images")
+        # the converter's calibration holds little beyond one batch (a 224 px ResNet50 peaked
+        # at +1.6 GB at batch 64, +1.0 GB at 8) and runs faster on larger batches
+        images = np.concatenate(batches)
+        batches = np.array_split(images, max(1, -(-len(images) // TFLITE_CALIBRATION_BATCH)))
 
         def representative():
             for batch in batches:

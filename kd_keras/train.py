@@ -37,6 +37,7 @@ from kd_keras.errors import (
     write_text,
 )
 from kd_keras.evaluate import choose_threshold, classification_metrics
+from kd_keras.host import describe_host, host_line, peak_rss_mb, tf_matmul_peak
 from kd_keras.inference import keras_predictor, predict_probs
 from kd_keras.models import build_student, build_teacher, image_size_of, set_batchnorm_momentum
 from kd_keras.precision import choose_jit_compile, choose_policy, float32_copy, policy_scope
@@ -621,8 +622,6 @@ def check_stages(cfg: Config, run: RunFolder, stages: list[str], mode: str) -> N
 def _run_stages(cfg, run: RunFolder, splits, stages, copy_teacher, force, current) -> None:
     n, size = splits.num_classes, cfg.data.image_size
     tc = cfg.train
-    from kd_keras.host import describe_host, host_line, tf_matmul_peak
-
     info = describe_host(tf_matmul_peak(seconds=0.5))
     print(f"host: {host_line(info)}")
     policy, reason = choose_policy(tc.precision)
@@ -647,7 +646,7 @@ def _run_stages(cfg, run: RunFolder, splits, stages, copy_teacher, force, curren
             raise
         saved = save_model(float32_copy(model, lambda: build("none")),
                            run.model_path(STAGE_MODELS[stage]))  # fmt: skip
-        run.record_stage(stage, {**result.__dict__, "host": info})
+        run.record_stage(stage, {**result.__dict__, "host": info, "peak_rss_mb": peak_rss_mb()})
         run.set_stage(stage, "done", cfg, sha256=sha256_of(saved))
         run.drop_checkpoint(stage)
         run.drop_snapshot()  # this stage's results replace the old ones

@@ -11,6 +11,7 @@ from conftest import make_run, tiny_classifier
 from kd_keras.benchmark import benchmark_fresh, benchmark_run, rebuild_at_size, time_predictor
 from kd_keras.errors import KDError
 from kd_keras.export import export_run
+from kd_keras.host import has_vnni, isa_level
 from kd_keras.models import build_student, image_size_of
 from kd_keras.run import RunFolder
 
@@ -74,6 +75,9 @@ def test_rows_files_and_ratios(tmp_path, real_npz):
     assert "| model | arch | format | runtime | threads | params M | size MB | GFLOPs |" in md
     assert "student ONNX INT8 / teacher ONNX FP32" in md
     assert "student TFLite INT8 / teacher TFLite INT8" in md
+    assert result["peak_rss_mb"] > 0 and result["host"]["isa_level"] == isa_level()
+    assert f"peak resident memory of this command: {result['peak_rss_mb']:.0f} MB" in md
+    assert ("int8_speed_note" in result) == (not has_vnni())
 
 
 def test_missing_files_are_reported_not_timed(tmp_path, real_npz):

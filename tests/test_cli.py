@@ -49,6 +49,7 @@ def test_distill_end_to_end_then_evaluate_and_export(real_npz, tmp_path, monkeyp
 
     assert out.count("host: ") == 1 and "oneDNN on" in out and "precision: float32" in out
     log = json.loads((run / "train_log.json").read_text())
+    assert all(entry["peak_rss_mb"] > 0 for entry in log.values()), log
     for stage in ("teacher", "distill", "scratch"):
         host = log[stage]["host"]
         assert host["isa_level"] == isa_level() and host["onednn"] is True
@@ -68,6 +69,7 @@ def test_distill_end_to_end_then_evaluate_and_export(real_npz, tmp_path, monkeyp
     assert code == 0, err[-3000:]
     exported = json.loads((tmp_path / "export" / "tiny" / "export.json").read_text())
     assert exported["artefacts"]["student"]["parity"]["status"] == "PASS"
+    assert exported["peak_rss_mb"] > 0
     assert exported["artefacts"]["student"]["metrics"]["balanced_accuracy"] == pytest.approx(
         student["test"]["balanced_accuracy"], abs=0.002
     ), "the ONNX file scores what the report says"

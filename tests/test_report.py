@@ -243,6 +243,7 @@ class Browser:
         shutil.rmtree(self.profile, ignore_errors=True)
 
 
+@pytest.mark.slow  # starts a headless browser
 def test_report_renders_in_headless_chromium(tiny_run, tmp_path):
     browser = Browser(_chromium())
     try:

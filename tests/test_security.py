@@ -315,6 +315,7 @@ def tiny_distill(npz, out, name, *extra):
                          "train.epochs=1", "train.verbose=0"), *extra)  # fmt: skip
 
 
+@pytest.mark.slow  # trains two stages end to end (about 35 s)
 def test_a_trained_stage_at_chance_is_a_failure_unless_forced(tmp_path, tiny_npz):
     """tiny_npz's images are noise: whatever the model learns is chance on validation. The
     issue's row: teacher.learning_rate = 9.0 gave a normal-looking report at 0.500."""

@@ -4,10 +4,10 @@
 Both `"auto"` settings are decided from what the host has, never from a table measured on
 one machine alone, and each decision comes with the reason the run log prints:
 
-- precision: `mixed_float16` on a GPU; `mixed_bfloat16` on CPUs with AMX (bfloat16 matrix
-  tiles, which oneDNN uses for convolutions and matrix products); otherwise `float32` — AVX-512
-  BF16 without AMX made the distillation step slower (154 vs 133 ms on an AMD Zen 4), and
-  AVX2-only CPUs have no bfloat16 arithmetic at all.
+- precision: `mixed_float16` on a GPU; `float32` on every CPU class measured: with AMX
+  (Intel Sapphire Rapids class) the ResNet50 -> ResNet18 distillation step at 32 px was no
+  faster in bfloat16 (170 vs 173 ms, `benchmarks/training_speed.py`), with AVX-512 BF16 alone
+  (AMD Zen 4) slower (154 vs 133 ms), and AVX2-only CPUs have no bfloat16 arithmetic.
 - XLA: on a CPU, only for steps whose every model is attention-based (`JIT_FASTER`: DeiT-small
   1.35x faster with XLA on AVX-512); convolutional steps stay on oneDNN, which XLA's CPU
   convolutions trail on both host classes (ResNet18/50 at 32 px: 4-5x slower on AVX-512,
@@ -47,10 +47,10 @@ def choose_policy(setting: str, flags: frozenset[str] | None = None) -> tuple[st
     if _has_gpu():
         return "mixed_float16", "auto: a GPU is present"
     features = host.isa_features(flags)
-    if "AMX" in features and "BF16" in features:
-        return "mixed_bfloat16", "auto: the CPU has AMX bfloat16 tiles"
+    if "AMX" in features:
+        return "float32", "auto: AMX bfloat16 measured no faster than float32 at these sizes"
     if "BF16" in features:
-        return "float32", "auto: AVX-512 BF16 without AMX (measured slower than float32)"
+        return "float32", "auto: AVX-512 BF16 without AMX measured slower than float32"
     return "float32", "auto: the CPU has no native bfloat16"
 
 

@@ -6,6 +6,7 @@ The CLI prints its message on one line and exits non-zero, without a traceback.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import tempfile
@@ -83,3 +84,17 @@ def read_json(path: str | os.PathLike) -> dict:
         return json.loads(path.read_text(encoding="utf-8"))
     except (json.JSONDecodeError, UnicodeDecodeError) as err:
         raise KDError(f"{path} is not valid JSON: {err}") from err
+
+
+def sha256_of(path: str | os.PathLike) -> str:
+    """The sha256 of a file, or of a folder's files (relative names and contents, in order)."""
+    path = Path(path)
+    digest = hashlib.sha256()
+    files = sorted(p for p in path.rglob("*") if p.is_file()) if path.is_dir() else [path]
+    for file in files:
+        if path.is_dir():
+            digest.update(file.relative_to(path).as_posix().encode() + b"\0")
+        with file.open("rb") as fh:
+            for block in iter(lambda: fh.read(1 << 20), b""):
+                digest.update(block)
+    return digest.hexdigest()

@@ -37,7 +37,7 @@ from pathlib import Path
 from typing import Any
 
 from kd_keras.config import Config, load_config
-from kd_keras.errors import KDError, read_json, write_json
+from kd_keras.errors import KDError, read_json, sha256_of, write_json
 
 # model name -> the training stage that produces it (also the order of every report)
 MODEL_STAGES = {"teacher": "teacher", "student": "distill", "student_scratch": "scratch"}
@@ -85,20 +85,6 @@ def stage_hash(cfg: Config, stage: str) -> str:
     """A short fingerprint of `stage_inputs`."""
     text = json.dumps(stage_inputs(cfg, stage), sort_keys=True, default=str)
     return hashlib.sha256(text.encode()).hexdigest()[:16]
-
-
-def sha256_of(path: str | os.PathLike) -> str:
-    """The sha256 of a file, or of a folder's files (relative names and contents, in order)."""
-    path = Path(path)
-    digest = hashlib.sha256()
-    files = sorted(p for p in path.rglob("*") if p.is_file()) if path.is_dir() else [path]
-    for file in files:
-        if path.is_dir():
-            digest.update(file.relative_to(path).as_posix().encode() + b"\0")
-        with file.open("rb") as fh:
-            for block in iter(lambda: fh.read(1 << 20), b""):
-                digest.update(block)
-    return digest.hexdigest()
 
 
 REPORT_HTML_FILE = "report.html"

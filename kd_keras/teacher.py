@@ -26,7 +26,7 @@ from pathlib import Path
 import keras
 import numpy as np
 
-from kd_keras.errors import KDError
+from kd_keras.errors import KDError, sha256_of
 from kd_keras.models import ImagePreprocessing, all_layers, model_output
 
 SCALINGS = ("auto", "raw", "unit", "symmetric", "caffe", "torch")
@@ -101,7 +101,6 @@ class SavedModelTeacher(keras.layers.TFSMLayer):
 
     def __init__(self, filepath: str, call_endpoint: str = "serving_default",
                  sha256: str | None = None, output: str | None = None, **kwargs):  # fmt: skip
-        from kd_keras.run import sha256_of
 
         kwargs.pop("call_training_endpoint", None)
         path = str(Path(filepath).resolve())
@@ -207,8 +206,6 @@ def _load_preset(handle: str) -> keras.Model:
 def _load_saved_model(path: Path) -> keras.Model:
     """The SavedModel the user configured (trusted at its current sha256) as a Keras model."""
     import tensorflow as tf
-
-    from kd_keras.run import sha256_of
 
     try:
         loaded = tf.saved_model.load(str(path))

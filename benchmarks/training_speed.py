@@ -1,9 +1,10 @@
 """Training speed, as ratios measured in one run (default: configs/xray.toml's models and data).
 
 - every train step against its compute bound: the teacher's own step, the student's own step
-  and the distillation step, each with its FLOPs (forward + backward, counted from the traced
-  step graph: `kd_keras.compute.TRAIN_FLOPS_METHOD`), the bound (FLOPs / this run's float32
-  peak, a TensorFlow MatMul on the same kernels and threads) and measured / bound;
+  and the distillation step, each with its FLOPs (forward + backward: 3x the traced forward
+  graph's, plus the teacher's forward: `kd_keras.compute.TRAIN_FLOPS_METHOD`), the bound
+  (FLOPs / this run's float32 peak, a TensorFlow MatMul on the same kernels and threads) and
+  measured / bound;
 - distillation step vs its lower bound: the teacher's forward pass plus the student's own train
   step (alpha = 1, no teacher) on the same batches; the Distiller's overhead is what is left;
 - our Distiller vs Keras 3.15's `keras.distillation.Distiller` on the logits-only case (T = 4,

@@ -368,12 +368,10 @@ def benchmark_table(result: dict[str, Any]):
 
 
 def _int8_note(result: dict[str, Any], formats) -> None:
-    """Record the host and, when INT8 was measured on a CPU without VNNI, say plainly that it
-    cannot be expected to beat FP32 here."""
+    """When INT8 was measured on a CPU without VNNI, say plainly that it cannot be expected
+    to beat FP32 here (the host itself is in the result header)."""
     from kd_keras.export import int8_speed_note
-    from kd_keras.host import describe_host
 
-    result["host"] = describe_host(result.get("peak"))
     note = int8_speed_note() if {"int8", "tflite_int8"} & set(formats) else None
     if note:
         result["int8_speed_note"] = note

@@ -111,10 +111,11 @@ def _is_matmul(layer) -> bool:
 
 
 def matmul_view(model: keras.Model | None) -> keras.Model | None:
-    """`model` (a functional graph) with every plain `Conv2D` computed by a `MatmulConv`
-    sharing its variables, nested functional models included; every other layer is the
-    model's own (shared). A model without `Conv2D` layers, or one Keras cannot re-trace
-    (subclassed models), is returned as it is."""
+    """`model` (a functional graph) with every plain `Conv2D` that is (or, built for any
+    size, may be) a matrix product computed by a `MatmulConv` sharing its variables, nested
+    functional models included; every other layer is the model's own (shared). A model
+    without such layers, or one Keras cannot re-trace (subclassed models), is returned as it
+    is."""
     if model is None:
         return model
     layers = all_layers(model)

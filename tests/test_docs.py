@@ -138,9 +138,15 @@ LINK = re.compile(r"\]\(([^)\s]+)\)")
 
 def _relative_links(path):
     for target in LINK.findall(path.read_text(encoding="utf-8")):
-        if re.match(r"[a-z]+:", target) or target.startswith("#"):
-            continue  # a URL or an anchor on the same page
-        yield target.split("#", 1)[0]
+        if re.match(r"[a-z]+:", target):
+            continue  # a URL
+        yield target
+
+
+def _anchors(path):
+    """GitHub's heading anchors: lower case, punctuation dropped, spaces to hyphens."""
+    headings = re.findall(r"^#+ (.+)$", path.read_text(encoding="utf-8"), flags=re.M)
+    return {re.sub(r"[^\w\- ]", "", h.strip().lower()).replace(" ", "-") for h in headings}
 
 
 @pytest.mark.parametrize(
@@ -149,13 +155,14 @@ def _relative_links(path):
 def test_relative_links_point_to_files(page):
     broken = []
     for target in _relative_links(page):
-        resolved = (page.parent / target).resolve()
-        if resolved.exists():
-            continue
-        if resolved.relative_to(ROOT).as_posix() in PENDING_PAGES:
-            continue
-        broken.append(target)
-    assert not broken, f"{page.name} links to missing files: {broken}"
+        file, _, anchor = target.partition("#")
+        resolved = (page.parent / file).resolve() if file else page
+        if not resolved.exists():
+            if resolved.relative_to(ROOT).as_posix() not in PENDING_PAGES:
+                broken.append(target)
+        elif anchor and resolved.suffix == ".md" and anchor not in _anchors(resolved):
+            broken.append(target)
+    assert not broken, f"{page.name} links to missing files or headings: {broken}"
 
 
 def test_no_reference_to_files_outside_the_repository():

@@ -1,4 +1,4 @@
-"""Make a teacher "fine-tuned elsewhere", as the README's "Bring your own teacher" uses it.
+"""Make a teacher "fine-tuned elsewhere", as docs/own_teacher.md ("Bring your own teacher") uses it.
 
 A keras.applications MobileNetV2 backbone nested inside a functional classifier (global pooling,
 a Dense head with 2 logits, the output saved as a one-element list), trained at 64 px on

@@ -31,9 +31,10 @@ def main() -> None:
     import numpy as np
 
     from kd_keras.config import DataConfig
-    from kd_keras.data import load_splits, make_dataset
-    from kd_keras.distiller import Distiller
-    from kd_keras.models import build_student, build_teacher
+    from kd_keras.data.pipeline import make_dataset
+    from kd_keras.data.sources import load_splits
+    from kd_keras.distill.distiller import Distiller
+    from kd_keras.models.registry import build_student, build_teacher
 
     train = load_splits(DataConfig(path=args.data), seed=0).train
     ds = make_dataset(train, args.size, args.batch, training=True, seed=0, cache=True)

@@ -69,8 +69,8 @@ def distill(
         if bad:
             _fail(f"unknown stage(s) {bad}; valid: {', '.join(STAGES)}")
 
-    from kd_keras.evaluate import report_markdown
-    from kd_keras.train import run_distill
+    from kd_keras.evaluation.evaluate import report_markdown
+    from kd_keras.workflows.distill import run_distill
 
     mode = "resume" if resume else "overwrite" if overwrite else "new"
     report = run_distill(cfg, chosen, force=force, mode=mode)
@@ -86,8 +86,8 @@ def evaluate(
     run: Annotated[Path, typer.Option("--run", help="Run folder (holds config.toml).")],
 ) -> None:
     """Recompute the test metrics of a run from its saved models."""
-    from kd_keras.evaluate import report_markdown
-    from kd_keras.report import evaluate_and_report
+    from kd_keras.evaluation.evaluate import report_markdown
+    from kd_keras.workflows.distill import evaluate_and_report
 
     typer.echo(report_markdown(evaluate_and_report(run)))
 
@@ -102,8 +102,8 @@ def report(
     ] = None,
 ) -> None:
     """(Re)build the run's report.html from its saved files (no model is run)."""
-    from kd_keras.report import write_run_report
-    from kd_keras.run import RunFolder
+    from kd_keras.reporting.run_report import write_run_report
+    from kd_keras.runs.folder import RunFolder
 
     typer.echo(f"report: {write_run_report(RunFolder.find(run), out)}")
 
@@ -133,7 +133,7 @@ def export(
     formats = [f for f, on in (("onnx", onnx), ("tflite", tflite)) if on] + ([fmt] if fmt else [])
     if not formats:
         _fail("choose a format: --onnx and/or --tflite (or --format onnx,tflite)")
-    from kd_keras.export import export_run
+    from kd_keras.workflows.export import export_run
 
     export_run(
         run,
@@ -160,7 +160,7 @@ def predict_cmd(
     """Classify image files with an exported model, preprocessed as its training data was.
 
     Exit status 1 when any file could not be read (its row says why), else 0."""
-    from kd_keras.predict import predict_files
+    from kd_keras.deploy.predict import predict_files
 
     result = predict_files(model_file, list(images or []), out=out, batch=batch, threads=threads)
     if result["failed"]:
@@ -211,14 +211,14 @@ def benchmark(
     timing = dict(warmup=warmup, iters=iters, batch=batch, threads=threads, min_time=min_time,
                   provider=provider, formats=chosen)  # fmt: skip
     if fresh:
-        from kd_keras.benchmark import benchmark_fresh
+        from kd_keras.deploy.benchmark import benchmark_fresh
 
         benchmark_fresh(
             teacher, student, image_size or 224, patch_size=patch_size, data=data, out=out,
             **timing,
         )  # fmt: skip
         return
-    from kd_keras.benchmark import benchmark_run
+    from kd_keras.deploy.benchmark import benchmark_run
 
     benchmark_run(run, export_dir=out, image_size=image_size, **timing)
 
@@ -238,13 +238,13 @@ def sweep(
 ) -> None:
     """Distil over a grid of settings and seeds (resumable); write tables, heatmap, ablation."""
     from kd_keras.config import build_config, read_toml
-    from kd_keras.sweep import parse_grid
+    from kd_keras.workflows.sweep import parse_grid
 
     raw = read_toml(config)
     base = build_config(raw, config.resolve().parent, set_ or [], default_name=config.stem)
     axes = parse_grid(grid)
 
-    from kd_keras.sweep import run_sweep
+    from kd_keras.workflows.sweep import run_sweep
 
     result = run_sweep(raw, config.resolve().parent, base, axes, seeds, set_ or [])
     root = Path(result["root"])
@@ -277,7 +277,7 @@ def compare(
 ) -> None:
     """Paired verdict over finished runs: mean, sample std, 95% CI and pays / hurts / cannot
     tell, for validation and test balanced accuracy and AUC (reads report.json only)."""
-    from kd_keras.compare import compare_runs, comparison_markdown, write_comparison
+    from kd_keras.evaluation.compare import compare_runs, comparison_markdown, write_comparison
 
     if bootstrap < 0:
         _fail(f"--bootstrap must be 0 (paired t) or a number of resamples, got {bootstrap}")

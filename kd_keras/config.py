@@ -15,7 +15,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from kd_keras.errors import KDError, write_text
+from kd_keras.errors import KDError
+from kd_keras.io import write_text
 
 _WEIGHT_KEYWORDS = ("none", "imagenet")
 

@@ -2,8 +2,10 @@ import keras
 import numpy as np
 import pytest
 
-from kd_keras import losses, models
-from kd_keras.distiller import Distiller
+from kd_keras.distill import losses
+from kd_keras.distill.distiller import Distiller
+from kd_keras.models.layers import CLS_LOGITS_LAYER, DIST_LOGITS_LAYER
+from kd_keras.models.registry import build_student, build_teacher
 
 RNG = np.random.default_rng(0)
 X = RNG.uniform(0, 255, (8, 32, 32, 3)).astype("float32")
@@ -13,8 +15,8 @@ Y = np.array([0, 1, 1, 0, 1, 1, 1, 1])
 @pytest.fixture(scope="module")
 def pair():
     keras.utils.set_random_seed(0)
-    teacher = models.build_teacher("resnet50", 2, 32, tiny=True)
-    return teacher, models.build_student("resnet18", 2, 32, tiny=True)
+    teacher = build_teacher("resnet50", 2, 32, tiny=True)
+    return teacher, build_student("resnet18", 2, 32, tiny=True)
 
 
 def small_classifier(seed: int, scale: float) -> keras.Model:
@@ -125,10 +127,10 @@ def test_deit_heads_split_only_when_both_terms_are_on():
     """Scratch DeiT (alpha = 1) and KD-only DeiT (alpha = 0) train the deployed (averaged)
     output; with both terms the class head takes the labels and the distillation head the
     teacher."""
-    deit = models.build_student("deit_small", 2, 32, patch_size=8, tiny=True)
+    deit = build_student("deit_small", 2, 32, patch_size=8, tiny=True)
     teacher = small_classifier(1, 4.0)
-    cls = deit.get_layer(models.CLS_LOGITS_LAYER).output
-    dist = deit.get_layer(models.DIST_LOGITS_LAYER).output
+    cls = deit.get_layer(CLS_LOGITS_LAYER).output
+    dist = deit.get_layer(DIST_LOGITS_LAYER).output
     for d in (Distiller(deit, None, alpha=1.0), Distiller(deit, teacher, alpha=0.0)):
         outputs = heads_of(d)
         assert outputs["ce_logits"] is deit.output and outputs["kd_logits"] is deit.output

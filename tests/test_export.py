@@ -12,12 +12,13 @@ import onnxruntime as ort
 import pytest
 from conftest import CLASSES, make_run, tiny_classifier
 
-from kd_keras import export
+from kd_keras.deploy import export
+from kd_keras.deploy.quantize import calibration_batches
 from kd_keras.errors import KDError
-from kd_keras.export import calibration_batches, export_run
-from kd_keras.inference import read_metadata
-from kd_keras.models import build_student, build_teacher
-from kd_keras.run import RunFolder
+from kd_keras.models.registry import build_student, build_teacher
+from kd_keras.runs.folder import RunFolder
+from kd_keras.runtimes import read_metadata
+from kd_keras.workflows.export import export_run
 
 
 def run_onnx(path: Path, images: np.ndarray) -> dict:
@@ -105,7 +106,7 @@ def _with_batch_statistics(model, images):
     """`model` with its batch norms' moving statistics set from `images`: untrained, their
     moving variance of 1 shrinks MobileNetV3's signal to ~1e-8 by the logits, where any
     parity check passes; one training-mode pass at momentum 0 makes the logits O(1)."""
-    from kd_keras.models import set_batchnorm_momentum
+    from kd_keras.models.taps import set_batchnorm_momentum
 
     set_batchnorm_momentum(model, 0.0)
     model(images, training=True)
@@ -201,7 +202,7 @@ def test_find_run(tmp_path):
 
 def test_calibration_uses_the_configured_count_and_batch(real_npz):
     from kd_keras.config import DataConfig
-    from kd_keras.data import load_splits
+    from kd_keras.data.sources import load_splits
 
     train = load_splits(DataConfig(path=str(real_npz)), seed=0).train
     batches = calibration_batches(train, 32, 50, seed=0, batch_size=16)
@@ -217,7 +218,8 @@ def test_calibration_uses_the_configured_count_and_batch(real_npz):
 def test_int8_recipe_per_graph_family(tmp_path):
     """U8S8 static QDQ for convolution graphs with the classifier head kept float; dynamic for
     attention graphs; no INT8 file for Sigmoid-gated graphs (EfficientNet), where it is slower."""
-    from kd_keras.export import quantization_plan, quantize, to_onnx
+    from kd_keras.deploy.onnx import to_onnx
+    from kd_keras.deploy.quantize import quantization_plan, quantize
 
     plans = {}
     for arch in ("resnet18", "vit_small", "efficientnet_b3"):

@@ -1,8 +1,12 @@
 import numpy as np
 import pytest
 
-from kd_keras.evaluate import choose_threshold, classification_metrics, seed_subset_indices
-from kd_keras.train import class_weights
+from kd_keras.distill.optim import class_weights
+from kd_keras.evaluation.metrics import (
+    choose_threshold,
+    classification_metrics,
+    seed_subset_indices,
+)
 
 
 def test_balanced_class_weights_by_hand():
@@ -47,7 +51,7 @@ def test_weight_decay_is_decoupled_by_default_and_coupled_l2_on_request():
     """Keras 3 decouples decay in every optimizer ("adam" + decay is AdamW); "l2" moves the
     decay into the loss (PyTorch's SGD/Adam `weight_decay`) and out of the optimizer."""
     from kd_keras.config import TrainConfig
-    from kd_keras.train import make_optimizer
+    from kd_keras.distill.optim import make_optimizer
 
     sgd = make_optimizer(TrainConfig(optimizer="sgd", weight_decay=1e-4), 0.1, 2, 10)
     assert sgd.weight_decay == pytest.approx(1e-4)
@@ -64,7 +68,7 @@ def test_best_epoch_is_chosen_with_the_evaluation_rule_and_ties_go_to_auc():
     every epoch) must not keep its worst epoch: selection uses the validation threshold."""
     import keras
 
-    from kd_keras.train import SelectBest
+    from kd_keras.distill.callbacks import SelectBest
 
     y = np.array([0, 0, 0, 1, 1, 1, 1, 1])
     epochs = [  # P(class 1) per epoch: always >= 0.5 (argmax says "1"), ranking improves

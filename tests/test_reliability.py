@@ -14,12 +14,14 @@ import pytest
 from conftest import ROOT, make_run, run_cli, tiny_classifier, write_images
 
 from kd_keras.config import DataConfig, build_config
-from kd_keras.data import check_splits, load_npz, load_splits
-from kd_keras.distiller import Distiller
+from kd_keras.data.checks import check_splits
+from kd_keras.data.sources import load_npz, load_splits
+from kd_keras.distill.callbacks import FiniteGuard, HistoryCSV, SelectBest, StageCheckpoint
+from kd_keras.distill.distiller import Distiller
 from kd_keras.errors import KDError
-from kd_keras.models import load_model
-from kd_keras.run import RunFolder, stage_hash
-from kd_keras.train import FiniteGuard, HistoryCSV, SelectBest, StageCheckpoint
+from kd_keras.models.loading import load_model
+from kd_keras.runs.files import stage_hash
+from kd_keras.runs.folder import RunFolder
 
 XRAY = str(ROOT / "configs" / "xray.toml")
 

@@ -8,8 +8,9 @@ from conftest import make_run, tiny_classifier
 
 from kd_keras.config import build_config
 from kd_keras.errors import KDError
-from kd_keras.inference import keras_predictor, load_predictor, predict_probs
-from kd_keras.run import MODEL_STAGES, RunFolder, resolve_data_source
+from kd_keras.runs.files import MODEL_STAGES, resolve_data_source
+from kd_keras.runs.folder import RunFolder
+from kd_keras.runtimes import keras_predictor, load_predictor, predict_probs
 
 
 def test_layout_is_defined_once(tmp_path):
@@ -56,7 +57,7 @@ def test_models_thresholds_log_and_teacher_path(tmp_path, tiny_npz):
     assert run.export_dir("out").as_posix() == "out/r"
     # the config's teacher.arch (efficientnet_b3 here) says nothing about a teacher given by path
     assert (run.arch("teacher"), run.arch("student")) == ("own teacher outside.keras", "resnet18")
-    from kd_keras.model_card import model_card_markdown
+    from kd_keras.reporting.model_card import model_card_markdown
 
     card = model_card_markdown(run)
     assert "# r: resnet18 distilled from own teacher outside.keras" in card

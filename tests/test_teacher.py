@@ -10,11 +10,15 @@ import pytest
 import tensorflow as tf
 from conftest import ROOT, SIZE, run_cli
 
-from kd_keras import models, teacher
 from kd_keras.config import build_config
-from kd_keras.data import load_splits, make_dataset
-from kd_keras.distiller import Distiller
+from kd_keras.data.pipeline import make_dataset
+from kd_keras.data.sources import load_splits
+from kd_keras.distill import teacher
+from kd_keras.distill.distiller import Distiller
 from kd_keras.errors import KDError
+from kd_keras.models.loading import load_model
+from kd_keras.models.registry import build_student, build_teacher
+from kd_keras.models.taps import feature_and_logits, feature_tensor
 
 X = np.random.default_rng(0).uniform(0, 255, (4, SIZE, SIZE, 3)).astype("float32")
 Y = np.array([0, 1, 1, 0])
@@ -41,7 +45,7 @@ def view_of(path, tmp_path, **teacher_keys):
 
 
 def distil_one_step(view_model, beta=1.0):
-    student = models.build_student("resnet18", 2, SIZE, tiny=True)
+    student = build_student("resnet18", 2, SIZE, tiny=True)
     d = Distiller(student, view_model, alpha=0.5, beta=beta)
     d.compile(optimizer=keras.optimizers.SGD(0.01))
     logs = d.train_on_batch(X, Y, return_dict=True)
@@ -69,17 +73,17 @@ def test_nested_application_teacher_sees_its_own_size_and_scaling(nested_file, t
     expected = expected[0] if isinstance(expected, list) else expected
     np.testing.assert_allclose(d._teacher_forward(X)["logits"], expected, atol=1e-5)
     # the feature tap was found inside the nested backbone
-    tap = models.feature_tensor(wrapped)
+    tap = feature_tensor(wrapped)
     assert tuple(tap.shape[1:3]) == (2, 2) and tap.shape[-1] == 1280
 
 
 def test_named_feature_layer_through_nested_models_and_missing_one(nested_file, tmp_path):
     _, _, wrapped = view_of(nested_file, tmp_path)
     name = "xray_net.mobilenetv2_0.35_48.block_13_expand_relu"  # layer names may hold dots
-    feature, logits = models.feature_and_logits(wrapped, name)
+    feature, logits = feature_and_logits(wrapped, name)
     assert tuple(feature.shape[1:]) == (3, 3, 192) and tuple(logits.shape[1:]) == (2,)
     with pytest.raises(KDError, match="'xray_net.nope' not found.*spatial output.*out_relu"):
-        models.feature_and_logits(wrapped, "xray_net.nope")
+        feature_and_logits(wrapped, "xray_net.nope")
 
 
 def test_sequential_probability_teacher(tmp_path):
@@ -107,7 +111,7 @@ def test_saved_model_teacher_distils_logits_only(tmp_path):
     expected = model(tf.image.resize(X, (40, 40), antialias=True))
     np.testing.assert_allclose(d._teacher_forward(X)["logits"], expected, atol=1e-5)
     wrapped.save(tmp_path / "view.keras")  # the run folder keeps this view as teacher.keras
-    again = models.load_model(tmp_path / "view.keras")  # safe mode: the SavedModel is trusted
+    again = load_model(tmp_path / "view.keras")  # safe mode: the SavedModel is trusted
     x40 = tf.image.resize(X, (40, 40))
     np.testing.assert_allclose(again(x40), wrapped(x40), atol=1e-6)
 
@@ -154,8 +158,8 @@ def test_cached_teacher_outputs_give_the_uncached_loss(tmp_path, real_npz):
     train = load_splits(build_config({"data": {"path": str(real_npz)}}, tmp_path).data).train
     train = train.subset(np.arange(48))
     keras.utils.set_random_seed(0)
-    student = models.build_student("resnet18", 2, SIZE, tiny=True)
-    d = Distiller(student, models.build_teacher("resnet50", 2, 48, tiny=True), beta=1.0)
+    student = build_student("resnet18", 2, SIZE, tiny=True)
+    d = Distiller(student, build_teacher("resnet50", 2, 48, tiny=True), beta=1.0)
     for storage in ("memory", "disk"):
         cache = teacher.TeacherCache(d, train, 48, 16, storage, tmp_path / "cache")
         assert set(cache.arrays) == {"logits", "feature"} and cache.nbytes > 0

@@ -1,7 +1,7 @@
 """XLA (`jit_compile=True`) vs the default TensorFlow graph, per architecture: the median train
 step of each model (plain supervised step, `Distiller(alpha=1)`) compiled both ways, on the same
 real batches, in one run. The ratio decides `train.jit_compile = "auto"` per architecture
-(`kd_keras.precision.JIT_FASTER`).
+(`kd_keras.archs.JIT_FASTER`).
 
     python benchmarks/jit_compile.py --data ../shared/data/pneumoniamnist.npz
 

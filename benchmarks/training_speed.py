@@ -2,7 +2,7 @@
 
 - every train step against its compute bound: the teacher's own step, the student's own step
   and the distillation step, each with its FLOPs (forward + backward: 3x the traced forward
-  graph's, plus the teacher's forward: `kd_keras.compute.TRAIN_FLOPS_METHOD`), the bound
+  graph's, plus the teacher's forward: `kd_keras.models.flops.TRAIN_FLOPS_METHOD`), the bound
   (FLOPs / this run's float32 peak, a TensorFlow MatMul on the same kernels and threads) and
   measured / bound;
 - distillation step vs its lower bound: the teacher's forward pass plus the student's own train

@@ -22,7 +22,7 @@ _API = {
     "load_config": "kd_keras.config",
     "Config": "kd_keras.config",
     "KDError": "kd_keras.errors",
-    "RunFolder": "kd_keras.runs.folder",
+    "RunFolder": "kd_keras.run.folder",
     "Distiller": "kd_keras.distill.distiller",
     "FeatureAdapter": "kd_keras.distill.distiller",
     "build_teacher": "kd_keras.models.registry",

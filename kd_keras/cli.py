@@ -18,11 +18,51 @@ os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
 import typer  # noqa: E402
 
+# light modules (no TensorFlow); the heavy layers load through _api
+from kd_keras.config import STAGES, build_config, load_config, read_toml  # noqa: E402
+from kd_keras.errors import Interrupted, KDError  # noqa: E402
+
 app = typer.Typer(
     add_completion=False,
     no_args_is_help=True,
     help="Knowledge distillation of image classifiers with Keras 3.",
 )
+
+
+def _api(*names: str):
+    """The named functions of the heavy layers (TensorFlow, Keras), imported on first use so
+    `--help` and argument errors stay fast: one object for one name, else a tuple."""
+    from kd_keras.deploy.benchmark import benchmark_fresh, benchmark_run
+    from kd_keras.deploy.predict import predict_files
+    from kd_keras.evaluation.compare import compare_runs, comparison_markdown, write_comparison
+    from kd_keras.evaluation.evaluate import report_markdown
+    from kd_keras.reporting.run_report import write_run_report
+    from kd_keras.run.folder import RunFolder
+    from kd_keras.workflows.distill import evaluate_and_report, run_distill
+    from kd_keras.workflows.export import export_run
+    from kd_keras.workflows.sweep import parse_grid, run_sweep
+
+    found = {
+        f.__name__: f
+        for f in (
+            benchmark_fresh,
+            benchmark_run,
+            predict_files,
+            compare_runs,
+            comparison_markdown,
+            write_comparison,
+            report_markdown,
+            write_run_report,
+            RunFolder,
+            evaluate_and_report,
+            run_distill,
+            export_run,
+            parse_grid,
+            run_sweep,
+        )
+    }
+    objects = tuple(found[name] for name in names)
+    return objects[0] if len(objects) == 1 else objects
 
 
 def _fail(message: str) -> None:
@@ -53,8 +93,6 @@ def distill(
     ] = False,
 ) -> None:
     """Fine-tune the teacher, distil the student, train the baseline, evaluate all three."""
-    from kd_keras.config import STAGES, load_config, read_toml
-
     if resume and overwrite:
         _fail("choose one of --resume and --overwrite")
     # validate everything the user typed before TensorFlow loads (and logs)
@@ -69,8 +107,8 @@ def distill(
         if bad:
             _fail(f"unknown stage(s) {bad}; valid: {', '.join(STAGES)}")
 
-    from kd_keras.evaluation.evaluate import report_markdown
-    from kd_keras.workflows.distill import run_distill
+    report_markdown = _api("report_markdown")
+    run_distill = _api("run_distill")
 
     mode = "resume" if resume else "overwrite" if overwrite else "new"
     report = run_distill(cfg, chosen, force=force, mode=mode)
@@ -86,8 +124,8 @@ def evaluate(
     run: Annotated[Path, typer.Option("--run", help="Run folder (holds config.toml).")],
 ) -> None:
     """Recompute the test metrics of a run from its saved models."""
-    from kd_keras.evaluation.evaluate import report_markdown
-    from kd_keras.workflows.distill import evaluate_and_report
+    report_markdown = _api("report_markdown")
+    evaluate_and_report = _api("evaluate_and_report")
 
     typer.echo(report_markdown(evaluate_and_report(run)))
 
@@ -102,8 +140,8 @@ def report(
     ] = None,
 ) -> None:
     """(Re)build the run's report.html from its saved files (no model is run)."""
-    from kd_keras.reporting.run_report import write_run_report
-    from kd_keras.runs.folder import RunFolder
+    write_run_report = _api("write_run_report")
+    RunFolder = _api("RunFolder")
 
     typer.echo(f"report: {write_run_report(RunFolder.find(run), out)}")
 
@@ -133,7 +171,7 @@ def export(
     formats = [f for f, on in (("onnx", onnx), ("tflite", tflite)) if on] + ([fmt] if fmt else [])
     if not formats:
         _fail("choose a format: --onnx and/or --tflite (or --format onnx,tflite)")
-    from kd_keras.workflows.export import export_run
+    export_run = _api("export_run")
 
     export_run(
         run,
@@ -160,7 +198,7 @@ def predict_cmd(
     """Classify image files with an exported model, preprocessed as its training data was.
 
     Exit status 1 when any file could not be read (its row says why), else 0."""
-    from kd_keras.deploy.predict import predict_files
+    predict_files = _api("predict_files")
 
     result = predict_files(model_file, list(images or []), out=out, batch=batch, threads=threads)
     if result["failed"]:
@@ -211,14 +249,14 @@ def benchmark(
     timing = dict(warmup=warmup, iters=iters, batch=batch, threads=threads, min_time=min_time,
                   provider=provider, formats=chosen)  # fmt: skip
     if fresh:
-        from kd_keras.deploy.benchmark import benchmark_fresh
+        benchmark_fresh = _api("benchmark_fresh")
 
         benchmark_fresh(
             teacher, student, image_size or 224, patch_size=patch_size, data=data, out=out,
             **timing,
         )  # fmt: skip
         return
-    from kd_keras.deploy.benchmark import benchmark_run
+    benchmark_run = _api("benchmark_run")
 
     benchmark_run(run, export_dir=out, image_size=image_size, **timing)
 
@@ -237,14 +275,13 @@ def sweep(
     ] = None,
 ) -> None:
     """Distil over a grid of settings and seeds (resumable); write tables, heatmap, ablation."""
-    from kd_keras.config import build_config, read_toml
-    from kd_keras.workflows.sweep import parse_grid
+    parse_grid = _api("parse_grid")
 
     raw = read_toml(config)
     base = build_config(raw, config.resolve().parent, set_ or [], default_name=config.stem)
     axes = parse_grid(grid)
 
-    from kd_keras.workflows.sweep import run_sweep
+    run_sweep = _api("run_sweep")
 
     result = run_sweep(raw, config.resolve().parent, base, axes, seeds, set_ or [])
     root = Path(result["root"])
@@ -277,7 +314,9 @@ def compare(
 ) -> None:
     """Paired verdict over finished runs: mean, sample std, 95% CI and pays / hurts / cannot
     tell, for validation and test balanced accuracy and AUC (reads report.json only)."""
-    from kd_keras.evaluation.compare import compare_runs, comparison_markdown, write_comparison
+    compare_runs, comparison_markdown, write_comparison = _api(
+        "compare_runs", "comparison_markdown", "write_comparison"
+    )
 
     if bootstrap < 0:
         _fail(f"--bootstrap must be 0 (paired t) or a number of resamples, got {bootstrap}")
@@ -293,8 +332,6 @@ def main(argv: list[str] | None = None) -> None:
     """Entry point of `python cli.py` and the `kd-keras` console script (`argv` defaults to the
     process's arguments); always ends with `SystemExit`."""
     import signal
-
-    from kd_keras.errors import Interrupted, KDError
 
     def interrupted(signum, frame):  # click would turn KeyboardInterrupt into "Aborted!"
         raise Interrupted("interrupted")

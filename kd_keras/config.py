@@ -15,6 +15,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from kd_keras.archs import MIN_IMAGE_SIZE, STUDENT_ARCHS, TEACHER_ARCHS, TOKEN_ARCHS, patch_grid_ok
 from kd_keras.errors import KDError
 from kd_keras.io import write_text
 
@@ -60,7 +61,7 @@ class AugmentConfig:
 
 @dataclass
 class TeacherConfig:
-    arch: str = _spec("resnet50", kind=str, choices=("resnet50", "efficientnet_b3"))
+    arch: str = _spec("resnet50", kind=str, choices=TEACHER_ARCHS)
     weights: str = _spec("none", kind=str, path=True)
     variant: str = _spec("full", kind=str, choices=("full", "tiny"))
     path: str | None = _spec(None, kind=str, path=True)
@@ -89,7 +90,7 @@ class StudentConfig:
     arch: str = _spec(
         "resnet18",
         kind=str,
-        choices=("resnet18", "mobilenet_v3_small", "resnet8x3", "vit_small", "deit_small"),
+        choices=STUDENT_ARCHS,
     )
     weights: str = _spec("none", kind=str, path=True)
     variant: str = _spec("full", kind=str, choices=("full", "tiny"))
@@ -140,7 +141,7 @@ class TrainConfig:
     )
     # momentum of every batch norm's moving statistics (PyTorch's 0.9); 0 keeps the model's own
     batchnorm_momentum: float = _spec(0.9, kind=float, lo=0.0, hi=1.0)
-    # XLA: "auto" turns it on where it was measured faster (see kd_keras.precision.JIT_FASTER)
+    # XLA: "auto" turns it on where it was measured faster (see kd_keras.archs.JIT_FASTER)
     jit_compile: bool | str = _spec("auto", kind=(bool, str), choices=(True, False, "auto"))
 
 
@@ -164,7 +165,7 @@ class ExportConfig:
 
 @dataclass
 class DistributeConfig:
-    # tf.distribute engine (kd_keras.distribute): one device, the GPUs of this machine
+    # tf.distribute engine (kd_keras.distill.distribute): one device, the GPUs of this machine
     # (MirroredStrategy), or the machines of TF_CONFIG (MultiWorkerMirroredStrategy)
     strategy: str = _spec("none", kind=str, choices=("none", "mirrored", "multi_worker"))
     # BatchNorm statistics over the global batch (as on one device) rather than per replica
@@ -197,10 +198,6 @@ class Config:
 
 STAGES = ("teacher", "distill", "scratch")
 SECTIONS: dict[str, type] = {f.name: f.default_factory for f in dataclasses.fields(Config)}
-
-# Smallest input each architecture accepts (its deepest feature map must stay at least 1x1).
-MIN_IMAGE_SIZE = {"resnet50": 32, "efficientnet_b3": 32, "resnet18": 32,
-                  "mobilenet_v3_small": 32, "resnet8x3": 16}  # fmt: skip
 
 
 def _check_value(section: str, f: dataclasses.Field, value: Any) -> Any:
@@ -311,9 +308,9 @@ def _check_consistency(cfg: Config) -> None:
                 f"config key data.image_size = {size} is too small for {section} {arch} "
                 f"(needs at least {need})"
             )
-    if cfg.student.arch in ("vit_small", "deit_small"):
+    if cfg.student.arch in TOKEN_ARCHS:
         p = cfg.student.patch_size
-        if size % p or size // p < 2:
+        if not patch_grid_ok(size, p):
             raise KDError(
                 f"config key student.patch_size = {p} must divide data.image_size = {size} "
                 "into a grid of at least 2x2 patches"

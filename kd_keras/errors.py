@@ -1,4 +1,4 @@
-"""User-facing errors and atomic file writes.
+"""User-facing errors (the file utilities are in `kd_keras.io`).
 
 A `KDError` is a mistake the user can fix (bad config, missing file, no run found).
 The CLI prints its message on one line and exits non-zero, without a traceback.

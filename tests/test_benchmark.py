@@ -15,7 +15,7 @@ from kd_keras.errors import KDError
 from kd_keras.host import has_vnni, isa_level
 from kd_keras.models.registry import build_student
 from kd_keras.models.taps import image_size_of
-from kd_keras.runs.folder import RunFolder
+from kd_keras.run.folder import RunFolder
 from kd_keras.workflows.export import export_run
 
 ROW_FIELDS = {

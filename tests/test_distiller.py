@@ -46,7 +46,7 @@ def test_loss_is_the_documented_formula(pair):
     teacher, student = pair
     d = Distiller(student, teacher, alpha=0.3, temperature=2.0, beta=0.7, feature_norm="none")
     s_out = d._student_graph(X, training=False)
-    t_out = d._teacher_forward(X)
+    t_out = d.teacher_outputs(X)
     terms = {k: float(v) for k, v in d.compute_terms(Y, s_out, t_out).items()}
     s_logits, t_logits = np.asarray(student(X)), np.asarray(teacher(X))
     ce = float(np.mean(losses.cross_entropy(Y, s_logits)))
@@ -71,7 +71,7 @@ def test_matches_keras_builtin_distiller_on_logits_only():
     ref = KerasDistiller(teacher=teacher, student=student, student_loss_weight=0.3,
                          distillation_losses=kl)  # fmt: skip
     ref.compile(optimizer="sgd", loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True))
-    ours_loss = ours.compute_terms(Y, ours._student_graph(X), ours._teacher_forward(X))["loss"]
+    ours_loss = ours.compute_terms(Y, ours._student_graph(X), ours.teacher_outputs(X))["loss"]
     ref_loss = ref.compute_loss(x=X, y=Y, y_pred=student(X), training=False)
     assert float(ours_loss) == pytest.approx(float(ref_loss), rel=1e-4)
 
@@ -79,7 +79,7 @@ def test_matches_keras_builtin_distiller_on_logits_only():
 def test_sample_weights_reach_every_term():
     teacher, student = small_classifier(1, 4.0), small_classifier(2, 2.0)
     d = Distiller(student, teacher, alpha=0.5, temperature=2.0)
-    s_out, t_out = d._student_graph(X), d._teacher_forward(X)
+    s_out, t_out = d._student_graph(X), d.teacher_outputs(X)
     w = np.where(Y == 0, 3.0, 0.5).astype("float32")
     plain = d.compute_terms(Y, s_out, t_out)
     weighted = d.compute_terms(Y, s_out, t_out, w)
@@ -193,7 +193,7 @@ def test_evaluate_reports_the_same_terms_as_compute_terms(pair):
     d = Distiller(student, teacher, alpha=0.4, temperature=2.0, beta=0.5)
     d.compile(optimizer="sgd")
     logs = d.evaluate(X, Y, batch_size=len(X), verbose=0, return_dict=True)
-    terms = d.compute_terms(Y, d._student_graph(X, training=False), d._teacher_forward(X))
+    terms = d.compute_terms(Y, d._student_graph(X, training=False), d.teacher_outputs(X))
     for key in ("loss", "ce", "kd", "feat"):
         assert logs[key] == pytest.approx(float(terms[key]), rel=1e-4), key
 
@@ -206,8 +206,8 @@ def test_registered_losses_train_through_the_distiller(pair, mode, feature):
     d.compile(optimizer=keras.optimizers.SGD(0.01))
     logs = d.train_on_batch(X, Y, return_dict=True)
     assert {"kd", "feat"} <= set(logs) and all(np.isfinite(v) for v in logs.values())
-    terms = d.compute_terms(Y, d._student_graph(X), d._teacher_forward(X))
-    t_out = d._teacher_forward(X)
+    terms = d.compute_terms(Y, d._student_graph(X), d.teacher_outputs(X))
+    t_out = d.teacher_outputs(X)
     expected_kd = np.mean(losses.kd_loss(mode, temperature=4.0)(Y, t_out["logits"],
                                                                  student(X)))  # fmt: skip
     assert float(terms["kd"]) == pytest.approx(float(expected_kd), rel=1e-4)

@@ -1,4 +1,4 @@
-"""Scale-out on tf.distribute (`kd_keras.distribute`, `[distribute]`).
+"""Scale-out on tf.distribute (`kd_keras.distill.distribute`, `[distribute]`).
 
 The slow tests start their own processes: logical CPU devices must be set before TensorFlow
 initialises, and MultiWorkerMirroredStrategy needs one process per worker (loopback only,

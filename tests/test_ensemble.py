@@ -58,7 +58,7 @@ def test_distiller_kd_term_uses_the_mean_tempered_probabilities(members):
     model = ensemble.build_ensemble(members)
     student = build_student("resnet18", 2, SIZE, tiny=True)
     d = Distiller(student, model, alpha=0.5, temperature=4.0, beta=0.0)
-    t_out, s_out = d._teacher_forward(X), d._student_forward(X, training=False)
+    t_out, s_out = d.teacher_outputs(X), d.student_outputs(X, training=False)
     terms = d.compute_terms(Y, s_out, t_out)
     small = keras.ops.image.resize(X, (SIZE, SIZE), interpolation="bilinear", antialias=True)
     p = (softmax(np.asarray(members[0](X)) / 4) + softmax(np.asarray(members[1](small)) / 4)) / 2
@@ -75,7 +75,7 @@ def test_every_member_feature_through_its_own_adapter_or_a_chosen_one(members):
     d.compile(optimizer=keras.optimizers.SGD(0.01))
     logs = d.train_on_batch(X, Y, return_dict=True)
     assert all(np.isfinite(v) for v in logs.values()), logs
-    t_out, s_out = d._teacher_forward(X), d._student_forward(X, training=False)
+    t_out, s_out = d.teacher_outputs(X), d.student_outputs(X, training=False)
     per_member = [
         np.asarray(losses.feature_l2(t_out[k], a(s_out["feature"]), "l2"))
         for k, a in zip(d.feature_keys, d.adapters)
@@ -86,7 +86,7 @@ def test_every_member_feature_through_its_own_adapter_or_a_chosen_one(members):
     one = Distiller(student, model, alpha=0.5, beta=1.0, ensemble_features=1)
     assert one.feature_keys == ["feature"] and one.adapter is not None
     member_feature = feature_tensor(members[1])
-    assert one._teacher_graph.output["feature"].shape[1:] == member_feature.shape[1:]
+    assert one.teacher_graph.output["feature"].shape[1:] == member_feature.shape[1:]
     with pytest.raises(KDError, match="ensemble_features = 2"):
         Distiller(student, model, alpha=0.5, beta=1.0, ensemble_features=2)
 

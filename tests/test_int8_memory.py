@@ -18,7 +18,7 @@ from kd_keras.deploy.quantize import (
     quantize,
 )
 from kd_keras.models.registry import build_student
-from kd_keras.runs.folder import RunFolder
+from kd_keras.run.folder import RunFolder
 from kd_keras.workflows.export import export_run
 
 INT16_MAX = 2**15 - 1

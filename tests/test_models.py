@@ -8,6 +8,7 @@ import numpy as np
 import pytest
 from conftest import PATCH, SIZE, build
 
+from kd_keras import compat
 from kd_keras.errors import KDError
 from kd_keras.models.layers import CAFFE_MEAN_BGR, IMAGENET_MEAN, IMAGENET_STD, ImagePreprocessing
 from kd_keras.models.loading import load_model
@@ -73,7 +74,7 @@ def test_real_size_parameters_and_feature_tap(real_zoo, arch, params, real_tap, 
 
 def test_real_taps_are_the_documented_layers(real_zoo):
     def tap(arch):
-        return feature_tensor(real_zoo(arch))._keras_history.operation.name
+        return compat.producing_layer(feature_tensor(real_zoo(arch))).name
 
     assert tap("resnet50") == "conv4_block6_out"
     assert tap("efficientnet_b3") == "block5e_add"
@@ -97,7 +98,8 @@ def test_small_student_is_at_most_a_twentieth_of_the_teacher(real_zoo):
 def test_no_stage_collapses_at_the_minimum_image_size(arch, last_map):
     """At `MIN_IMAGE_SIZE` every feature map of the real model is at least `last_map` wide and
     the tap at least 2x2; one pixel less is refused by the config."""
-    from kd_keras.config import MIN_IMAGE_SIZE, build_config
+    from kd_keras.archs import MIN_IMAGE_SIZE
+    from kd_keras.config import build_config
 
     size = MIN_IMAGE_SIZE[arch]
     model = build_student(arch, 2, size)
@@ -182,3 +184,11 @@ def test_batchnorm_momentum_reaches_nested_layers_and_is_saved(tmp_path):
            if isinstance(lay, keras.layers.BatchNormalization)]  # fmt: skip
     assert len(bns) == count and {b.momentum for b in bns} == {0.9}
     assert set_batchnorm_momentum(build("deit_small"), 0.9) == 0
+
+
+def test_every_registered_architecture_has_its_facts():
+    """One kd_keras.archs entry (minimum size or patch rule, feature tap, XLA preference) per
+    builder in the registry, in the same order (the taps are tried in it)."""
+    from kd_keras.archs import STUDENT_ARCHS, TEACHER_ARCHS
+
+    assert tuple(TEACHERS) == TEACHER_ARCHS and tuple(STUDENTS) == STUDENT_ARCHS

@@ -96,7 +96,7 @@ def test_deit_class_head_learns_labels_and_dist_head_the_teacher(zoo, mode):
     teacher, deit = zoo("resnet50"), zoo("deit_small")
     d = Distiller(deit, teacher, alpha=0.4, temperature=2.0, beta=0.0, mode=mode)
     terms = {k: float(v) for k, v in
-             d.compute_terms(Y, d._student_graph(X), d._teacher_forward(X)).items()}  # fmt: skip
+             d.compute_terms(Y, d._student_graph(X), d.teacher_outputs(X)).items()}  # fmt: skip
     assert "reg" not in terms
     cls, dist, _ = (np.asarray(t) for t in head_outputs(deit)(X))
     t_logits = np.asarray(teacher(X, training=False))
@@ -111,7 +111,7 @@ def test_deit_class_head_learns_labels_and_dist_head_the_teacher(zoo, mode):
     # only the teacher term (alpha = 0): it trains the deployed (averaged) output, so the class
     # head, half of what is deployed, is not left at its random initialisation
     d = Distiller(deit, teacher, alpha=0.0, beta=0.0, mode=mode)
-    t_logits_kd = d.compute_terms(Y, d._student_graph(X), d._teacher_forward(X))["kd"]
+    t_logits_kd = d.compute_terms(Y, d._student_graph(X), d.teacher_outputs(X))["kd"]
     out = np.asarray(deit(X))
     expected = (losses.soft_kd(t_logits, out, 4.0) if mode == "soft"
                 else losses.cross_entropy(t_logits.argmax(axis=1), out))  # fmt: skip

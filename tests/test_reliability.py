@@ -20,8 +20,8 @@ from kd_keras.distill.callbacks import FiniteGuard, HistoryCSV, SelectBest, Stag
 from kd_keras.distill.distiller import Distiller
 from kd_keras.errors import KDError
 from kd_keras.models.loading import load_model
-from kd_keras.runs.files import stage_hash
-from kd_keras.runs.folder import RunFolder
+from kd_keras.run.files import stage_hash
+from kd_keras.run.folder import RunFolder
 
 XRAY = str(ROOT / "configs" / "xray.toml")
 
@@ -128,7 +128,7 @@ def test_checkpoint_restores_student_adapter_and_optimizer_not_the_teacher(tmp_p
     restored.on_train_begin()
     for a, b in zip(checkpoint._state_variables(), restored._state_variables()):
         np.testing.assert_array_equal(np.asarray(a), np.asarray(b), err_msg=a.path)
-    assert int(second.optimizer.iterations) == 2 and second._initial_epoch == 1
+    assert int(second.optimizer.iterations) == 2 and restored.initial_epoch == 1
 
 
 # ---------------------------------------------------------------- run folders

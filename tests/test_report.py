@@ -18,8 +18,8 @@ import pytest
 from conftest import ROOT, make_run, run_cli, tiny_classifier
 
 from kd_keras.errors import KDError
-from kd_keras.runs.files import MODEL_STAGES
-from kd_keras.runs.folder import RunFolder
+from kd_keras.run.files import MODEL_STAGES
+from kd_keras.run.folder import RunFolder
 
 SECTIONS = ("summary", "training", "evaluation", "mistakes", "deployment", "config")
 SCREENSHOT_COPY = ROOT / ".pytest_screenshots" / "report.png"

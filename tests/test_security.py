@@ -165,7 +165,7 @@ def test_commands_on_a_shared_run_never_run_its_code(tmp_path, tiny_npz, command
 def test_a_changed_model_file_is_refused(tmp_path, tiny_npz):
     from conftest import make_run, tiny_classifier
 
-    from kd_keras.runs.folder import RunFolder, sha256_of
+    from kd_keras.run.folder import RunFolder, sha256_of
 
     models = {"teacher": tiny_classifier(), "student": tiny_classifier()}
     folder = make_run(tmp_path / "runs" / "r", tiny_npz, models)
@@ -185,7 +185,7 @@ def test_a_saved_model_view_loads_only_through_the_run_that_checked_it(tmp_path,
 
     from kd_keras.models import loading as teacher
     from kd_keras.models.loading import load_model
-    from kd_keras.runs.folder import sha256_of
+    from kd_keras.run.folder import sha256_of
 
     inputs = keras.Input((32, 32, 3))
     x = keras.layers.GlobalAveragePooling2D()(inputs)
@@ -210,7 +210,7 @@ def finished_run(tmp_path, npz):
     report.html, confusion files, predictions), to be overwritten."""
     from conftest import make_run, tiny_classifier
 
-    from kd_keras.runs.folder import RunFolder, sha256_of
+    from kd_keras.run.folder import RunFolder, sha256_of
 
     models = {"teacher": tiny_classifier(), "student": tiny_classifier(),
               "student_scratch": tiny_classifier()}  # fmt: skip
@@ -273,7 +273,7 @@ def test_overwrite_failing_after_it_started_restores_the_run(tmp_path, tiny_npz)
 def test_a_refused_teacher_leaves_no_folder_to_evaluate(tmp_path, tiny_npz):
     """distill with a teacher refused in safe mode, then evaluate / benchmark / report: there
     is no run to treat the refused file as its teacher."""
-    from kd_keras.runs.folder import RunFolder
+    from kd_keras.run.folder import RunFolder
 
     marker = tmp_path / "ran"
     evil = evil_model(tmp_path / "evil.keras", marker)
@@ -292,7 +292,7 @@ def test_a_refused_teacher_leaves_no_folder_to_evaluate(tmp_path, tiny_npz):
 
 
 def test_a_new_run_failing_before_its_first_stage_leaves_no_folder(tmp_path, tiny_npz):
-    from kd_keras.runs.folder import RunFolder
+    from kd_keras.run.folder import RunFolder
 
     code, _, err = run_cli("distill", "--config", XRAY, "--stages", "distill",
                            *sets(f"data.path={tiny_npz}", f"run.output_dir={tmp_path / 'runs'}",
@@ -410,7 +410,7 @@ def test_predict_out_that_cannot_be_written_fails_before_predicting(tmp_path, mo
 
 
 def test_resume_never_runs_a_model_file_it_finds_in_the_run(tmp_path, tiny_npz):
-    from kd_keras.runs.folder import RunFolder
+    from kd_keras.run.folder import RunFolder
 
     marker = tmp_path / "ran"
     folder = finished_run(tmp_path, tiny_npz)
@@ -439,7 +439,7 @@ def test_a_run_reloads_its_saved_model_teacher_only_while_it_is_unchanged(
     from conftest import make_run, tiny_classifier
 
     from kd_keras.models import loading as teacher
-    from kd_keras.runs.folder import RunFolder, sha256_of
+    from kd_keras.run.folder import RunFolder, sha256_of
 
     inputs = keras.Input((32, 32, 3))
     x = keras.layers.GlobalAveragePooling2D()(inputs)
@@ -508,7 +508,7 @@ def test_every_model_kd_keras_writes_loads_in_safe_mode(tmp_path):
 def test_the_teacher_path_fallback_never_gives_a_file_the_run_did_not_record(tmp_path, tiny_npz):
     from conftest import make_run, tiny_classifier
 
-    from kd_keras.runs.folder import RunFolder, sha256_of
+    from kd_keras.run.folder import RunFolder, sha256_of
 
     marker = tmp_path / "ran"
     evil = evil_model(tmp_path / "evil.keras", marker)

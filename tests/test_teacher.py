@@ -13,10 +13,11 @@ from conftest import ROOT, SIZE, run_cli
 from kd_keras.config import build_config
 from kd_keras.data.pipeline import make_dataset
 from kd_keras.data.sources import load_splits
-from kd_keras.distill import teacher
 from kd_keras.distill.distiller import Distiller
+from kd_keras.distill.teacher import resolve_view, teacher_view
+from kd_keras.distill.teacher_cache import TeacherCache
 from kd_keras.errors import KDError
-from kd_keras.models.loading import load_model
+from kd_keras.models.loading import load_model, load_teacher
 from kd_keras.models.registry import build_student, build_teacher
 from kd_keras.models.taps import feature_and_logits, feature_tensor
 
@@ -39,9 +40,9 @@ def cfg_with(tmp_path, **teacher_keys):
 
 
 def view_of(path, tmp_path, **teacher_keys):
-    model = teacher.load_teacher(str(path))
-    view = teacher.resolve_view(model, cfg_with(tmp_path, **teacher_keys), CLASSES)
-    return model, view, teacher.teacher_view(model, view)
+    model = load_teacher(str(path))
+    view = resolve_view(model, cfg_with(tmp_path, **teacher_keys), CLASSES)
+    return model, view, teacher_view(model, view)
 
 
 def distil_one_step(view_model, beta=1.0):
@@ -71,7 +72,7 @@ def test_nested_application_teacher_sees_its_own_size_and_scaling(nested_file, t
     # what the teacher got: the 32 px batch resized to 48 px and scaled to [-1, 1]
     expected = model(tf.image.resize(X, (48, 48), antialias=True) / 127.5 - 1.0)
     expected = expected[0] if isinstance(expected, list) else expected
-    np.testing.assert_allclose(d._teacher_forward(X)["logits"], expected, atol=1e-5)
+    np.testing.assert_allclose(d.teacher_outputs(X)["logits"], expected, atol=1e-5)
     # the feature tap was found inside the nested backbone
     tap = feature_tensor(wrapped)
     assert tuple(tap.shape[1:3]) == (2, 2) and tap.shape[-1] == 1280
@@ -96,7 +97,7 @@ def test_sequential_probability_teacher(tmp_path):
     model, view, wrapped = view_of(tmp_path / "seq.keras", tmp_path)
     assert (view.scaling, view.outputs) == ("raw", "probabilities"), "Rescaling first: raw"
     d, _ = distil_one_step(wrapped)
-    np.testing.assert_allclose(d._teacher_forward(X)["logits"], np.log(model(X)), atol=1e-5)
+    np.testing.assert_allclose(d.teacher_outputs(X)["logits"], np.log(model(X)), atol=1e-5)
 
 
 def test_saved_model_teacher_distils_logits_only(tmp_path):
@@ -109,7 +110,7 @@ def test_saved_model_teacher_distils_logits_only(tmp_path):
         distil_one_step(wrapped, beta=1.0)
     d, logs = distil_one_step(wrapped, beta=0.0)
     expected = model(tf.image.resize(X, (40, 40), antialias=True))
-    np.testing.assert_allclose(d._teacher_forward(X)["logits"], expected, atol=1e-5)
+    np.testing.assert_allclose(d.teacher_outputs(X)["logits"], expected, atol=1e-5)
     wrapped.save(tmp_path / "view.keras")  # the run folder keeps this view as teacher.keras
     again = load_model(tmp_path / "view.keras")  # safe mode: the SavedModel is trusted
     x40 = tf.image.resize(X, (40, 40))
@@ -129,7 +130,7 @@ def test_unknown_scaling_class_order_and_class_count(tmp_path):
     with pytest.raises(KDError, match="teacher.class_order"):
         view_of(tmp_path / "plain.keras", tmp_path, input_scaling="unit", class_order=["a", "b"])
     with pytest.raises(KDError, match="outputs 2 classes but the data has 3"):
-        teacher.resolve_view(model, cfg_with(tmp_path, input_scaling="raw"), ["a", "b", "c"])
+        resolve_view(model, cfg_with(tmp_path, input_scaling="raw"), ["a", "b", "c"])
 
 
 def test_loading_errors_name_what_to_do(tmp_path):
@@ -143,14 +144,14 @@ def test_loading_errors_name_what_to_do(tmp_path):
     keras.Model(inputs, out).save(tmp_path / "custom.keras")
     keras.saving.get_custom_objects().pop("user_code>Secret")
     with pytest.raises(KDError, match="needs the custom class 'Secret'"):
-        teacher.load_teacher(str(tmp_path / "custom.keras"))
+        load_teacher(str(tmp_path / "custom.keras"))
     with pytest.raises(KDError, match="teacher.path file not found"):
-        teacher.load_teacher(str(tmp_path / "absent.keras"))
+        load_teacher(str(tmp_path / "absent.keras"))
     (tmp_path / "folder").mkdir()
     with pytest.raises(KDError, match="neither a SavedModel"):
-        teacher.load_teacher(str(tmp_path / "folder"))
+        load_teacher(str(tmp_path / "folder"))
     with pytest.raises(KDError, match="could not load the keras-hub preset"):
-        teacher.load_teacher("kaggle://nobody/no-such-model/keras/none")
+        load_teacher("kaggle://nobody/no-such-model/keras/none")
 
 
 def test_cached_teacher_outputs_give_the_uncached_loss(tmp_path, real_npz):
@@ -161,16 +162,16 @@ def test_cached_teacher_outputs_give_the_uncached_loss(tmp_path, real_npz):
     student = build_student("resnet18", 2, SIZE, tiny=True)
     d = Distiller(student, build_teacher("resnet50", 2, 48, tiny=True), beta=1.0)
     for storage in ("memory", "disk"):
-        cache = teacher.TeacherCache(d, train, 48, 16, storage, tmp_path / "cache")
+        cache = TeacherCache(d, train, 48, 16, storage, tmp_path / "cache")
         assert set(cache.arrays) == {"logits", "feature"} and cache.nbytes > 0
         cached = make_dataset(train, 48, 16, training=True, seed=1, teacher_cache=cache)
         plain = make_dataset(train, 48, 16, training=True, seed=1)
         (xc, yc), (xp, yp) = next(iter(cached)), next(iter(plain))
         np.testing.assert_array_equal(yc, yp)
         assert set(xc) == {"images", "teacher_logits", "teacher_feature"}
-        with_cache = d.compute_terms(yc, d._student_forward(xc["images"], False),
-                                     d._teacher_forward(xc))  # fmt: skip
-        without = d.compute_terms(yp, d._student_forward(xp, False), d._teacher_forward(xp))
+        with_cache = d.compute_terms(yc, d.student_outputs(xc["images"], False),
+                                     d.teacher_outputs(xc))  # fmt: skip
+        without = d.compute_terms(yp, d.student_outputs(xp, False), d.teacher_outputs(xp))
         for key in ("loss", "kd", "feat"):
             assert float(with_cache[key]) == pytest.approx(float(without[key]), rel=1e-5), key
 

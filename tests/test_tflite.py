@@ -9,7 +9,7 @@ from conftest import CLASSES, make_run, tiny_classifier
 
 from kd_keras.data.pipeline import make_dataset
 from kd_keras.evaluation.metrics import choose_threshold
-from kd_keras.runs.folder import RunFolder
+from kd_keras.run.folder import RunFolder
 from kd_keras.runtimes import (
     keras_predictor,
     load_predictor,

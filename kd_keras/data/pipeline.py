@@ -67,8 +67,8 @@ def make_dataset(
     `first_epoch = k` sees exactly the batches the uninterrupted run saw from its epoch k on.
     With `balanced=True` every class is drawn with equal probability from one endless stream
     seeded by `seed` (a resumed run restarts that stream). With a `teacher_cache`
-    (`kd_keras.teacher.TeacherCache` of this split) the inputs are a dict of the images and the
-    teacher's cached outputs for exactly those images.
+    (`kd_keras.distill.teacher_cache.TeacherCache` of this split) the inputs are a dict of the
+    images and the teacher's cached outputs for exactly those images.
     """
     files = not isinstance(split.images, np.ndarray)
 

@@ -1,4 +1,4 @@
-"""Data sources and tf.data pipelines.
+"""Data sources: files and datasets loaded into train/val/test splits.
 
 Four sources, one result (`Splits`: train/val/test with class names):
 - `medmnist`: a MedMNIST `.npz` file (`data.path`; or `$KD_KERAS_DATA_DIR/<name>.npz`; or
@@ -8,9 +8,9 @@ Four sources, one result (`Splits`: train/val/test with class names):
 - `cifar10`: `keras.datasets.cifar10` online, or a local copy of the python batches
   (`data_batch_1..5`, `test_batch`), restricted to `data.classes`.
 
-Pipelines yield (float32 RGB pixels in [0, 255] at the model's input size, int32 label).
-Grey images are replicated to three channels. When a source has no validation split, a
-stratified one is carved from train with `data.val_fraction`.
+The pipelines (`kd_keras.data.pipeline`) yield (float32 RGB pixels in [0, 255] at the model's input
+size, int32 label). Grey images are replicated to three channels. When a source has no validation
+split, a stratified one is carved from train with `data.val_fraction`.
 """
 
 from __future__ import annotations

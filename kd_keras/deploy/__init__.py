@@ -1,1 +1,1 @@
-"""Deployment: runtimes files, ONNX, INT8, TFLite, export, prediction, benchmarks."""
+"""Deployment: ONNX, INT8, TFLite, export, prediction, benchmarks."""

@@ -13,7 +13,7 @@ interpreter): the files `export_run` wrote to `export/<run>/`.
 | `throughput_ips` | images/s at batch `batch`: 1 untimed call, then >= 2 calls, >= `min_time` s |
 | `threads` | CPU threads the runtime was given (read back from the session / interpreter / TF) |
 | `runtime` | what ran it: TensorFlow, the ONNX Runtime execution provider, LiteRT |
-| `flops` | FLOPs of one forward pass at batch 1 (`kd_keras.compute.onnx_flops`, FP32 ONNX graph) |
+| `flops` | FLOPs of one forward pass at batch 1 (`models.flops.onnx_flops`, FP32 ONNX graph) |
 | `compute_bound_ms` | flops / the machine's float32 peak measured in the same run (`peak`) |
 | `x_compute_bound` | FP32 rows on the CPU: p50 / compute bound (1.0 = the machine's peak) |
 | `balanced_accuracy`, `accuracy` | on the test split, with the model's decision threshold |
@@ -58,34 +58,27 @@ from typing import Any
 
 import numpy as np
 
-from kd_keras.config import MIN_IMAGE_SIZE
+from kd_keras.archs import MIN_IMAGE_SIZE, TOKEN_ARCHS, patch_grid_ok
 from kd_keras.data.pipeline import make_dataset
 from kd_keras.deploy.quantize import (
     CALIBRATION_BATCH,
     calibration_batches,
 )
 from kd_keras.deploy.rebuild import (
-    _calibration_images,
+    calibration_images,
     fresh_candidates,
     rebuild_at_size,
     trained_candidates,
 )
-from kd_keras.deploy.tables import _int8_note, benchmark_markdown, machine_summary, print_benchmark
-from kd_keras.deploy.timing import (
-    FORMATS,
-    MODELS,
-    TOKEN_ARCHS,
-    _untimed_rows,
-    benchmark_candidates,
-    ratios,
-)
+from kd_keras.deploy.tables import benchmark_markdown, int8_note, machine_summary, print_benchmark
+from kd_keras.deploy.timing import FORMATS, MODELS, benchmark_candidates, ratios, untimed_rows
 from kd_keras.errors import KDError
 from kd_keras.evaluation.metrics import classification_metrics
 from kd_keras.host import describe_host, peak_rss_mb
 from kd_keras.io import check_writable_dir, write_json, write_text
 from kd_keras.models.flops import FLOPS_METHOD, matmul_peak
 from kd_keras.models.registry import STUDENTS, TEACHERS, build_student, build_teacher
-from kd_keras.runs.folder import RunFolder
+from kd_keras.run.folder import RunFolder
 from kd_keras.runtimes import PROVIDER_CHOICES, default_threads, predict, printer, softmax
 
 
@@ -227,7 +220,7 @@ def benchmark_run(
         for name in MODELS:
             source, arch = run.model_file(name), run.arch(name)
             if source is None:
-                rows += _untimed_rows(name, arch, formats, f"run has no {name}.keras", size, batch)
+                rows += untimed_rows(name, arch, formats, f"run has no {name}.keras", size, batch)
                 continue
             model = run.load_model(name)
             if size == trained:
@@ -238,7 +231,7 @@ def benchmark_run(
             if name == "teacher" and run.cfg.teacher.from_user:
                 note = ("the user's teacher (teacher.path / teacher.ensemble) is only timed at "
                         f"its trained size, {trained} px")  # fmt: skip
-                rows += _untimed_rows(name, arch, formats, note, size, batch)
+                rows += untimed_rows(name, arch, formats, note, size, batch)
                 continue
             say(f"rebuilding {name} ({arch}) at {size} px …")
             model, note = rebuild_at_size(run, name, model, size, len(class_names))
@@ -248,7 +241,7 @@ def benchmark_run(
             rows += benchmark_candidates(candidates, images, batch, **timing)
     result["rows"] = rows
     result["ratios"] = ratios(rows)
-    _int8_note(result, formats)
+    int8_note(result, formats)
     result["peak_rss_mb"] = peak_rss_mb()
     stem = "benchmark" if size == trained else f"benchmark_{size}px"
     result["json"], result["md"] = str(out / f"{stem}.json"), str(out / f"{stem}.md")
@@ -291,7 +284,7 @@ def benchmark_fresh(
         need = MIN_IMAGE_SIZE.get(arch)
         if image_size < (need or 1):
             raise KDError(f"image size {image_size} is too small for {arch} (needs {need or 1})")
-    if student in TOKEN_ARCHS and (image_size % patch_size or image_size // patch_size < 2):
+    if student in TOKEN_ARCHS and not patch_grid_ok(image_size, patch_size):
         raise KDError(f"image size {image_size} is not a multiple of patch size {patch_size}")
     threads = threads or default_threads()
     keras_threads = set_tensorflow_threads(threads)
@@ -299,7 +292,7 @@ def benchmark_fresh(
     say = printer(quiet)
     say(f"measuring this machine's float32 peak ({threads} threads) …")
     peak = matmul_peak(threads)
-    calibration = _calibration_images(data, image_size, calibration_samples, CALIBRATION_BATCH)
+    calibration = calibration_images(data, image_size, calibration_samples, CALIBRATION_BATCH)
     first = next(iter(calibration))
     images = np.resize(np.asarray(first, "float32"), (batch, image_size, image_size, 3))
     rows: list[dict[str, Any]] = []
@@ -323,7 +316,7 @@ def benchmark_fresh(
     result.update(keras_threads=keras_threads, formats=list(formats),
                   calibration=str(data) if data else "random pixels", rows=rows,
                   ratios=ratios(rows))  # fmt: skip
-    _int8_note(result, formats)
+    int8_note(result, formats)
     result["peak_rss_mb"] = peak_rss_mb()
     stem = folder / f"latency_{image_size}px"
     result["json"], result["md"] = str(stem.with_suffix(".json")), str(stem.with_suffix(".md"))

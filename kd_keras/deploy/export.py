@@ -1,7 +1,8 @@
 """Export trained models to ONNX and TFLite (FP32 and INT8) and check every file against its
 Keras model.
 
-One call, `export_run`, turns a run folder into deployable files under `export/<run name>/`:
+One call, `export_files` (with the model card: `kd_keras.workflows.export.export_run`), turns a run
+folder into deployable files under `export/<run name>/`:
 
 - `<model>.onnx`: FP32, converted with tf2onnx from an explicit input signature (Keras's own ONNX
   export fails on EfficientNet and ViT). Input `images`: float32 RGB pixels in [0, 255], NHWC, at
@@ -21,15 +22,15 @@ One call, `export_run`, turns a run folder into deployable files under `export/<
   99.7%). The metadata (`int8_recipe`, `int8_checked_on`) and export.json record the recipe
   and the CPU and ISA level its rows were measured on; on a CPU without VNNI the export says
   INT8 is not expected to be faster than FP32 there.
-- `<model>.tflite`, `<model>.int8.tflite` (format `tflite`): see `kd_keras.tflite` (same
+- `<model>.tflite`, `<model>.int8.tflite` (format `tflite`): see `kd_keras.deploy.tflite` (same
   interface, metadata, parity check and INT8 threshold rule).
 - `export.json`: per file, the parity check and the test-split metrics.
 
 Metadata also carry the *preprocessing recipe* of the training images (`preprocessing`, JSON;
-`kd_keras.predict.preprocessing_recipe`), so `predict` makes inputs from image files the same way.
-An INT8 file chooses its own decision threshold on its own validation probabilities (the rule
-evaluation used for the FP32 model, `choose_threshold`) when the FP32 model has one, and records
-it in its metadata; its test metrics use it and sit beside the FP32 file's.
+`kd_keras.deploy.predict.preprocessing_recipe`), so `predict` makes inputs from image files the
+same way. An INT8 file chooses its own decision threshold on its own validation probabilities (the
+rule evaluation used for the FP32 model, `choose_threshold`) when the FP32 model has one, and
+records it in its metadata; its test metrics use it and sit beside the FP32 file's.
 
 Parity: ONNX Runtime and Keras run on the same real images (the whole test split by default);
 the FP32 file passes when the largest absolute logit difference is within the tolerance
@@ -72,8 +73,8 @@ from kd_keras.evaluation.metrics import classification_metrics
 from kd_keras.host import describe_host, peak_rss_mb
 from kd_keras.io import check_writable_dir, write_json
 from kd_keras.models.taps import image_size_of
-from kd_keras.runs.files import MODEL_STAGES, artefact_path
-from kd_keras.runs.folder import RunFolder
+from kd_keras.run.files import MODEL_STAGES, artefact_path
+from kd_keras.run.folder import RunFolder
 from kd_keras.runtimes import (
     compare_logits,
     keras_predictor,

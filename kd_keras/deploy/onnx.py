@@ -12,6 +12,7 @@ from typing import Any
 
 import numpy as np
 
+from kd_keras import compat
 from kd_keras.errors import KDError
 from kd_keras.evaluation.metrics import choose_threshold
 from kd_keras.io import atomic_write
@@ -69,8 +70,6 @@ def _collecting_optimizers():
     import gc
     from collections import OrderedDict
 
-    from tf2onnx import optimizer
-
     def collecting(factory):
         def make():
             gc.collect()
@@ -78,7 +77,7 @@ def _collecting_optimizers():
 
         return make
 
-    return OrderedDict((name, collecting(f)) for name, f in optimizer._get_optimizers().items())
+    return OrderedDict((name, collecting(f)) for name, f in compat.tf2onnx_optimizers().items())
 
 
 @contextlib.contextmanager
@@ -101,7 +100,7 @@ def _frozen_heap():
 
 
 @contextlib.contextmanager
-def _quiet_loggers(*names: str):
+def quiet_loggers(*names: str):
     loggers = [logging.getLogger(n or None) for n in names]  # "" is the root logger
     levels = [lg.level for lg in loggers]
     for lg in loggers:
@@ -113,7 +112,7 @@ def _quiet_loggers(*names: str):
             lg.setLevel(level)
 
 
-def _set_metadata(model_proto, metadata: dict[str, Any]) -> None:
+def set_onnx_metadata(model_proto, metadata: dict[str, Any]) -> None:
     props = {p.key: p.value for p in model_proto.metadata_props}
     for key, value in metadata.items():
         if value is not None:
@@ -166,7 +165,7 @@ def to_onnx(
 
     size = image_size_of(model)
     spec = (tf.TensorSpec((None, size, size, 3), tf.float32, name=INPUT_NAME),)
-    with _quiet_loggers("tf2onnx", "tensorflow"), _frozen_heap():
+    with quiet_loggers("tf2onnx", "tensorflow"), _frozen_heap():
         try:
             model_proto, _ = tf2onnx.convert.from_keras(
                 model, input_signature=spec, opset=opset, custom_op_handlers=CUSTOM_OP_HANDLERS,
@@ -175,7 +174,7 @@ def to_onnx(
         except Exception as err:
             raise KDError(f"tf2onnx could not convert {model.name!r}: {err}") from err
     _finish_graph(model_proto)
-    _set_metadata(model_proto, metadata or {})
+    set_onnx_metadata(model_proto, metadata or {})
     onnx.checker.check_model(model_proto)
     return atomic_write(path, lambda tmp: onnx.save(model_proto, str(tmp)))
 
@@ -210,7 +209,7 @@ def update_metadata(path: str | os.PathLike, metadata: dict[str, Any]) -> None:
     import onnx
 
     model = onnx.load(str(path))
-    _set_metadata(model, metadata)
+    set_onnx_metadata(model, metadata)
     atomic_write(path, lambda tmp: onnx.save(model, str(tmp)))
 
 

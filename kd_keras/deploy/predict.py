@@ -5,12 +5,12 @@ Each image is made into a model input the way the training data was made, follow
 
 - MedMNIST runs (`data.source = "medmnist"`): MedMNIST's own recipe for its source images —
   centre square crop (the short edge), greyscale, resize to the MedMNIST file's size
-  (`data.medmnist_size`, 28 px for pneumoniamnist.npz) — then what kd_keras.data does to every
-  MedMNIST image: grey replicated to RGB, bilinear resize to the model's input size. The MedMNIST
-  v2 paper and its MedMNIST+ notes describe the crop and the resize but name no interpolation;
-  we use PIL's bicubic (antialiased when shrinking: a 1000 px X-ray to 28 px needs it), and the
-  recipe records that choice.
-- Folder / CSV / CIFAR-10 runs: what kd_keras.data does with image files — decode to RGB
+  (`data.medmnist_size`, 28 px for pneumoniamnist.npz) — then what kd_keras.data.sources does to
+  every MedMNIST image: grey replicated to RGB, bilinear resize to the model's input size. The
+  MedMNIST v2 paper and its MedMNIST+ notes describe the crop and the resize but name no
+  interpolation; we use PIL's bicubic (antialiased when shrinking: a 1000 px X-ray to 28 px needs
+  it), and the recipe records that choice.
+- Folder / CSV / CIFAR-10 runs: what kd_keras.data.sources does with image files — decode to RGB
   (TensorFlow's decoder, as in training), bilinear resize to the model's input size.
 - A `.keras` file carries no metadata: inside a run folder the run's config gives the recipe, the
   class names and the threshold; elsewhere a plain RGB resize and argmax are used, and the result
@@ -39,8 +39,8 @@ from kd_keras.evaluation.metrics import predict_classes
 from kd_keras.io import check_writable_dir, write_text
 from kd_keras.models.loading import load_model
 from kd_keras.models.taps import image_size_of
-from kd_keras.runs.files import CONFIG_FILE, MODEL_STAGES
-from kd_keras.runs.folder import RunFolder
+from kd_keras.run.files import CONFIG_FILE, MODEL_STAGES
+from kd_keras.run.folder import RunFolder
 from kd_keras.runtimes import (
     console,
     file_metadata,
@@ -104,7 +104,7 @@ def describe_recipe(recipe: dict[str, Any]) -> str:
 
 
 def source_pixels(path: Path, recipe: dict[str, Any]) -> np.ndarray:
-    """The uint8 pixels of one image as the training data held them before kd_keras.data's
+    """The uint8 pixels of one image as the training data held them before kd_keras.data.sources's
     pipeline: MedMNIST-style crop/grey/resize (H x W), or the decoded RGB image (H x W x 3)."""
     if recipe.get("color") == "grey":
         from PIL import Image
@@ -124,8 +124,8 @@ def source_pixels(path: Path, recipe: dict[str, Any]) -> np.ndarray:
 
 
 def model_inputs(pixels: list[np.ndarray], size: int) -> np.ndarray:
-    """float32 [N, size, size, 3] model inputs from source pixels, through kd_keras.data's own
-    evaluation pipeline (grey to RGB, bilinear resize, clip), one group per source shape."""
+    """float32 [N, size, size, 3] model inputs from source pixels, through kd_keras.data.sources's
+    own evaluation pipeline (grey to RGB, bilinear resize, clip), one group per source shape."""
     out = np.zeros((len(pixels), size, size, 3), "float32")
     shapes: dict[tuple, list[int]] = {}
     for i, image in enumerate(pixels):

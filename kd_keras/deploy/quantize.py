@@ -13,11 +13,11 @@ from typing import Any
 
 import numpy as np
 
+from kd_keras import host
 from kd_keras.data.pipeline import make_dataset
 from kd_keras.data.sources import stratified_subset
-from kd_keras.deploy.onnx import SOFTMAX_NODE, _quiet_loggers, _set_metadata
+from kd_keras.deploy.onnx import SOFTMAX_NODE, quiet_loggers, set_onnx_metadata
 from kd_keras.errors import KDError
-from kd_keras.host import cpu_model, has_vnni, is_x86, isa_level
 from kd_keras.io import atomic_write
 from kd_keras.runtimes import (
     INPUT_NAME,
@@ -175,7 +175,11 @@ def recipe_info(reduce_range: bool) -> dict[str, Any]:
         "weight_range": "[-64, 64] (7-bit)" if reduce_range else "[-127, 127] (8-bit)",
         "recipe": INT8_RECIPE if reduce_range else FULL_RANGE_RISK,
         "faithful_without_vnni": reduce_range,
-        "checked_on": {"cpu": cpu_model(), "isa_level": isa_level(), "vnni": has_vnni()},
+        "checked_on": {
+            "cpu": host.cpu_model(),
+            "isa_level": host.isa_level(),
+            "vnni": host.has_vnni(),
+        },
     }
 
 
@@ -183,7 +187,7 @@ def int8_speed_note() -> str | None:
     """A plain sentence when INT8 cannot be faster than FP32 on this host (no VNNI), else
     None. Without VNNI, ONNX Runtime's U8S8 kernels multiply in 16 bits and were measured no
     faster than FP32 (1.04x on an AVX2-only AMD Zen 1; 0.35-0.5x on a VNNI host)."""
-    return NO_VNNI_SPEED_NOTE if is_x86() and not has_vnni() else None
+    return NO_VNNI_SPEED_NOTE if host.is_x86() and not host.has_vnni() else None
 
 
 def quantize(
@@ -222,7 +226,7 @@ def quantize(
     with tempfile.TemporaryDirectory(prefix="kd_keras_int8_") as tmp, contextlib.chdir(tmp):
         pre = Path(tmp) / "preprocessed.onnx"
         out = Path(tmp) / "int8.onnx"
-        with _quiet_loggers("", "onnxruntime"):
+        with quiet_loggers("", "onnxruntime"):
             # symbolic shape inference fails on the ViT graph; ONNX shape inference still runs
             quant_pre_process(str(fp32_path), str(pre), skip_symbolic_shape=method == "dynamic")
             if method == "static":
@@ -247,7 +251,7 @@ def quantize(
         info.update(recipe_info(reduce_range))
         model = onnx.load(str(out))
         checked = info["checked_on"]
-        _set_metadata(
+        set_onnx_metadata(
             model,
             {
                 **(metadata or {}),

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import numpy as np
 
-from kd_keras.config import MIN_IMAGE_SIZE
+from kd_keras.archs import MIN_IMAGE_SIZE, TOKEN_ARCHS, patch_grid_ok
 from kd_keras.data.sources import load_npz
 from kd_keras.deploy.onnx import to_onnx
 from kd_keras.deploy.quantize import (
@@ -20,7 +20,6 @@ from kd_keras.deploy.tflite import convert, write_tflite
 from kd_keras.deploy.timing import (
     EXPORT_FLAGS,
     FORMATS,
-    TOKEN_ARCHS,
     Candidate,
     Loaded,
     keras_loader,
@@ -31,8 +30,8 @@ from kd_keras.errors import KDError
 from kd_keras.models.flops import onnx_flops
 from kd_keras.models.registry import build_student, build_teacher
 from kd_keras.models.taps import image_size_of
-from kd_keras.runs.files import artefact_path
-from kd_keras.runs.folder import RunFolder
+from kd_keras.run.files import artefact_path
+from kd_keras.run.folder import RunFolder
 from kd_keras.runtimes import (
     file_metadata,
 )
@@ -48,7 +47,7 @@ def rebuild_at_size(run: RunFolder, name: str, model, size: int, num_classes: in
         fresh = build_teacher(arch, num_classes, size, tiny=run.cfg.teacher.variant == "tiny")
     else:
         patch = run.cfg.student.patch_size
-        if arch in TOKEN_ARCHS and (size % patch or size // patch < 2):
+        if arch in TOKEN_ARCHS and not patch_grid_ok(size, patch):
             raise KDError(
                 f"image size {size} is not a multiple of student.patch_size = {patch} "
                 "(or gives fewer than 2x2 patches)"
@@ -185,7 +184,7 @@ def fresh_candidates(
     return candidates
 
 
-def _calibration_images(data: str | os.PathLike | None, size: int, n: int, batch: int, seed=0):
+def calibration_images(data: str | os.PathLike | None, size: int, n: int, batch: int, seed=0):
     """Real training images of a MedMNIST-layout .npz, else uniform random pixels (fine for
     timing; INT8 accuracy is not measured on fresh models)."""
     if data is None:

@@ -14,10 +14,7 @@ from kd_keras.models.flops import FLOPS_METHOD
 from kd_keras.runtimes import (
     console,
 )
-
-
-def _fmt(value: float | None, digits: int = 3) -> str:
-    return "—" if value is None else f"{value:.{digits}f}"
+from kd_keras.text import fmt, md_row
 
 
 def summary_table(result: dict[str, Any]):
@@ -40,9 +37,9 @@ def summary_table(result: dict[str, Any]):
             status = f"int8 {entry['quantization']['method']}"
         table.add_row(
             entry["file"], f"{check['max_abs_diff']:.1e}", f"{check['argmax_agreement']:.1%}",
-            status, f"{entry['size_mb']:.1f}", _fmt(entry.get("threshold"), 4),
-            _fmt(metrics["balanced_accuracy"]),
-            _fmt(metrics["roc_auc"]),
+            status, f"{entry['size_mb']:.1f}", fmt(entry.get("threshold"), 4),
+            fmt(metrics["balanced_accuracy"]),
+            fmt(metrics["roc_auc"]),
         )  # fmt: skip
     return table
 
@@ -94,22 +91,18 @@ def ratio_lines(result: dict[str, Any]) -> list[str]:
     return lines
 
 
-def _num(value: float | None, fmt: str) -> str:
-    return "—" if value is None else format(value, fmt)
-
-
 def _cells(row: dict[str, Any]) -> list[str]:
     mean = (
         "—" if row["mean_ms"] is None else f"{row['mean_ms']:.2f} ± {row['std_ms']:.2f}"
     )  # fmt: skip
     return [
         row["model"], row["arch"], row["format"], row["runtime"] or "—",
-        _num(row["threads"], "d"),
-        _num(None if row["params"] is None else row["params"] / 1e6, ".2f"),
-        _num(row["size_mb"], ".1f"), _num(None if not row["flops"] else row["flops"] / 1e9, ".2f"),
-        _num(row["p50_ms"], ".2f"), _num(row["p90_ms"], ".2f"), _num(row["p99_ms"], ".2f"),
-        mean, _num(row["calls"], "d"), _num(row["x_compute_bound"], ".2f"),
-        _num(row["throughput_ips"], ".1f"), _num(row["balanced_accuracy"], ".3f"),
+        fmt(row["threads"], "d"),
+        fmt(None if row["params"] is None else row["params"] / 1e6, ".2f"),
+        fmt(row["size_mb"], ".1f"), fmt(None if not row["flops"] else row["flops"] / 1e9, ".2f"),
+        fmt(row["p50_ms"], ".2f"), fmt(row["p90_ms"], ".2f"), fmt(row["p99_ms"], ".2f"),
+        mean, fmt(row["calls"], "d"), fmt(row["x_compute_bound"], ".2f"),
+        fmt(row["throughput_ips"], ".1f"), fmt(row["balanced_accuracy"], ".3f"),
     ]  # fmt: skip
 
 
@@ -155,7 +148,7 @@ def benchmark_table(result: dict[str, Any]):
     return table
 
 
-def _int8_note(result: dict[str, Any], formats) -> None:
+def int8_note(result: dict[str, Any], formats) -> None:
     """When INT8 was measured on a CPU without VNNI, say plainly that it cannot be expected
     to beat FP32 here (the host itself is in the result header)."""
     note = int8_speed_note() if {"int8", "tflite_int8"} & set(formats) else None
@@ -190,10 +183,10 @@ def benchmark_markdown(result: dict[str, Any]) -> str:
         "",
         _settings(result),
         "",
-        "| " + " | ".join(headers) + " |",
+        md_row(headers),
         "|" + "|".join("---" if i < LEFT_COLUMNS else "---:" for i in range(len(headers))) + "|",
     ]
-    lines += ["| " + " | ".join(_cells(row)) + " |" for row in result["rows"]]
+    lines += [md_row(_cells(row)) for row in result["rows"]]
     extra = ratio_lines(result) + _notes(result) + _speed_lines(result) + _memory_lines(result)
     if extra:
         lines += [""] + [f"- {line}" for line in extra]

@@ -32,7 +32,7 @@ import numpy as np
 from kd_keras.errors import KDError
 from kd_keras.io import atomic_write
 from kd_keras.models.taps import image_size_of
-from kd_keras.runs.files import artefact_path
+from kd_keras.run.files import artefact_path
 from kd_keras.runtimes import (
     INPUT_NAME,
     LOGITS,
@@ -154,7 +154,7 @@ def export_tflite(job, int8: bool) -> dict[str, dict[str, Any]]:
     the tolerance: deleted, `KDError`), and with `int8` a full-integer `<name>.int8.tflite`
     calibrated on TRAIN images, with its own validation-chosen threshold; export.json entries.
 
-    `job` is an `kd_keras.export.ExportJob`.
+    `job` is an `kd_keras.deploy.export.ExportJob`.
     """
     name, threshold = job.name, job.threshold
     path = artefact_path(job.out, name, "tflite")

@@ -32,9 +32,6 @@ FP32_FORMATS = ("keras", "onnx", "tflite")
 MODELS = ("teacher", "student")  # of a run: the pair whose ratio the benchmark is about
 
 
-TOKEN_ARCHS = ("vit_small", "deit_small")
-
-
 # (student format, teacher format): FP32/FP32 per runtime, INT8/INT8, INT8 student/FP32 teacher
 RATIOS = (
     ("keras", "keras"), ("onnx", "onnx"), ("tflite", "tflite"), ("int8", "int8"),
@@ -156,7 +153,7 @@ def time_predictor(
     }
 
 
-def _untimed_rows(name, arch, formats, note: str, image_size: int, batch: int) -> list[dict]:
+def untimed_rows(name, arch, formats, note: str, image_size: int, batch: int) -> list[dict]:
     """One row per format for a model that is not timed, saying why in `note`."""
     return [_row(Candidate(name, arch, f, None, None, None, None, note), image_size, batch)
             for f in formats]  # fmt: skip
@@ -199,7 +196,7 @@ def benchmark_candidates(
     peak: dict[str, Any] | None = None,
 ) -> list[dict[str, Any]]:
     """Measure each candidate in turn (one model in memory at a time) and return table rows;
-    `peak` (`kd_keras.compute.matmul_peak`) gives each row its compute bound."""
+    `peak` (`kd_keras.models.flops.matmul_peak`) gives each row its compute bound."""
     rows = []
     for c in candidates:
         row = _row(c, int(images.shape[1]), batch)

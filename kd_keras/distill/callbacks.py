@@ -182,6 +182,12 @@ class StageCheckpoint(keras.callbacks.Callback):
         latest = Path(folder) / "latest.json"
         return read_json(latest)["epochs_done"] if latest.is_file() else 0
 
+    @property
+    def initial_epoch(self) -> int:
+        """The epoch a resumed stage continues from (0 when there is no checkpoint): what
+        `fit_stage` passes as `fit(initial_epoch=...)`."""
+        return self.epochs_done(self.folder)
+
     def _state_variables(self) -> list:
         """What a resumed stage needs: the trained model's and adapters' variables (trainable
         or not) and the optimizer's (loss scale and schedule step included)."""
@@ -211,7 +217,6 @@ class StageCheckpoint(keras.callbacks.Callback):
             self.select.restore(meta["select"], [best[f"w{i}"] for i in range(len(best.files))])
         self.history.rows = meta["history"]
         self.seconds_before = meta["seconds"]
-        self.model._initial_epoch = meta["epochs_done"]
         print(f"  resuming after epoch {meta['epochs_done']} (checkpoint {saved})")
 
     def on_epoch_end(self, epoch, logs=None):

@@ -10,6 +10,7 @@ import keras
 import tensorflow as tf
 from keras import ops
 
+from kd_keras import compat
 from kd_keras.distill import distribute, ensemble, losses
 from kd_keras.models.layers import CLS_LOGITS_LAYER, DIST_LOGITS_LAYER, resize_images
 from kd_keras.models.matmul_conv import matmul_view
@@ -55,7 +56,8 @@ class FeatureAdapter(keras.layers.Layer):
 
 @keras.saving.register_keras_serializable(package="kd_keras")
 class Distiller(keras.Model):
-    """Trains `student` with alpha * CE + (1 - alpha) * KD + beta * FEAT (see `kd_keras.losses`).
+    """Trains `student` with alpha * CE + (1 - alpha) * KD + beta * FEAT (see
+    `kd_keras.distill.losses`).
 
     The teacher is frozen and always runs in inference mode; gradients reach only the student's
     and the feature adapter's variables. Sample weights (for example from
@@ -68,7 +70,7 @@ class Distiller(keras.Model):
     so neither head is left untrained.
 
     Args:
-        student: a model built by `kd_keras.models` (raw pixels in, logits out).
+        student: a model built by `kd_keras.models.registry` (raw pixels in, logits out).
         teacher: the teacher, or None for plain supervised training (alpha=1, beta=0).
         alpha: weight of the label CE term, in [0, 1].
         temperature: softmax temperature T of the soft KD term, > 0.
@@ -86,15 +88,16 @@ class Distiller(keras.Model):
         l2_weight_decay: coupled L2 regularisation, (l2_weight_decay / 2) * ||w||^2 over the
             trained variables added to the loss (PyTorch's `weight_decay`); 0 turns it off.
         teacher_feature_layer, student_feature_layer: the feature taps, dotted through nested
-            models (default: found automatically, see `models.feature_and_logits`).
-        ensemble_features: with a teacher ensemble (`kd_keras.ensemble`), match the feature map
-            of every member, each through its own adapter (`"all"`), or of member i only (i).
+            models (default: found automatically, see `kd_keras.models.taps.feature_and_logits`).
+        ensemble_features: with a teacher ensemble (`kd_keras.distill.ensemble`), match the
+            feature map of every member, each through its own adapter (`"all"`), or of member i
+            only (i).
 
     Each model sees the batch at its own input size: images are resized (bilinear, antialiased)
     for the student and for the teacher when their input size differs from the batch's, so a
     teacher at 224 px can teach a student at 32 px. Inputs may also be a dict with `images` and
     precomputed teacher outputs (`teacher_logits`, `teacher_feature`: see
-    `kd_keras.teacher.TeacherCache`); the teacher is then not run.
+    `kd_keras.distill.teacher_cache.TeacherCache`); the teacher is then not run.
 
     Example:
         >>> d = Distiller(student, teacher, alpha=0.5, temperature=4.0, beta=1.0)
@@ -194,7 +197,7 @@ class Distiller(keras.Model):
                 adapter.build(s_feature.shape)
                 self.adapters.append(adapter)
         # both graphs compute their matrix-product convolutions as matrix products (same
-        # variables; see kd_keras.matmul_conv): several times faster on small feature maps
+        # variables; see kd_keras.models.matmul_conv): several times faster on small feature maps
         self._student_graph = matmul_view(
             keras.Model(student.inputs, s_outputs, name="student_graph")
         )
@@ -251,11 +254,11 @@ class Distiller(keras.Model):
     def compute_terms(self, y, student_out, teacher_out, sample_weight=None, count=None) -> dict:
         """The loss and its weighted terms for one batch (scalar tensors).
 
-        `student_out` and `teacher_out` are the dicts of `_student_graph` and `_teacher_forward`.
+        `student_out` and `teacher_out` are the dicts of `_student_graph` and `teacher_outputs`.
         `loss` includes the regularisation losses (the student's own and coupled L2). With
         `count`, the global batch size when this batch is one replica's part of it, every term
         is this replica's share (weighted sum / count; regularisation / replicas): the shares
-        sum over the replicas to the terms of the global batch (`kd_keras.distribute`).
+        sum over the replicas to the terms of the global batch (`kd_keras.distill.distribute`).
         """
         ce_logits, kd_logits = student_out["ce_logits"], student_out["kd_logits"]
         kd_weight = sample_weight if self.weight_distillation else None
@@ -305,10 +308,19 @@ class Distiller(keras.Model):
             return x["images"], cached or None
         return x, None
 
-    def _student_forward(self, images, training: bool) -> dict:
+    @property
+    def teacher_graph(self):
+        """The teacher's functional graph with the outputs distillation reads (logits and
+        feature taps), or None when every teacher output comes from a cache."""
+        return self._teacher_graph
+
+    def student_outputs(self, images, training: bool) -> dict:
+        """The student's outputs (logits and feature taps) on a batch of images."""
         return self._student_graph(self._at_size(images, self.student), training=training)
 
-    def _teacher_forward(self, x) -> dict:
+    def teacher_outputs(self, x) -> dict:
+        """The teacher's outputs on a batch (images, or images plus cached teacher outputs),
+        without gradients."""
         images, cached = self._split_inputs(x)
         if cached is not None:
             return cached
@@ -339,19 +351,20 @@ class Distiller(keras.Model):
         the replicas to build what is unbuilt. Under MultiWorkerMirroredStrategy that fails
         ("Attempt to convert a value (PerReplica...) to a Tensor": keras-team/keras#20585), and
         it opens an extra dataset iterator, shifting the shuffle and augmentation streams. The
-        Distiller is built at construction: build only what is left (the optimizer)."""
-        if self._distribute_strategy is None:
+        Distiller is built at construction: build only what is left (the optimizer). Documented in
+        `kd_keras.compat.symbolic_build` (an override of a private hook keeps its name)."""
+        if compat.explicit_strategy(self) is None:
             return  # no strategy: Keras builds in the first step, as it always did
         with self.distribute_strategy.scope():
-            self._symbolic_build(data_batch=data_batch)
+            compat.symbolic_build(self, data_batch=data_batch)
 
     def train_step(self, data):
         x, y, sample_weight = keras.utils.unpack_x_y_sample_weight(data)
-        teacher_out = self._teacher_forward(x)
+        teacher_out = self.teacher_outputs(x)
         images, _ = self._split_inputs(x)
         variables = self.trained_variables
         with tf.GradientTape() as tape:
-            student_out = self._student_forward(images, training=True)
+            student_out = self.student_outputs(images, training=True)
             shares = self._replica_terms(y, student_out, teacher_out, sample_weight)
             # float16 training: a LossScaleOptimizer scales here and unscales in apply
             scaled = self.optimizer.scale_loss(shares["loss"])
@@ -363,8 +376,8 @@ class Distiller(keras.Model):
     def test_step(self, data):
         """The same terms and metrics in inference mode (`evaluate`, validation data)."""
         x, y, sample_weight = keras.utils.unpack_x_y_sample_weight(data)
-        student_out = self._student_forward(self._split_inputs(x)[0], training=False)
-        shares = self._replica_terms(y, student_out, self._teacher_forward(x), sample_weight)
+        student_out = self.student_outputs(self._split_inputs(x)[0], training=False)
+        shares = self._replica_terms(y, student_out, self.teacher_outputs(x), sample_weight)
         return self._update_metrics(y, student_out, shares, sample_weight)
 
     def get_config(self):

@@ -27,6 +27,7 @@ import shutil
 import tempfile
 from dataclasses import dataclass
 
+from kd_keras import compat
 from kd_keras.errors import KDError
 
 WORKER_DIR_PREFIX = "kd_keras_worker_"
@@ -167,7 +168,7 @@ def sync_batch_norm(model, enabled: bool = True) -> list:
 
     if not enabled or num_replicas() == 1:
         return []
-    layers = model._flatten_layers(include_self=False, recursive=True)
+    layers = compat.all_sublayers(model)
     bn = keras.layers.BatchNormalization
     switched = [layer for layer in layers if isinstance(layer, bn) and not layer.synchronized]
     for layer in switched:
@@ -235,6 +236,6 @@ def step_logs(logs: dict) -> dict:
 def _multi_worker(strategy) -> bool:
     import tensorflow as tf
 
-    return isinstance(strategy, tf.distribute.MultiWorkerMirroredStrategy) and bool(
-        strategy.extended._in_multi_worker_mode()
-    )
+    return isinstance(
+        strategy, tf.distribute.MultiWorkerMirroredStrategy
+    ) and compat.in_multi_worker_mode(strategy)

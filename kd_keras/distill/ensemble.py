@@ -2,10 +2,10 @@
 
 `teacher.ensemble` lists the members (`.keras` files, SavedModel folders, keras-hub presets, or
 run folders, whose teacher is taken). Each member is wrapped into its own view of the image
-(`kd_keras.teacher.teacher_view`), so members may differ in input size, pixel scaling, output
-kind and class order. `build_ensemble` joins them into one functional model, saved as the run's
-teacher: raw pixels in at the largest member size (each member resizes down to its own), logits
-out whose softmax is the mean of the members' probabilities.
+(`kd_keras.distill.teacher.teacher_view`), so members may differ in input size, pixel scaling,
+output kind and class order. `build_ensemble` joins them into one functional model, saved as the
+run's teacher: raw pixels in at the largest member size (each member resizes down to its own),
+logits out whose softmax is the mean of the members' probabilities.
 
 For distillation at temperature T the Distiller rebuilds that graph with `EnsembleLogits(T)`,
 whose tempered softmax is exactly the mean of the members' tempered softmaxes, so every
@@ -21,10 +21,11 @@ from pathlib import Path
 
 import keras
 
+from kd_keras import compat
 from kd_keras.errors import KDError
 from kd_keras.models.layers import EnsembleLogits, ResizeImages
 from kd_keras.models.taps import feature_and_logits, image_size_of, model_output
-from kd_keras.runs.folder import RunFolder
+from kd_keras.run.folder import RunFolder
 
 ENSEMBLE_NAME = "teacher_ensemble"
 _MEMBER = "member_{}"
@@ -69,7 +70,7 @@ def ensemble_members(model: keras.Model | None) -> list[keras.Model] | None:
     model."""
     if model is None or not model.outputs:
         return None
-    if not isinstance(model_output(model)._keras_history.operation, EnsembleLogits):
+    if not isinstance(compat.producing_layer(model_output(model)), EnsembleLogits):
         return None
     found = {}
     for layer in model.layers:

@@ -27,11 +27,10 @@ from collections.abc import Callable, Iterator
 import keras
 
 from kd_keras import host
+from kd_keras.archs import JIT_FASTER
 from kd_keras.models.taps import all_layers
 
 POLICIES = ("float32", "mixed_bfloat16", "mixed_float16")
-# architectures whose train step XLA makes faster on a CPU (benchmarks/jit_compile.py)
-JIT_FASTER = frozenset({"deit_small", "vit_small"})
 
 
 def _has_gpu() -> bool:

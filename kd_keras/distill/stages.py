@@ -2,7 +2,7 @@
 
 All three use the same engine (`Distiller`), optimiser recipe and best-epoch selection on the
 validation split; only the loss weights differ. What each stage writes, and where, is defined by
-`kd_keras.run.RunFolder`.
+`kd_keras.run.folder.RunFolder`.
 
 Weight decay: Keras 3 applies `weight_decay` to the weights directly in every optimizer
 (decoupled, as in AdamW / SGDW: Loshchilov & Hutter, 2019); `train.weight_decay_mode = "l2"`
@@ -44,8 +44,8 @@ from kd_keras.io import atomic_write
 from kd_keras.models.loading import PRESET_PREFIXES, saved_models_in
 from kd_keras.models.registry import build_student, build_teacher
 from kd_keras.models.taps import image_size_of, set_batchnorm_momentum
-from kd_keras.runs.files import STAGE_MODELS
-from kd_keras.runs.folder import RunFolder, sha256_of
+from kd_keras.run.files import STAGE_MODELS
+from kd_keras.run.folder import RunFolder, sha256_of
 
 
 def save_model(model: keras.Model, path: Path) -> Path:
@@ -147,7 +147,7 @@ def fit_stage(
         model.fit(
             train_ds, epochs=epochs, steps_per_epoch=steps,
             class_weight=weights, verbose=keras_verbose(tc.verbose), shuffle=False,
-            callbacks=callbacks + [checkpoint],
+            callbacks=callbacks + [checkpoint], initial_epoch=checkpoint.initial_epoch,
         )  # fmt: skip
     finally:
         distribute.unsync_batch_norm(synced)
@@ -162,7 +162,7 @@ def fit_stage(
 def check_not_chance(stage: str, result: StageResult, cfg: Config, splits: Splits,
                      learning_rate: float, force: bool) -> None:  # fmt: skip
     """A trained stage whose best model is no better than chance on validation (balanced
-    accuracy <= 1/k + 0.05, the rule `kd_keras.teacher.check_teacher` applies to a user's
+    accuracy <= 1/k + 0.05, the rule `kd_keras.distill.teacher.check_teacher` applies to a user's
     teacher) is a failed stage, not a result, unless `force`."""
     value = result.val_balanced_accuracy
     chance = 1.0 / splits.num_classes
@@ -194,7 +194,7 @@ def _teacher_cache(cfg: Config, model: Distiller, splits: Splits, size: int, run
     if mode == "off" or (mode == "auto" and _augments(cfg)):
         return None
     if mode == "auto":
-        per_image = sum(int(np.prod(t.shape[1:])) for t in model._teacher_graph.outputs)
+        per_image = sum(int(np.prod(t.shape[1:])) for t in model.teacher_graph.outputs)
         mode = "memory" if per_image * 4 * len(splits.train) < 2e9 else "disk"
     if _augments(cfg):
         print("teacher cache: the teacher sees each training image without augmentation "
@@ -237,7 +237,7 @@ def check_stages(cfg: Config, run: RunFolder, stages: list[str], mode: str) -> N
         )
 
 
-def _run_stages(cfg, run: RunFolder, splits, stages, copy_teacher, force, current) -> None:
+def run_stages(cfg, run: RunFolder, splits, stages, copy_teacher, force, current) -> None:
     n, size = splits.num_classes, cfg.data.image_size
     tc = cfg.train
     info = describe_host(tf_matmul_peak(seconds=0.5))

@@ -30,8 +30,8 @@ from kd_keras.errors import KDError
 from kd_keras.evaluation.metrics import classification_metrics
 from kd_keras.models.layers import ImagePreprocessing, ProbabilitiesToLogits, SelectClasses
 from kd_keras.models.loading import (
-    _SCALING_MODE,
     SCALING_HELP,
+    SCALING_MODE,
     declared_outputs,
     declared_scaling,
     input_size,
@@ -109,7 +109,7 @@ def teacher_view(model: keras.Model, view: TeacherView) -> keras.Model:
     inputs = keras.Input((view.image_size, view.image_size, 3), name="images")
     x = inputs
     if view.scaling != "raw":
-        x = ImagePreprocessing(_SCALING_MODE[view.scaling], name="teacher_scaling")(x)
+        x = ImagePreprocessing(SCALING_MODE[view.scaling], name="teacher_scaling")(x)
     out = model(x)
     out = out[0] if isinstance(out, (list, tuple)) else out
     if view.outputs == "probabilities":

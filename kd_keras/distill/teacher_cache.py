@@ -39,7 +39,7 @@ class TeacherCache:
         self.arrays: dict[str, np.ndarray] = {}
         start = 0
         for batch in ds:
-            out = {k: np.asarray(v) for k, v in distiller._teacher_forward(batch).items()}
+            out = {k: np.asarray(v) for k, v in distiller.teacher_outputs(batch).items()}
             if not self.arrays:
                 for key, value in out.items():
                     shape = (len(split), *value.shape[1:])

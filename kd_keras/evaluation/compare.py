@@ -10,7 +10,7 @@ Two ways to pair (`python cli.py compare`):
         --baseline-run runs/s_sweep/scratch/seed42 --baseline-run runs/s_sweep/scratch/seed43
 
 Only each run's `report.json` (and, to pair by seed, `config.toml`) is read; no model is run.
-The statistics are `kd_keras.verdict.paired_difference` (paired t over seeds, 95%).
+The statistics are `kd_keras.evaluation.verdict.paired_difference` (paired t over seeds, 95%).
 """
 
 from __future__ import annotations
@@ -29,8 +29,8 @@ from kd_keras.evaluation.verdict import (
     verdict_rows,
 )
 from kd_keras.io import write_json, write_text
-from kd_keras.runs.files import MODEL_STAGES
-from kd_keras.runs.folder import RunFolder
+from kd_keras.run.files import MODEL_STAGES
+from kd_keras.run.folder import RunFolder
 
 ALIASES = {"scratch": "student_scratch", "distilled": "student"}
 # verdict metric key -> (report split, report metric)

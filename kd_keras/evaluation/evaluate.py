@@ -1,8 +1,9 @@
-"""Evaluation: classification metrics, confusion matrices and the run report.
+"""Evaluating a run: every model on validation and test, `report.json` / `report.md`.
 
 All metrics are computed from predicted class probabilities on one split. For binary tasks a
 decision threshold on the positive-class probability (class index 1) may replace argmax; it is
-chosen on the validation split (`choose_threshold`), never on test.
+chosen on the validation split (`kd_keras.evaluation.metrics.choose_threshold`), never on
+test.
 """
 
 from __future__ import annotations
@@ -21,8 +22,8 @@ from kd_keras.evaluation.metrics import (
 from kd_keras.evaluation.predictions import save_confusion, save_predictions
 from kd_keras.io import write_json, write_text
 from kd_keras.models.taps import image_size_of
-from kd_keras.runs.files import MODEL_STAGES
-from kd_keras.runs.folder import RunFolder
+from kd_keras.run.files import MODEL_STAGES
+from kd_keras.run.folder import RunFolder
 from kd_keras.runtimes import keras_predictor, predict_probs
 
 

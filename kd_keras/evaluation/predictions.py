@@ -9,7 +9,7 @@ import numpy as np
 
 from kd_keras.evaluation.metrics import predict_classes
 from kd_keras.io import atomic_write, write_json
-from kd_keras.runs.folder import RunFolder
+from kd_keras.run.folder import RunFolder
 
 
 def save_confusion_matrix(path: str | Path, matrix: list[list[int]], class_names: list[str],

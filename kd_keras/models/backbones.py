@@ -12,7 +12,7 @@ from kd_keras.errors import KDError
 from kd_keras.models.layers import ImagePreprocessing
 
 
-def _weights_failed(arch: str, weights: str, err: Exception, key: str) -> KDError:
+def weights_failed(arch: str, weights: str, err: Exception, key: str) -> KDError:
     reason = str(err).strip().splitlines()[0][:200] if str(err).strip() else type(err).__name__
     if weights == "imagenet":
         return KDError(
@@ -23,21 +23,21 @@ def _weights_failed(arch: str, weights: str, err: Exception, key: str) -> KDErro
     return KDError(f"could not load {key} = {weights!r} for {arch}: {reason}")
 
 
-def _check_weights_path(weights: str, key: str) -> None:
+def check_weights_path(weights: str, key: str) -> None:
     if weights not in ("none", "imagenet") and not Path(weights).exists():
         raise KDError(f"{key} file not found: {weights}")
 
 
-def _classifier(inputs, pooled, num_classes: int, name: str, dropout: float = 0.2):
+def classifier_head(inputs, pooled, num_classes: int, name: str, dropout: float = 0.2):
     x = keras.layers.Dropout(dropout, name="head_dropout")(pooled) if dropout else pooled
     # float32 under mixed precision too: losses and exported files see float32 logits
     logits = keras.layers.Dense(num_classes, name="logits", dtype="float32")(x)
     return keras.Model(inputs, logits, name=name)
 
 
-def _keras_application(app, arch, prep_mode, num_classes, image_size, weights,
+def keras_application(app, arch, prep_mode, num_classes, image_size, weights,
                        key="teacher.weights", dropout=0.2):  # fmt: skip
-    _check_weights_path(weights, key)
+    check_weights_path(weights, key)
     inputs = keras.Input((image_size, image_size, 3), name="images")
     x = ImagePreprocessing(prep_mode, name="preprocessing")(inputs)
     if weights == "none":
@@ -46,20 +46,20 @@ def _keras_application(app, arch, prep_mode, num_classes, image_size, weights,
         try:
             base = app(include_top=False, weights=weights, input_tensor=x)
         except Exception as err:  # download and file errors surface as many types
-            raise _weights_failed(arch, weights, err, key) from err
+            raise weights_failed(arch, weights, err, key) from err
     pooled = keras.layers.GlobalAveragePooling2D(name="avg_pool")(base.output)
-    return _classifier(inputs, pooled, num_classes, name=arch, dropout=dropout)
+    return classifier_head(inputs, pooled, num_classes, name=arch, dropout=dropout)
 
 
-def _tiny_only_from_scratch(arch: str, weights: str, key: str) -> None:
+def tiny_only_from_scratch(arch: str, weights: str, key: str) -> None:
     if weights != "none":
         raise KDError(f'the tiny {arch} has no pretrained weights: set {key} = "none"')
 
 
-def _hub_backbone(cls, preset: str, weights: str, arch: str, **config):
+def hub_backbone(cls, preset: str, weights: str, arch: str, **config):
     import keras_hub  # noqa: F401  (registers keras-hub layers for loading)
 
-    _check_weights_path(weights, "student.weights")
+    check_weights_path(weights, "student.weights")
     if weights == "none":
         return cls(**config)
     # keep our layer name on presets too: feature taps find the backbone by name
@@ -67,4 +67,4 @@ def _hub_backbone(cls, preset: str, weights: str, arch: str, **config):
     try:
         return cls.from_preset(preset if weights == "imagenet" else weights, **named)
     except Exception as err:
-        raise _weights_failed(arch, weights, err, "student.weights") from err
+        raise weights_failed(arch, weights, err, "student.weights") from err

@@ -6,21 +6,22 @@ from __future__ import annotations
 
 import keras
 
+from kd_keras import compat
 from kd_keras.errors import KDError
 from kd_keras.models.backbones import (
-    _check_weights_path,
-    _classifier,
-    _hub_backbone,
-    _keras_application,
-    _tiny_only_from_scratch,
-    _weights_failed,
+    check_weights_path,
+    classifier_head,
+    hub_backbone,
+    keras_application,
+    tiny_only_from_scratch,
+    weights_failed,
 )
 from kd_keras.models.layers import ImagePreprocessing
 
 
 def _tiny_resnet50(include_top, weights, input_tensor):
     """ResNet50's own code (bottleneck blocks, same layer names) at width 1/8, 1 block/stage."""
-    from keras.src.applications import resnet
+    resnet = compat.application_module("resnet")
 
     def stacks(x):
         x = resnet.stack_residual_blocks_v1(x, 8, 1, stride1=1, name="conv2")
@@ -34,7 +35,7 @@ def _tiny_resnet50(include_top, weights, input_tensor):
 
 def _tiny_efficientnet_b3(include_top, weights, input_tensor):
     """EfficientNet's own code (MBConv blocks, same layer names) at width and depth 1/4."""
-    from keras.src.applications import efficientnet
+    efficientnet = compat.application_module("efficientnet")
 
     return efficientnet.EfficientNet(
         0.25, 0.25, 32, include_top=include_top, weights=weights, input_tensor=input_tensor,
@@ -52,9 +53,9 @@ def resnet50(
     width 1/8 with one block per stage (tests and smoke runs).
     """
     if tiny:
-        _tiny_only_from_scratch("resnet50", weights, "teacher.weights")
+        tiny_only_from_scratch("resnet50", weights, "teacher.weights")
     app = _tiny_resnet50 if tiny else keras.applications.ResNet50
-    return _keras_application(app, "resnet50", "caffe", num_classes, image_size, weights)
+    return keras_application(app, "resnet50", "caffe", num_classes, image_size, weights)
 
 
 def efficientnet_b3(
@@ -67,9 +68,9 @@ def efficientnet_b3(
     and depth 1/4 (tests and smoke runs).
     """
     if tiny:
-        _tiny_only_from_scratch("efficientnet_b3", weights, "teacher.weights")
+        tiny_only_from_scratch("efficientnet_b3", weights, "teacher.weights")
     app = _tiny_efficientnet_b3 if tiny else keras.applications.EfficientNetB3
-    return _keras_application(app, "efficientnet_b3", "none", num_classes, image_size, weights)
+    return keras_application(app, "efficientnet_b3", "none", num_classes, image_size, weights)
 
 
 RESNET18 = dict(input_conv_filters=[64], stackwise_num_filters=[64, 128, 256, 512],
@@ -91,8 +92,8 @@ def resnet18(
     import keras_hub
 
     if tiny:
-        _tiny_only_from_scratch("resnet18", weights, "student.weights")
-    backbone = _hub_backbone(
+        tiny_only_from_scratch("resnet18", weights, "student.weights")
+    backbone = hub_backbone(
         keras_hub.models.ResNetBackbone, "resnet_18_imagenet", weights, "resnet18",
         input_conv_kernel_sizes=[7], stackwise_num_strides=[1, 2, 2, 2],
         block_type="basic_block", image_shape=(None, None, 3),
@@ -105,7 +106,7 @@ def resnet18(
     x = ImagePreprocessing("imagenet", name="preprocessing")(inputs)
     _, top = taps(x)
     pooled = keras.layers.GlobalAveragePooling2D(name="avg_pool")(top)
-    return _classifier(inputs, pooled, num_classes, name="resnet18", dropout=0.0)
+    return classifier_head(inputs, pooled, num_classes, name="resnet18", dropout=0.0)
 
 
 def _mobilenet_v3_small(alpha: float):
@@ -127,7 +128,7 @@ def mobilenet_v3_small(
 
     The head is global pooling, dropout 0.2 and one Dense layer: the application's own
     1024-wide last point-wise layer (0.59 M parameters) is left out. FLOPs at batch 1
-    (2 x multiply-accumulates of the FP32 ONNX graph, `kd_keras.compute.onnx_flops`): 3.1 M at
+    (2 x multiply-accumulates of the FP32 ONNX graph, `kd_keras.models.flops.onnx_flops`): 3.1 M at
     32 px, 9.8 M at 64 px, 110 M at 224 px (ResNet18: 74 M, 296 M and 3.63 G). Feature tap:
     `expanded_conv_7_add`, the output of the stride-16 stage (48 channels; 2x2 at 32 px, 4x4
     at 64 px, like the teachers' taps). Preprocessing: [-1, 1] (`"symmetric"`), as the
@@ -137,8 +138,8 @@ def mobilenet_v3_small(
     2x2). `tiny`: the same code at alpha 0.25.
     """
     if tiny:
-        _tiny_only_from_scratch("mobilenet_v3_small", weights, "student.weights")
-    return _keras_application(
+        tiny_only_from_scratch("mobilenet_v3_small", weights, "student.weights")
+    return keras_application(
         _mobilenet_v3_small(0.25 if tiny else 1.0), "mobilenet_v3_small", "symmetric",
         num_classes, image_size, weights, key="student.weights",
     )  # fmt: skip
@@ -176,7 +177,7 @@ def resnet8x3(
     A 3x3 stride-2 stem (32 channels), then one basic block per stage at 48, 96 and 192
     channels, strides 1, 2, 2: at 32 px the stages see 16x16, 8x8 and 4x4 maps (the CIFAR
     original's stride-1 stem would cost 4x the FLOPs for little at this data size); at 28 px
-    14, 7, 4. FLOPs at batch 1 (as `kd_keras.compute.onnx_flops` counts them): 52 M at 32 px,
+    14, 7, 4. FLOPs at batch 1 (as `kd_keras.models.flops.onnx_flops` counts them): 52 M at 32 px,
     2.5 G at 224 px — a student for 28-64 px images; for 224 px edge deployment use
     mobilenet_v3_small. Feature tap: the last stage's output (`narrow_stage3_out`, stride 8,
     192 channels, 4x4 at 32 px). Preprocessing: ImageNet mean/std. Minimum image size 16 px
@@ -184,11 +185,11 @@ def resnet8x3(
     `.weights.h5` file saved from this architecture. `tiny`: widths 8, 16, 32.
     """
     if tiny:
-        _tiny_only_from_scratch("resnet8x3", weights, "student.weights")
+        tiny_only_from_scratch("resnet8x3", weights, "student.weights")
     if weights == "imagenet":
         raise KDError('resnet8x3 has no ImageNet weights: set student.weights = "none" (or a '
                       '.weights.h5 file of this architecture)')  # fmt: skip
-    _check_weights_path(weights, "student.weights")
+    check_weights_path(weights, "student.weights")
     spec = RESNET8X3_TINY if tiny else RESNET8X3
     layers = keras.layers
     inputs = keras.Input((image_size, image_size, 3), name="images")
@@ -200,10 +201,10 @@ def resnet8x3(
     for i, (width, stride) in enumerate(zip(spec["widths"], (1, 2, 2)), start=1):
         x = _basic_block(x, width, stride, name=f"narrow_stage{i}")
     pooled = keras.layers.GlobalAveragePooling2D(name="avg_pool")(x)
-    model = _classifier(inputs, pooled, num_classes, name="resnet8x3", dropout=0.0)
+    model = classifier_head(inputs, pooled, num_classes, name="resnet8x3", dropout=0.0)
     if weights != "none":
         try:
             model.load_weights(weights)
         except (ValueError, OSError, KeyError) as err:
-            raise _weights_failed("resnet8x3", weights, err, "student.weights") from err
+            raise weights_failed("resnet8x3", weights, err, "student.weights") from err
     return model

@@ -9,6 +9,7 @@ from pathlib import Path
 
 import keras
 
+from kd_keras import compat
 from kd_keras.errors import KDError
 from kd_keras.io import sha256_of
 
@@ -72,7 +73,7 @@ SCALINGS = ("auto", "raw", "unit", "symmetric", "caffe", "torch")
 
 
 # config name -> ImagePreprocessing mode
-_SCALING_MODE = {"raw": "none", "unit": "unit", "symmetric": "symmetric", "caffe": "caffe",
+SCALING_MODE = {"raw": "none", "unit": "unit", "symmetric": "symmetric", "caffe": "caffe",
                  "torch": "imagenet"}  # fmt: skip
 
 
@@ -115,7 +116,7 @@ class SavedModelTeacher(keras.layers.TFSMLayer):
     Args:
         filepath: the SavedModel folder.
         call_endpoint: the signature to call.
-        sha256: the folder's fingerprint (`kd_keras.run.sha256_of`); None computes it.
+        sha256: the folder's fingerprint (`kd_keras.run.folder.sha256_of`); None computes it.
         output: the key of the signature's output to return (None: its only output).
 
     Example:
@@ -282,7 +283,7 @@ def declared_scaling(model: keras.Model) -> str | None:
 
 def declared_outputs(model: keras.Model) -> str:
     """`"probabilities"` when the model ends in a softmax, else `"logits"`."""
-    layer = model_output(model)._keras_history.operation
+    layer = compat.producing_layer(model_output(model))
     activation = getattr(layer, "activation", None)
     if isinstance(layer, keras.layers.Softmax) or activation is keras.activations.softmax:
         return "probabilities"

@@ -10,6 +10,7 @@ import weakref
 import keras
 
 from kd_keras import compat
+from kd_keras.archs import ARCHS
 from kd_keras.errors import KDError
 from kd_keras.models.layers import TokenGrid
 
@@ -17,20 +18,14 @@ from kd_keras.models.layers import TokenGrid
 # index of a nested model, leading tokens to drop before re-shaping a token sequence to its grid;
 # None = already a feature map). The last layer matching a pattern is the tap, so deeper or
 # shallower variants of a family (ResNet101, a tiny EfficientNet) find their own stage output.
-# `kd_taps` is the [feature, logits] model inside a teacher view (kd_keras.teacher).
+# `kd_taps` is the [feature, logits] model inside a teacher view (kd_keras.distill.teacher).
 FEATURE_TAPS = (
-    (r"kd_taps", 0, None),  # a user's teacher wrapped by kd_keras.teacher.teacher_view
-    (r"conv4_block\d+_out", None, None),  # resnet50 (conv4_block6_out), stride 16
-    (r"block5[a-z]+_.*", None, None),  # efficientnet_b3 stage 5 output (block5e_add), stride 16
-    (r"resnet18_backbone", 0, None),  # resnet18 P4, stride 16
-    (r"expanded_conv_7_add", None, None),  # mobilenet_v3_small stride-16 stage output
-    (r"narrow_stage3_out", None, None),  # resnet8x3 last stage, stride 8
-    (r"vit_backbone", None, 1),  # vit_small: class token + patches
-    (r"deit_backbone", None, 2),  # deit_small: class + distillation tokens + patches
+    (r"kd_taps", 0, None),  # a user's teacher wrapped by kd_keras.distill.teacher.teacher_view
+    *(arch.tap for arch in ARCHS.values()),  # the registered architectures' (kd_keras.archs)
 )
 
 
-# graph nodes that training views (kd_keras.matmul_conv) added to a model's shared layers:
+# graph nodes that training views (kd_keras.models.matmul_conv) added to a model's shared layers:
 # graph surgery on the model itself (feature taps) must not follow them into a view's graph
 VIEW_NODES: weakref.WeakSet = weakref.WeakSet()
 
@@ -53,7 +48,7 @@ def model_output(model: keras.Model):
 
 def _graph(model: keras.Model):
     """The functional graph behind a model (a Sequential keeps one inside)."""
-    return getattr(model, "_functional", None) or model
+    return compat.functional_graph(model)
 
 
 def _is_spatial(tensor, image_channels: int = 3) -> bool:
@@ -65,7 +60,7 @@ def tap_candidates(model: keras.Model, prefix: str = "") -> list[str]:
     """Names (dotted through nested models) of the layers with a spatial (4-D) output."""
     names = []
     for layer in _graph(model).layers:
-        if isinstance(layer, keras.Model) and hasattr(_graph(layer), "_run_through_graph"):
+        if isinstance(layer, keras.Model) and compat.can_run_through_graph(layer):
             names += tap_candidates(layer, f"{prefix}{layer.name}.")
         try:
             out = _graph_output(layer)
@@ -112,7 +107,7 @@ def _tap_through(model: keras.Model, name: str, rest: str, full: str, inputs):
 
         return run
 
-    out = _graph(model)._run_through_graph(inputs, operation_fn=operation)
+    out = compat.run_through_graph(model, inputs, operation)
     out = out[0] if isinstance(out, (list, tuple)) else out
     return captured["feature"], out
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 import keras
 
 from kd_keras.errors import KDError
-from kd_keras.models.backbones import _classifier, _hub_backbone, _tiny_only_from_scratch
+from kd_keras.models.backbones import classifier_head, hub_backbone, tiny_only_from_scratch
 from kd_keras.models.layers import (
     CLS_LOGITS_LAYER,
     DIST_LOGITS_LAYER,
@@ -31,13 +31,13 @@ def vit_small(
     import keras_hub
 
     if tiny:
-        _tiny_only_from_scratch("vit_small", weights, "student.weights")
+        tiny_only_from_scratch("vit_small", weights, "student.weights")
     if weights == "imagenet":
         raise KDError(
             'keras-hub has no ImageNet preset for vit_small; use student.arch = "deit_small" '
             'with student.weights = "imagenet", or a local preset folder'
         )
-    backbone = _hub_backbone(
+    backbone = hub_backbone(
         keras_hub.models.ViTBackbone, "", weights, "vit_small",
         image_shape=(image_size, image_size, 3), patch_size=patch_size,
         **(VIT_TINY if tiny else VIT_SMALL),
@@ -46,7 +46,7 @@ def vit_small(
     inputs = keras.Input((image_size, image_size, 3), name="images")
     tokens = backbone(ImagePreprocessing("imagenet", name="preprocessing")(inputs))
     pooled = TokenSelect(0, name="class_token")(tokens)
-    return _classifier(inputs, pooled, num_classes, name="vit_small", dropout=0.0)
+    return classifier_head(inputs, pooled, num_classes, name="vit_small", dropout=0.0)
 
 
 DEIT_SMALL = dict(num_layers=12, num_heads=6, hidden_dim=384, intermediate_dim=1536)
@@ -75,14 +75,14 @@ def deit_small(
     import keras_hub
 
     if tiny:
-        _tiny_only_from_scratch("deit_small", weights, "student.weights")
+        tiny_only_from_scratch("deit_small", weights, "student.weights")
     if weights == "imagenet" and (image_size, patch_size) != (224, 16):
         raise KDError(
             f"the ImageNet DeiT-small preset needs data.image_size = 224 and "
             f"student.patch_size = 16 (got {image_size} and {patch_size}); use "
             'student.weights = "none" at other sizes'
         )
-    backbone = _hub_backbone(
+    backbone = hub_backbone(
         keras_hub.models.DeiTBackbone, DEIT_SMALL_PRESET, weights, "deit_small",
         image_shape=(image_size, image_size, 3), patch_size=patch_size,
         **(DEIT_TINY if tiny else DEIT_SMALL),

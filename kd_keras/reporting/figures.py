@@ -1,8 +1,8 @@
 """Figures of the HTML reports, drawn with matplotlib (Agg) from already computed numbers.
 
 Every function takes plain arrays or tables and returns a matplotlib `Figure`; `png_bytes`
-renders one and closes it. Nothing here reads a file or runs a model: `kd_keras.report` reads
-the run folder and decides what to draw.
+renders one and closes it. Nothing here reads a file or runs a model:
+`kd_keras.reporting.run_report` reads the run folder and decides what to draw.
 """
 
 from __future__ import annotations

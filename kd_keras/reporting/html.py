@@ -110,5 +110,5 @@ def page_html(title: str, subtitle: str, sections: list[tuple[str, str, str]]) -
     )
 
 
-def _figure(build: Callable[[], object], alt: str, caption: str | None = None) -> str:
+def figure_html(build: Callable[[], object], alt: str, caption: str | None = None) -> str:
     return img_html(png_bytes(build()), alt, caption)

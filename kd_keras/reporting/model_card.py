@@ -15,7 +15,8 @@ from kd_keras.errors import KDError
 from kd_keras.evaluation.evaluate import metrics_table, seed_table
 from kd_keras.io import read_json, write_text
 from kd_keras.reporting.run_report import export_table_markdown
-from kd_keras.runs.folder import RunFolder
+from kd_keras.run.folder import RunFolder
+from kd_keras.text import fmt
 
 # What a card can say about a known dataset beyond what the run's files hold.
 DATASET_NOTES = {
@@ -27,8 +28,9 @@ DATASET_NOTES = {
 }
 
 
-def _fmt(value, digits: int = 3) -> str:
-    return "n/a" if value is None else f"{value:.{digits}f}"
+def na(value, digits: int = 3) -> str:
+    """`text.fmt` with the model card's placeholder for a missing number."""
+    return fmt(value, digits, missing="n/a")
 
 
 def _front_matter(run: RunFolder, report: dict) -> list[str]:
@@ -48,7 +50,7 @@ def _front_matter(run: RunFolder, report: dict) -> list[str]:
             f"    dataset: {{name: {dataset}, type: {dataset}, split: {report.get('split')}}}",
             "    metrics:",
         ]
-        lines += [f"    - {{type: {key}, value: {_fmt(student[key])}}}"
+        lines += [f"    - {{type: {key}, value: {na(student[key])}}}"
                   for key in ("accuracy", "balanced_accuracy", "macro_f1", "roc_auc")
                   if student.get(key) is not None]  # fmt: skip
     return lines + ["---", ""]
@@ -179,11 +181,11 @@ def _metrics(run: RunFolder, report: dict, export: dict | None) -> list[str]:
         f"On the {report.get('split', 'test')} split ({report.get('test_size', t['n'])} "
         f"images), decision rule: {rule}.",
         "",
-        f"- accuracy **{_fmt(t['accuracy'])}**, balanced accuracy "
-        f"**{_fmt(t['balanced_accuracy'])}**, macro F1 **{_fmt(t['macro_f1'])}**, ROC AUC "
-        f"**{_fmt(t['roc_auc'])}**",
+        f"- accuracy **{na(t['accuracy'])}**, balanced accuracy "
+        f"**{na(t['balanced_accuracy'])}**, macro F1 **{na(t['macro_f1'])}**, ROC AUC "
+        f"**{na(t['roc_auc'])}**",
     ]  # fmt: skip
-    lines += [f"- {c}: recall {_fmt(m['recall'])}, precision {_fmt(m['precision'])} "
+    lines += [f"- {c}: recall {na(m['recall'])}, precision {na(m['precision'])} "
               f"({m['support']} images)" for c, m in t["per_class"].items()]  # fmt: skip
     lines += ["", "Beside its teacher and the same student trained without distillation "
               "(Keras models):", "", metrics_table(report), ""]  # fmt: skip

@@ -1,6 +1,7 @@
-"""HTML reports a person can look at: `report.html` of a run, `results.html` of a sweep.
+"""The HTML report of a run (`report.html`; a sweep's `results.html` is
+`kd_keras.reporting.sweep_report`).
 
-Each is one self-contained file: figures are inlined as base64 PNG, there are no scripts, no
+Each report is one self-contained file: figures are inlined as base64 PNG, there are no scripts, no
 fonts and no links outside the page, so it opens offline and can be mailed around.
 
 The run report only reads what is already saved (through `RunFolder`): `config.toml`,
@@ -34,9 +35,10 @@ from kd_keras.reporting.figures import (
     roc_figure,
     training_curves,
 )
-from kd_keras.reporting.html import _figure, esc, img_html, markdown_html, note_html, page_html
-from kd_keras.runs.files import MODEL_STAGES
-from kd_keras.runs.folder import RunFolder
+from kd_keras.reporting.html import esc, figure_html, img_html, markdown_html, note_html, page_html
+from kd_keras.run.files import MODEL_STAGES
+from kd_keras.run.folder import RunFolder
+from kd_keras.text import fmt, md_table
 
 # ---------------------------------------------------------------- HTML pieces
 
@@ -75,7 +77,7 @@ def _training_section(run: RunFolder) -> str:
         if best is not None:
             title += f": epoch {best} of {len(history)} kept (best {monitor})"
         parts.append(f"<h3>{esc(title)}</h3>")
-        parts.append(_figure(
+        parts.append(figure_html(
             lambda h=history, b=best: training_curves(h, b, monitor),
             f"training curves of stage {stage}",
             "solid: training (per batch, averaged over the epoch); dashed: validation (the "
@@ -116,13 +118,13 @@ def _evaluation_section(run: RunFolder, report: dict, preds: dict[str, Predictio
     labelled = {LABELS[n]: p for n, p in preds.items()}
     parts += [
         f"<h3>ROC curves ({esc(split)} split)</h3>",
-        _figure(lambda: roc_figure(labelled, names), "ROC curves",
+        figure_html(lambda: roc_figure(labelled, names), "ROC curves",
                 "dot: the model's actual decisions (threshold chosen on validation, or argmax)"),
         f"<h3>Precision–recall curves ({esc(split)} split)</h3>",
-        _figure(lambda: pr_figure(labelled, names), "precision-recall curves",
+        figure_html(lambda: pr_figure(labelled, names), "precision-recall curves",
                 "dotted: each class's prevalence (the precision of guessing); dot: decisions"),
         f"<h3>Calibration ({esc(split)} split)</h3>",
-        _figure(lambda: reliability_figure(labelled), "reliability diagrams",
+        figure_html(lambda: reliability_figure(labelled), "reliability diagrams",
                 "bars: accuracy of the images whose top-class probability falls in the bin "
                 "(count above); on the diagonal the probabilities mean what they say"),
     ]  # fmt: skip
@@ -157,7 +159,7 @@ def _mistakes_section(run: RunFolder, report: dict, preds: dict[str, Predictions
             f"; the {len(shown)} most confident shown" if len(shown) < len(wrong) else ""
         )
         parts.append(f"<h3>{esc(title)}</h3>")
-        parts.append(_figure(
+        parts.append(figure_html(
             lambda i=images, s=shown, p=p: mistakes_figure(
                 i, [names[k] for k in p.labels[s]], [names[k] for k in p.predicted[s]],
                 p.probs[s, p.predicted[s]]),
@@ -174,10 +176,6 @@ def _read_optional(path: Path) -> dict | None:
         return None
 
 
-def _fmt(value, digits: int = 3) -> str:
-    return "—" if value is None else f"{value:.{digits}f}"
-
-
 def export_table_markdown(export: dict) -> str:
     """Per exported file: its check against Keras and its test metrics (markdown)."""
     lines = ["| file | format | size (MB) | check vs Keras | accuracy | balanced acc. | ROC AUC |",
@@ -190,21 +188,20 @@ def export_table_markdown(export: dict) -> str:
             check = f"agrees {entry.get('vs_keras', {}).get('argmax_agreement', 0):.1%}"
         fmt = entry.get("quantization", {}).get("method", "fp32")
         fmt = "fp32" if "parity" in entry else f"int8 {fmt}"
-        lines.append(f"| {entry['file']} | {fmt} | {_fmt(entry.get('size_mb'), 1)} | {check} | "
-                     f"{_fmt(m.get('accuracy'))} | {_fmt(m.get('balanced_accuracy'))} | "
-                     f"{_fmt(m.get('roc_auc'))} |")  # fmt: skip
+        lines.append(f"| {entry['file']} | {fmt} | {fmt(entry.get('size_mb'), 1)} | {check} | "
+                     f"{fmt(m.get('accuracy'))} | {fmt(m.get('balanced_accuracy'))} | "
+                     f"{fmt(m.get('roc_auc'))} |")  # fmt: skip
     return "\n".join(lines)
 
 
 def benchmark_table_markdown(bench: dict) -> str:
     """Per (model, format): size, latency, throughput and test balanced accuracy (markdown)."""
-    lines = ["| model | format | size (MB) | p50 ms | p90 ms | img/s | balanced acc. | note |",
-             "|---|---|---|---|---|---|---|---|"]  # fmt: skip
-    for r in bench.get("rows", []):
-        lines.append(f"| {r['model']} | {r['format']} | {_fmt(r.get('size_mb'), 1)} | "
-                     f"{_fmt(r.get('p50_ms'), 2)} | {_fmt(r.get('p90_ms'), 2)} | "
-                     f"{_fmt(r.get('throughput_ips'), 1)} | {_fmt(r.get('balanced_accuracy'))} "
-                     f"| {r.get('note') or ''} |")  # fmt: skip
+    header = ["model", "format", "size (MB)", "p50 ms", "p90 ms", "img/s", "balanced acc.", "note"]
+    rows = [[r["model"], r["format"], fmt(r.get("size_mb"), 1), fmt(r.get("p50_ms"), 2),
+             fmt(r.get("p90_ms"), 2), fmt(r.get("throughput_ips"), 1),
+             fmt(r.get("balanced_accuracy")), r.get("note") or ""]
+            for r in bench.get("rows", [])]  # fmt: skip
+    lines = md_table(header, rows)
     return "\n".join(lines)
 
 
@@ -231,7 +228,7 @@ def _deployment_section(run: RunFolder, export_dir: str | os.PathLike | None) ->
     rows = [r for r in bench.get("rows", []) if r.get("balanced_accuracy") is not None]
     if rows:
         parts.append(
-            _figure(
+            figure_html(
                 lambda: deployment_figure(rows),
                 "accuracy vs latency and size",
                 "each point a model in one format; up and left is better",

@@ -1,4 +1,5 @@
-"""The sweep report page."""
+"""Sweep results: per-cell summaries over seeds, paired verdicts against scratch, the
+markdown tables, the heatmap and the `results.html` page."""
 
 from __future__ import annotations
 
@@ -20,7 +21,8 @@ from kd_keras.evaluation.verdict import (
 )
 from kd_keras.io import atomic_write, write_text
 from kd_keras.reporting.figures import seed_spread_figure
-from kd_keras.reporting.html import _figure, img_html, markdown_html, note_html, page_html
+from kd_keras.reporting.html import figure_html, img_html, markdown_html, note_html, page_html
+from kd_keras.text import fmt
 
 SPREAD_METRICS = (("val_bal_acc", "validation balanced accuracy"),
                   ("test_bal_acc", "test balanced accuracy"),
@@ -38,7 +40,7 @@ def sweep_report_html(
             else note_html("no heatmap: the grid does not vary both distill.temperature and "
                            "distill.alpha"))  # fmt: skip
     metrics = [(c, t) for c, t in SPREAD_METRICS if c in runs and runs[c].notna().any()]
-    spread = (_figure(lambda: seed_spread_figure(runs, metrics), "per-cell spread over seeds",
+    spread = (figure_html(lambda: seed_spread_figure(runs, metrics), "per-cell spread over seeds",
                       "dots: one seed each; bars: the mean")
               if metrics and not runs.empty else note_html("no finished runs"))  # fmt: skip
     sections = [
@@ -161,12 +163,12 @@ def validation_test_rank_correlation(rows: list[dict]) -> tuple[float, int]:
     return float(frame["val"].corr(frame["test"], method="spearman")), len(pairs)
 
 
-def _fmt(stat, signed: bool = False) -> str:
+def mean_std(stat, signed: bool = False) -> str:
     mean, std = stat
     if np.isnan(mean):
         return "n/a"
-    text = f"{mean:+.3f}" if signed else f"{mean:.3f}"
-    return text if np.isnan(std) else f"{text} ± {std:.3f}"
+    text = fmt(mean, signed=signed)
+    return text if np.isnan(std) else f"{text} ± {fmt(std)}"
 
 
 def write_results(
@@ -186,8 +188,8 @@ def write_results(
     head = "| run | seeds | " + " | ".join(LABELS) + " | test_bal_acc − scratch (paired) |"
     lines = [f"# Sweep `{base.run.name}` (mean ± sample std over seeds)", "", head,
              "|---|---|" + "---|" * (len(LABELS) + 1)]  # fmt: skip
-    lines += [f"| {r['name']} | {r['seeds']} | " + " | ".join(_fmt(r[lab]) for lab in LABELS)
-              + f" | {_fmt(r['gain'], signed=True) if r['setting'] else '—'} |"
+    lines += [f"| {r['name']} | {r['seeds']} | " + " | ".join(mean_std(r[lab]) for lab in LABELS)
+              + f" | {mean_std(r['gain'], signed=True) if r['setting'] else '—'} |"
               for r in rows]  # fmt: skip
     lines += ["", rank_correlation_line(rows), "", verdict_markdown(rows).rstrip("\n")]
     write_text(root / "results.md", "\n".join(lines) + "\n")
@@ -242,12 +244,12 @@ def ablation_markdown(rows: list[dict], base: Config) -> str:
     for label, row in entries:
         if row is None:
             continue
-        gain = _fmt(row["gain"], signed=True) if row["setting"] else "—"
+        gain = mean_std(row["gain"], signed=True) if row["setting"] else "—"
         paired = row.get("paired", {})
         bal, auc = paired.get("test_bal_acc"), paired.get("test_auc")
-        lines.append(f"| {label} | {row['name']} | {_fmt(row['val_bal_acc'])} | "
-                     f"{_fmt(row['test_bal_acc'])} | {_fmt(row['test_acc'])} | "
-                     f"{_fmt(row['test_auc'])} | {gain} | {_verdict_cells(bal)} | "
+        lines.append(f"| {label} | {row['name']} | {mean_std(row['val_bal_acc'])} | "
+                     f"{mean_std(row['test_bal_acc'])} | {mean_std(row['test_acc'])} | "
+                     f"{mean_std(row['test_auc'])} | {gain} | {_verdict_cells(bal)} | "
                      f"{_verdict_cells(auc, with_difference=True)} |")  # fmt: skip
     note = method_line(unit="fractions, as the rest of this table")
     return "\n".join(lines + ["", rank_correlation_line(rows), "", note]) + "\n"

@@ -8,11 +8,11 @@ from kd_keras.config import Config
 from kd_keras.data.checks import check_splits
 from kd_keras.data.sources import load_splits
 from kd_keras.distill import distribute
-from kd_keras.distill.stages import _run_stages, check_stages
+from kd_keras.distill.stages import check_stages, run_stages
 from kd_keras.errors import Interrupted, KDError
 from kd_keras.evaluation.evaluate import evaluate_run
 from kd_keras.reporting.run_report import write_run_report
-from kd_keras.runs.folder import RunFolder
+from kd_keras.run.folder import RunFolder
 
 
 def write_report_after_evaluation(run: RunFolder) -> Path | None:
@@ -44,7 +44,7 @@ def run_distill(
     """Run the configured stages, then evaluate every model of the run on the test split.
 
     A teacher given by `teacher.path` (any Keras classifier, SavedModel or keras-hub preset:
-    see `kd_keras.teacher`) is wrapped into its own view of the image, checked on validation
+    see `kd_keras.distill.teacher`) is wrapped into its own view of the image, checked on validation
     (a teacher no better than chance stops the run unless `force`), and saved as the run's
     teacher (so the run is self-contained for evaluation and export) unless `copy_teacher` is
     False. `mode` (`new`, `resume`, `overwrite`) says what may happen to a folder that already
@@ -67,7 +67,7 @@ def run_distill(
     current = {"stage": None, "finished": False}
     try:
         with worker.strategy.scope():  # teacher, student and optimizer built under it
-            _run_stages(cfg, run, splits, stages, copy_teacher, force, current)
+            run_stages(cfg, run, splits, stages, copy_teacher, force, current)
     except (KeyboardInterrupt, Interrupted):
         where = f" in stage {current['stage']}" if current["stage"] else ""
         if mode == "overwrite" and not current["finished"]:

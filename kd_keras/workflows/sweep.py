@@ -11,7 +11,7 @@ Layout under `<output_dir>/<name>_sweep/`:
     runs.csv                 one flat row per trained run (cell, seed, metrics)
     results.csv, results.md  mean +- sample std (ddof = 1) over seeds per cell, and per cell the
                              paired difference to scratch with its 95% CI and verdict
-                             (kd_keras.verdict: paired t over seeds)
+                             (kd_keras.evaluation.verdict: paired t over seeds)
     results.html             the same with the heatmaps, the ablation and every seed's value
     heatmap.png              balanced accuracy over temperature x alpha (validation | test)
     ablation.md              seed 002's comparison, every row selected on validation
@@ -30,7 +30,7 @@ from pathlib import Path
 from kd_keras.config import Config, build_config, parse_override, toml_value
 from kd_keras.errors import KDError
 from kd_keras.reporting.sweep_report import run_row, summarize, write_results
-from kd_keras.runs.folder import RunFolder
+from kd_keras.run.folder import RunFolder
 from kd_keras.workflows.distill import run_distill
 
 

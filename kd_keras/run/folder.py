@@ -1,34 +1,10 @@
-"""The run folder: the one place that knows what a run writes and where.
-
-    runs/<name>/
-        config.toml            the resolved config (the MedMNIST file actually used is recorded)
-        teacher.keras          fine-tuned teacher (or a copy of `teacher.path`)
-        student.keras          distilled student
-        student_scratch.keras  same student, same init, trained on labels only
-        history_<stage>.csv    per-epoch training and validation metrics of a stage
-        train_log.json         wall-clock time and best epoch per stage
-        report.json, .md       validation and test metrics of every model
-        report.html            the same, with curves, plots and mistakes, in one file
-        confusion_<model>.json / .png
-        predictions_<model>.npz  per-image test probabilities, labels and decisions
-        tensorboard/<stage>/   TensorBoard scalars (with `train.tensorboard = true`)
-        run_state.json         each stage's status, config fingerprint and its model file's
-                               sha256 (checked before any command uses the model)
-    runs/.<name>.before/       while a command that may replace results runs: the folder as it
-                               was (hard links), put back if no stage of the command finishes
-
-    <export dir>/<name>/
-        export.json, benchmark.json   exported files and their checks; measured latency
-        MODEL_CARD.md                 the exported student described for its users
-
-Every other module asks a `RunFolder` for these paths; none spells a file name itself.
+"""The run folder: the one place that knows what a run writes and where (the layout:
+`kd_keras.run.files`). Every other module asks a `RunFolder` for these paths; none spells a
+file name itself.
 """
 
 from __future__ import annotations
 
-import dataclasses
-import hashlib
-import json
 import os
 import shutil
 import time
@@ -37,12 +13,27 @@ from pathlib import Path
 from typing import Any
 
 from kd_keras.config import Config, load_config
+from kd_keras.data.sources import load_splits
 from kd_keras.errors import KDError
 from kd_keras.io import read_json, sha256_of, write_json
 from kd_keras.models.loading import load_model, trust_saved_model
-from kd_keras.data.sources import load_splits
-
-
+from kd_keras.run.files import (
+    BENCHMARK_FILE,
+    CHECKPOINT_DIR,
+    CONFIG_FILE,
+    EXPORT_FILE,
+    MODEL_CARD_FILE,
+    MODEL_STAGES,
+    REPORT_FILE,
+    REPORT_HTML_FILE,
+    REPORT_MD_FILE,
+    STATE_FILE,
+    TENSORBOARD_DIR,
+    TRAIN_LOG_FILE,
+    resolve_data_source,
+    stage_hash,
+    stage_inputs,
+)
 
 
 class RunFolder:

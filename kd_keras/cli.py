@@ -42,25 +42,22 @@ def _api(*names: str):
     from kd_keras.workflows.export import export_run
     from kd_keras.workflows.sweep import parse_grid, run_sweep
 
-    found = {
-        f.__name__: f
-        for f in (
-            benchmark_fresh,
-            benchmark_run,
-            predict_files,
-            compare_runs,
-            comparison_markdown,
-            write_comparison,
-            report_markdown,
-            write_run_report,
-            RunFolder,
-            evaluate_and_report,
-            run_distill,
-            export_run,
-            parse_grid,
-            run_sweep,
-        )
-    }
+    found = dict(
+        benchmark_fresh=benchmark_fresh,
+        benchmark_run=benchmark_run,
+        predict_files=predict_files,
+        compare_runs=compare_runs,
+        comparison_markdown=comparison_markdown,
+        write_comparison=write_comparison,
+        report_markdown=report_markdown,
+        write_run_report=write_run_report,
+        RunFolder=RunFolder,
+        evaluate_and_report=evaluate_and_report,
+        run_distill=run_distill,
+        export_run=export_run,
+        parse_grid=parse_grid,
+        run_sweep=run_sweep,
+    )
     objects = tuple(found[name] for name in names)
     return objects[0] if len(objects) == 1 else objects
 

@@ -11,6 +11,11 @@ from kd_keras.data.sources import Split, Splits
 from kd_keras.errors import KDError
 
 
+def minority_class(labels: np.ndarray) -> int:
+    """The rarer class of binary `labels` (the training split's, for the evaluation subset)."""
+    return int(np.argmin(np.bincount(labels, minlength=2)))
+
+
 def bad_image_files(split: Split) -> list[str]:
     """Paths of a file-based split that do not decode as images (empty for arrays)."""
     if isinstance(split.images, np.ndarray):
@@ -56,7 +61,7 @@ def check_splits(splits: Splits, cfg) -> Splits:
     print(f"data: classes {splits.class_names}; images per split and class {counts}")
     ev = cfg.eval
     if ev.seed_subset and splits.num_classes == 2:
-        minority = int(np.argmin(np.bincount(splits.train.labels, minlength=2)))
+        minority = minority_class(splits.train.labels)
         need = {minority: ev.subset_minority, 1 - minority: ev.subset_majority}
         test = splits.test if ev.split == "test" else splits.val
         for cls, n in need.items():

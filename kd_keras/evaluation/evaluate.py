@@ -10,8 +10,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-import numpy as np
-
+from kd_keras.data.checks import minority_class
 from kd_keras.data.pipeline import make_dataset
 from kd_keras.errors import KDError
 from kd_keras.evaluation.metrics import (
@@ -118,7 +117,7 @@ def evaluate_run(run_dir: str | Path | RunFolder, splits=None) -> dict:
     tune = cfg.eval.threshold != "argmax" and splits.num_classes == 2
     subset = None
     if cfg.eval.seed_subset and splits.num_classes == 2:
-        minority = int(np.argmin(np.bincount(splits.train.labels, minlength=2)))
+        minority = minority_class(splits.train.labels)
         subset = seed_subset_indices(test_split.labels, minority, cfg.eval.subset_minority,
                                      cfg.eval.subset_majority, cfg.eval.subset_seed)  # fmt: skip
 

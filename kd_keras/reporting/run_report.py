@@ -186,9 +186,9 @@ def export_table_markdown(export: dict) -> str:
             check = f"{entry['parity']['status']} (max Δ {entry['parity']['max_abs_diff']:.1e})"
         else:
             check = f"agrees {entry.get('vs_keras', {}).get('argmax_agreement', 0):.1%}"
-        fmt = entry.get("quantization", {}).get("method", "fp32")
-        fmt = "fp32" if "parity" in entry else f"int8 {fmt}"
-        lines.append(f"| {entry['file']} | {fmt} | {fmt(entry.get('size_mb'), 1)} | {check} | "
+        kind = entry.get("quantization", {}).get("method", "fp32")
+        kind = "fp32" if "parity" in entry else f"int8 {kind}"
+        lines.append(f"| {entry['file']} | {kind} | {fmt(entry.get('size_mb'), 1)} | {check} | "
                      f"{fmt(m.get('accuracy'))} | {fmt(m.get('balanced_accuracy'))} | "
                      f"{fmt(m.get('roc_auc'))} |")  # fmt: skip
     return "\n".join(lines)

@@ -13,7 +13,7 @@ from kd_keras.reporting.model_card import write_model_card
 
 # `export_files`, then `MODEL_CARD.md` beside `export.json` and, unless `quiet`, the summary
 # table; the result also names `model_card`. Same arguments (and help text) as `export_files`.
-@functools.wraps(export_files)
+@functools.wraps(export_files, assigned=("__doc__", "__annotations__"))
 def export_run(*args, **kwargs) -> dict[str, Any]:
     options = inspect.signature(export_files).bind(*args, **kwargs)
     options.apply_defaults()

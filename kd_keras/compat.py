@@ -1,7 +1,8 @@
-"""The one place kd_keras touches private Keras / TensorFlow names, each with the reason.
+"""The one place kd_keras touches private Keras / TensorFlow / tf2onnx names, each with the
+reason and, where there is one, the upstream issue asking for a public API.
 
-Everything else in kd_keras uses public APIs only; when an upgrade of Keras or TensorFlow
-breaks something here, this module is where to look.
+Everything else in kd_keras uses public APIs only (`tests/test_architecture.py` checks it); when an
+upgrade of Keras or TensorFlow breaks something here, this module is where to look.
 """
 
 from __future__ import annotations
@@ -21,8 +22,9 @@ def inbound_nodes(layer) -> list:
     """The graph nodes at which `layer` was called (Keras's `_inbound_nodes`).
 
     Private: Keras 3 has no public way to ask which call of a layer belongs to which
-    functional graph; feature taps need the tensor a layer produced inside one enclosing model
-    (`kd_keras.models.registry`), and training views must not be mistaken for it
+    functional graph (keras-team/keras#20267: "you'd be using a private API"; #23238); feature
+    taps need the tensor a layer produced inside one enclosing model (`kd_keras.models.taps`),
+    and training views must not be mistaken for it
     (`kd_keras.models.matmul_conv`)."""
     return list(layer._inbound_nodes)
 

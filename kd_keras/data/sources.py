@@ -371,6 +371,3 @@ def load_splits(cfg: DataConfig, seed: int = 0) -> Splits:
     if cfg.limit_train:
         train = train.subset(stratified_subset(train.labels, cfg.limit_train, seed))
     return Splits(names, train, splits["val"], splits["test"])
-
-
-# ---------------------------------------------------------------- pipelines

@@ -40,9 +40,6 @@ from kd_keras.models.loading import (
 from kd_keras.models.taps import model_output
 from kd_keras.runtimes import keras_predictor, predict_probs
 
-# ---------------------------------------------------------------- loading
-
-
 # ---------------------------------------------------------------- the teacher's view
 
 
@@ -179,6 +176,3 @@ def check_teacher(
             f"(teacher.class_order). Use --force to distil from it anyway"
         )
     return metrics
-
-
-# ---------------------------------------------------------------- caching

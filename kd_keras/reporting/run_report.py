@@ -40,9 +40,6 @@ from kd_keras.run.files import MODEL_STAGES
 from kd_keras.run.folder import RunFolder
 from kd_keras.text import fmt, md_table
 
-# ---------------------------------------------------------------- HTML pieces
-
-
 # ---------------------------------------------------------------- run report sections
 
 

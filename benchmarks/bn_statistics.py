@@ -24,8 +24,8 @@ def scores(model, val_ds, labels) -> dict:
     """Validation AUC and balanced accuracy at 0.5 and at the best threshold (binary)."""
     import numpy as np
 
-    from kd_keras.evaluate import choose_threshold, classification_metrics
-    from kd_keras.inference import keras_predictor, predict_probs
+    from kd_keras.evaluation.metrics import choose_threshold, classification_metrics
+    from kd_keras.runtimes import keras_predictor, predict_probs
 
     probs = predict_probs(keras_predictor(model), val_ds, "the model")
     names = [str(c) for c in range(probs.shape[1])]
@@ -49,8 +49,10 @@ def main() -> None:
     import keras
 
     from kd_keras.config import DataConfig
-    from kd_keras.data import load_splits, make_dataset
-    from kd_keras.models import all_layers, load_model
+    from kd_keras.data.pipeline import make_dataset
+    from kd_keras.data.sources import load_splits
+    from kd_keras.models.loading import load_model
+    from kd_keras.models.taps import all_layers
 
     model = load_model(args.model, "model", safe_mode=False)
     splits = load_splits(DataConfig(path=args.data), seed=42)

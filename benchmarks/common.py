@@ -30,8 +30,8 @@ def parser(doc: str, name: str) -> argparse.ArgumentParser:
 def save(out: str | os.PathLike, summary: dict, peak: dict | None = None) -> dict:
     """Add the host (with the float32 `peak` measured in this run, else a TensorFlow MatMul
     peak measured now), load and time to `summary`, write it as JSON (atomically), print it."""
-    from kd_keras.errors import write_json
     from kd_keras.host import describe_host, tf_matmul_peak
+    from kd_keras.io import write_json
 
     summary = {
         **summary,

@@ -1,7 +1,7 @@
 """XLA (`jit_compile=True`) vs the default TensorFlow graph, per architecture: the median train
 step of each model (plain supervised step, `Distiller(alpha=1)`) compiled both ways, on the same
 real batches, in one run. The ratio decides `train.jit_compile = "auto"` per architecture
-(`kd_keras.precision.JIT_FASTER`).
+(`kd_keras.archs.JIT_FASTER`).
 
     python benchmarks/jit_compile.py --data ../shared/data/pneumoniamnist.npz
 
@@ -31,9 +31,10 @@ def main() -> None:
     import numpy as np
 
     from kd_keras.config import DataConfig
-    from kd_keras.data import load_splits, make_dataset
-    from kd_keras.distiller import Distiller
-    from kd_keras.models import build_student, build_teacher
+    from kd_keras.data.pipeline import make_dataset
+    from kd_keras.data.sources import load_splits
+    from kd_keras.distill.distiller import Distiller
+    from kd_keras.models.registry import build_student, build_teacher
 
     train = load_splits(DataConfig(path=args.data), seed=0).train
     ds = make_dataset(train, args.size, args.batch, training=True, seed=0, cache=True)

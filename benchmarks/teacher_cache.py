@@ -38,10 +38,11 @@ def main() -> None:
     import keras
 
     from kd_keras.config import DataConfig
-    from kd_keras.data import load_splits, make_dataset, stratified_subset, training_steps
-    from kd_keras.distiller import Distiller
-    from kd_keras.models import build_student, build_teacher
-    from kd_keras.teacher import TeacherCache
+    from kd_keras.data.pipeline import make_dataset, training_steps
+    from kd_keras.data.sources import load_splits, stratified_subset
+    from kd_keras.distill.distiller import Distiller
+    from kd_keras.distill.teacher_cache import TeacherCache
+    from kd_keras.models.registry import build_student, build_teacher
 
     train = load_splits(DataConfig(path=args.data), seed=0).train
     if args.limit:

@@ -2,7 +2,7 @@
 
 - every train step against its compute bound: the teacher's own step, the student's own step
   and the distillation step, each with its FLOPs (forward + backward: 3x the traced forward
-  graph's, plus the teacher's forward: `kd_keras.compute.TRAIN_FLOPS_METHOD`), the bound
+  graph's, plus the teacher's forward: `kd_keras.models.flops.TRAIN_FLOPS_METHOD`), the bound
   (FLOPs / this run's float32 peak, a TensorFlow MatMul on the same kernels and threads) and
   measured / bound;
 - distillation step vs its lower bound: the teacher's forward pass plus the student's own train
@@ -72,10 +72,11 @@ def main() -> None:
     import numpy as np
 
     from kd_keras.config import AugmentConfig, DataConfig
-    from kd_keras.data import load_splits, make_dataset
-    from kd_keras.distiller import Distiller
-    from kd_keras.models import build_student, build_teacher
-    from kd_keras.precision import policy_scope
+    from kd_keras.data.pipeline import make_dataset
+    from kd_keras.data.sources import load_splits
+    from kd_keras.distill.distiller import Distiller
+    from kd_keras.distill.precision import policy_scope
+    from kd_keras.models.registry import build_student, build_teacher
 
     train = load_splits(DataConfig(path=args.data), seed=0).train
     ds = make_dataset(train, args.size, args.batch, training=True, augment=AugmentConfig(),
@@ -100,8 +101,8 @@ def main() -> None:
         d.compile(optimizer=keras.optimizers.Adam(1e-3))
         return d
 
-    from kd_keras.compute import TRAIN_FLOPS_METHOD, forward_flops, train_step_flops
     from kd_keras.host import describe_host, host_line, tf_matmul_peak
+    from kd_keras.models.flops import TRAIN_FLOPS_METHOD, forward_flops, train_step_flops
 
     peak = tf_matmul_peak()
     x, y = batches[0]

@@ -31,11 +31,14 @@ def keras_distiller_run(cfg, splits, teacher_path: str, seed: int) -> dict:
     import keras
     import numpy as np
 
-    from kd_keras.data import make_dataset
-    from kd_keras.evaluate import choose_threshold, classification_metrics
-    from kd_keras.inference import keras_predictor, predict_probs
-    from kd_keras.models import build_student, load_model, set_batchnorm_momentum
-    from kd_keras.train import SelectBest, make_optimizer
+    from kd_keras.data.pipeline import make_dataset
+    from kd_keras.distill.callbacks import SelectBest
+    from kd_keras.distill.optim import make_optimizer
+    from kd_keras.evaluation.metrics import choose_threshold, classification_metrics
+    from kd_keras.models.loading import load_model
+    from kd_keras.models.registry import build_student
+    from kd_keras.models.taps import set_batchnorm_momentum
+    from kd_keras.runtimes import keras_predictor, predict_probs
 
     keras.utils.set_random_seed(seed)
     size, batch, epochs = cfg.data.image_size, cfg.data.batch_size, cfg.student.epochs
@@ -77,8 +80,8 @@ def main() -> None:
     import numpy as np
 
     from kd_keras.config import load_config
-    from kd_keras.data import load_splits
-    from kd_keras.errors import read_json
+    from kd_keras.data.sources import load_splits
+    from kd_keras.io import read_json
 
     cfg = load_config(args.config, [f"data.path={args.data}"])
     splits = load_splits(cfg.data, seed=cfg.run.seed)

@@ -15,7 +15,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from kd_keras.errors import KDError, write_text
+from kd_keras.archs import MIN_IMAGE_SIZE, STUDENT_ARCHS, TEACHER_ARCHS, TOKEN_ARCHS, patch_grid_ok
+from kd_keras.errors import KDError
+from kd_keras.io import write_text
 
 _WEIGHT_KEYWORDS = ("none", "imagenet")
 
@@ -71,7 +73,7 @@ class AugmentConfig:
 
 @dataclass
 class TeacherConfig:
-    arch: str = _spec("resnet50", kind=str, choices=("resnet50", "efficientnet_b3"),
+    arch: str = _spec("resnet50", kind=str, choices=TEACHER_ARCHS,
         help="Architecture of a teacher kd_keras trains.")
     weights: str = _spec("none", kind=str, path=True,
         help="`none`, `imagenet` (downloaded at run time) or a local weights file.")
@@ -111,7 +113,7 @@ class TeacherConfig:
 @dataclass
 class StudentConfig:
     arch: str = _spec("resnet18", kind=str,
-        choices=("resnet18", "mobilenet_v3_small", "resnet8x3", "vit_small", "deit_small"),
+        choices=STUDENT_ARCHS,
         help="Student architecture (DeiT: class and distillation tokens).")
     weights: str = _spec("none", kind=str, path=True,
         help="`none`, `imagenet` (downloaded at run time) or a local weights file.")
@@ -184,7 +186,7 @@ class TrainConfig:
     batchnorm_momentum: float = _spec(0.9, kind=float, lo=0.0, hi=1.0, help="Momentum of every "
         "batch norm's moving statistics (PyTorch's 0.9); 0 keeps the model's own (Keras 0.99).")
     jit_compile: bool | str = _spec("auto", kind=(bool, str), choices=(True, False, "auto"),
-        help="XLA; auto: only steps whose every model is a ViT/DeiT (precision.JIT_FASTER).")
+        help="XLA; auto: only steps whose every model is a ViT/DeiT (archs.JIT_FASTER).")
 
 
 @dataclass
@@ -246,10 +248,6 @@ class Config:
 
 STAGES = ("teacher", "distill", "scratch")
 SECTIONS: dict[str, type] = {f.name: f.default_factory for f in dataclasses.fields(Config)}
-
-# Smallest input each architecture accepts (its deepest feature map must stay at least 1x1).
-MIN_IMAGE_SIZE = {"resnet50": 32, "efficientnet_b3": 32, "resnet18": 32,
-                  "mobilenet_v3_small": 32, "resnet8x3": 16}  # fmt: skip
 
 
 def _check_value(section: str, f: dataclasses.Field, value: Any) -> Any:
@@ -360,9 +358,9 @@ def _check_consistency(cfg: Config) -> None:
                 f"config key data.image_size = {size} is too small for {section} {arch} "
                 f"(needs at least {need})"
             )
-    if cfg.student.arch in ("vit_small", "deit_small"):
+    if cfg.student.arch in TOKEN_ARCHS:
         p = cfg.student.patch_size
-        if size % p or size // p < 2:
+        if not patch_grid_ok(size, p):
             raise KDError(
                 f"config key student.patch_size = {p} must divide data.image_size = {size} "
                 "into a grid of at least 2x2 patches"

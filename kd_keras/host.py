@@ -21,6 +21,8 @@ from functools import lru_cache
 from pathlib import Path
 from typing import Any
 
+from kd_keras.compat import tf_onednn_enabled
+
 ONEDNN_ENV = "TF_ENABLE_ONEDNN_OPTS"
 # the environment variable's value before kd_keras touched it (None: unset)
 _USER_ONEDNN = os.environ.get(ONEDNN_ENV)
@@ -104,8 +106,6 @@ def onednn_enabled() -> bool | None:
     imported yet, so not decided). Reads TensorFlow's own answer, not the environment."""
     if "tensorflow" not in sys.modules:
         return None
-    from kd_keras.compat import tf_onednn_enabled
-
     return tf_onednn_enabled()
 
 

@@ -62,3 +62,14 @@ def name() -> str:
 def command(args: str = "") -> str:
     """`args` as a command to type: `command("export --onnx")` -> `kd-keras export --onnx`."""
     return f"{name()} {args}".rstrip()
+
+
+def version() -> str:
+    """The installed kd_keras version ("unknown" when the package is not installed), as
+    `--version` prints it and every exported file records it."""
+    import importlib.metadata
+
+    try:
+        return importlib.metadata.version("kd_keras")
+    except importlib.metadata.PackageNotFoundError:
+        return "unknown"

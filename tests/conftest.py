@@ -48,7 +48,7 @@ def tiny_npz(tmp_path) -> Path:
 
 def build(arch: str, num_classes: int = 2, tiny: bool = True, size: int = SIZE):
     """A registered teacher or student at `size` px (token students with patch 8)."""
-    from kd_keras import models
+    from kd_keras.models import registry as models
 
     if arch in models.TEACHERS:
         return models.build_teacher(arch, num_classes, size, tiny=tiny)

@@ -23,9 +23,9 @@ tf.config.set_logical_device_configuration(CPU, [tf.config.LogicalDeviceConfigur
 import keras  # noqa: E402
 import numpy as np  # noqa: E402
 
-from kd_keras import distribute  # noqa: E402
-from kd_keras.distiller import Distiller  # noqa: E402
-from kd_keras.models import build_student, build_teacher  # noqa: E402
+from kd_keras.distill import distribute  # noqa: E402
+from kd_keras.distill.distiller import Distiller  # noqa: E402
+from kd_keras.models.registry import build_student, build_teacher  # noqa: E402
 
 STEPS, BATCH = int(sys.argv[1]), 32
 

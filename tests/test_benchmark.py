@@ -8,12 +8,15 @@ import numpy as np
 import pytest
 from conftest import make_run, tiny_classifier
 
-from kd_keras.benchmark import benchmark_fresh, benchmark_run, rebuild_at_size, time_predictor
+from kd_keras.deploy.benchmark import benchmark_fresh, benchmark_run
+from kd_keras.deploy.rebuild import rebuild_at_size
+from kd_keras.deploy.timing import time_predictor
 from kd_keras.errors import KDError
-from kd_keras.export import export_run
 from kd_keras.host import has_vnni, isa_level
-from kd_keras.models import build_student, image_size_of
-from kd_keras.run import RunFolder
+from kd_keras.models.registry import build_student
+from kd_keras.models.taps import image_size_of
+from kd_keras.run.folder import RunFolder
+from kd_keras.workflows.export import export_run
 
 ROW_FIELDS = {
     "model", "arch", "format", "file", "params", "size_mb", "image_size", "batch", "runtime",
@@ -186,8 +189,8 @@ def test_flops_and_peak(tmp_path):
     """FLOPs counted from the ONNX graph (a ViT's MatMuls need one run for their shapes)."""
     from conftest import build
 
-    from kd_keras.compute import matmul_peak, onnx_flops
-    from kd_keras.export import to_onnx
+    from kd_keras.deploy.onnx import to_onnx
+    from kd_keras.models.flops import matmul_peak, onnx_flops
 
     to_onnx(tiny_classifier(width=4), tmp_path / "t.onnx")
     assert onnx_flops(tmp_path / "t.onnx") == {"flops": TINY_FLOPS[4], "uncounted": 0}
@@ -199,7 +202,7 @@ def test_flops_and_peak(tmp_path):
 
 
 def test_providers():
-    from kd_keras.inference import providers
+    from kd_keras.runtimes import providers
 
     assert providers("cpu") == ["CPUExecutionProvider"]
     assert providers("auto")[-1] == "CPUExecutionProvider"
@@ -213,8 +216,8 @@ def test_providers():
 def test_small_students_flops_and_rebuild_at_deployment_size(tmp_path, tiny_npz, arch, flops):
     """The FLOPs the registry documents (real size, 32 px), and a trained small student is
     rebuilt at 224 px with its own weights for the deployment-size benchmark rows."""
-    from kd_keras.compute import onnx_flops
-    from kd_keras.export import to_onnx
+    from kd_keras.deploy.onnx import to_onnx
+    from kd_keras.models.flops import onnx_flops
 
     to_onnx(build_student(arch, 2, 32), tmp_path / "real.onnx")
     assert onnx_flops(tmp_path / "real.onnx") == {"flops": flops, "uncounted": 0}

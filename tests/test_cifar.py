@@ -9,7 +9,7 @@ import pytest
 from conftest import ROOT, run_cli, write_cifar_batches
 
 from kd_keras.config import load_config
-from kd_keras.data import CIFAR10_CLASSES
+from kd_keras.data.sources import CIFAR10_CLASSES
 
 CIFAR3 = str(ROOT / "configs" / "cifar3.toml")
 CLASSES = ["airplane", "automobile", "bird"]
@@ -54,7 +54,7 @@ def test_cifar3_runs_end_to_end_from_local_batches(tmp_path):
 
 def test_local_batches_keep_only_the_chosen_classes(tmp_path):
     from kd_keras.config import DataConfig
-    from kd_keras.data import load_splits
+    from kd_keras.data.sources import load_splits
 
     data = write_cifar_batches(tmp_path / "cifar")
     splits = load_splits(DataConfig(source="cifar10", path=str(data), classes=CLASSES), seed=0)

@@ -133,9 +133,10 @@ def run_folder(path):
 @pytest.fixture
 def calls(monkeypatch):
     """The library functions the commands call, replaced by recorders: {name: (args, kwargs)}."""
-    import kd_keras.benchmark
-    import kd_keras.export
-    import kd_keras.report
+    import kd_keras.deploy.benchmark
+    import kd_keras.reporting.run_report
+    import kd_keras.workflows.distill
+    import kd_keras.workflows.export
 
     seen = {}
 
@@ -146,12 +147,14 @@ def calls(monkeypatch):
 
         return record
 
-    monkeypatch.setattr(kd_keras.export, "export_run", recorder("export_run"))
-    monkeypatch.setattr(kd_keras.benchmark, "benchmark_run", recorder("benchmark_run"))
-    monkeypatch.setattr(kd_keras.benchmark, "benchmark_fresh", recorder("benchmark_fresh"))
-    monkeypatch.setattr(kd_keras.report, "write_run_report", recorder("write_run_report", "x"))
-    monkeypatch.setattr(kd_keras.report, "evaluate_and_report", recorder("evaluate", {}))
-    monkeypatch.setattr("kd_keras.evaluate.report_markdown", lambda report: "table")
+    monkeypatch.setattr(kd_keras.workflows.export, "export_run", recorder("export_run"))
+    monkeypatch.setattr(kd_keras.deploy.benchmark, "benchmark_run", recorder("benchmark_run"))
+    monkeypatch.setattr(kd_keras.deploy.benchmark, "benchmark_fresh", recorder("benchmark_fresh"))
+    monkeypatch.setattr(
+        kd_keras.reporting.run_report, "write_run_report", recorder("write_run_report", "x")
+    )
+    monkeypatch.setattr(kd_keras.workflows.distill, "evaluate_and_report", recorder("evaluate", {}))
+    monkeypatch.setattr("kd_keras.evaluation.evaluate.report_markdown", lambda report: "table")
     return seen
 
 
@@ -282,7 +285,7 @@ def test_benchmark_format_and_its_deprecated_spelling(tmp_path, calls):
     assert code == 0 and err.count("\n") == 1 and "note: --formats is deprecated" in err, err
     assert calls.pop("benchmark_run")[1]["formats"] == ("tflite",)
     code, _, _ = run_cli("benchmark", "--run", str(run))
-    from kd_keras.benchmark import FORMATS
+    from kd_keras.deploy.timing import FORMATS
 
     assert calls.pop("benchmark_run")[1]["formats"] == FORMATS
     code, _, err = run_cli("benchmark", "--run", str(run), "--format", "keras,onnnx")

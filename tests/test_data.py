@@ -3,13 +3,8 @@ import pytest
 from conftest import write_cifar_batches, write_images
 
 from kd_keras.config import AugmentConfig, DataConfig
-from kd_keras.data import (
-    load_splits,
-    make_dataset,
-    resolve_medmnist_path,
-    stratified_subset,
-    training_steps,
-)
+from kd_keras.data.pipeline import make_dataset, training_steps
+from kd_keras.data.sources import load_splits, resolve_medmnist_path, stratified_subset
 from kd_keras.errors import KDError
 
 

@@ -2,8 +2,10 @@ import keras
 import numpy as np
 import pytest
 
-from kd_keras import losses, models
-from kd_keras.distiller import Distiller
+from kd_keras.distill import losses
+from kd_keras.distill.distiller import Distiller
+from kd_keras.models.layers import CLS_LOGITS_LAYER, DIST_LOGITS_LAYER
+from kd_keras.models.registry import build_student, build_teacher
 
 RNG = np.random.default_rng(0)
 X = RNG.uniform(0, 255, (8, 32, 32, 3)).astype("float32")
@@ -13,8 +15,8 @@ Y = np.array([0, 1, 1, 0, 1, 1, 1, 1])
 @pytest.fixture(scope="module")
 def pair():
     keras.utils.set_random_seed(0)
-    teacher = models.build_teacher("resnet50", 2, 32, tiny=True)
-    return teacher, models.build_student("resnet18", 2, 32, tiny=True)
+    teacher = build_teacher("resnet50", 2, 32, tiny=True)
+    return teacher, build_student("resnet18", 2, 32, tiny=True)
 
 
 def small_classifier(seed: int, scale: float) -> keras.Model:
@@ -44,7 +46,7 @@ def test_loss_is_the_documented_formula(pair):
     teacher, student = pair
     d = Distiller(student, teacher, alpha=0.3, temperature=2.0, beta=0.7, feature_norm="none")
     s_out = d._student_graph(X, training=False)
-    t_out = d._teacher_forward(X)
+    t_out = d.teacher_outputs(X)
     terms = {k: float(v) for k, v in d.compute_terms(Y, s_out, t_out).items()}
     s_logits, t_logits = np.asarray(student(X)), np.asarray(teacher(X))
     ce = float(np.mean(losses.cross_entropy(Y, s_logits)))
@@ -69,7 +71,7 @@ def test_matches_keras_builtin_distiller_on_logits_only():
     ref = KerasDistiller(teacher=teacher, student=student, student_loss_weight=0.3,
                          distillation_losses=kl)  # fmt: skip
     ref.compile(optimizer="sgd", loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True))
-    ours_loss = ours.compute_terms(Y, ours._student_graph(X), ours._teacher_forward(X))["loss"]
+    ours_loss = ours.compute_terms(Y, ours._student_graph(X), ours.teacher_outputs(X))["loss"]
     ref_loss = ref.compute_loss(x=X, y=Y, y_pred=student(X), training=False)
     assert float(ours_loss) == pytest.approx(float(ref_loss), rel=1e-4)
 
@@ -77,7 +79,7 @@ def test_matches_keras_builtin_distiller_on_logits_only():
 def test_sample_weights_reach_every_term():
     teacher, student = small_classifier(1, 4.0), small_classifier(2, 2.0)
     d = Distiller(student, teacher, alpha=0.5, temperature=2.0)
-    s_out, t_out = d._student_graph(X), d._teacher_forward(X)
+    s_out, t_out = d._student_graph(X), d.teacher_outputs(X)
     w = np.where(Y == 0, 3.0, 0.5).astype("float32")
     plain = d.compute_terms(Y, s_out, t_out)
     weighted = d.compute_terms(Y, s_out, t_out, w)
@@ -125,10 +127,10 @@ def test_deit_heads_split_only_when_both_terms_are_on():
     """Scratch DeiT (alpha = 1) and KD-only DeiT (alpha = 0) train the deployed (averaged)
     output; with both terms the class head takes the labels and the distillation head the
     teacher."""
-    deit = models.build_student("deit_small", 2, 32, patch_size=8, tiny=True)
+    deit = build_student("deit_small", 2, 32, patch_size=8, tiny=True)
     teacher = small_classifier(1, 4.0)
-    cls = deit.get_layer(models.CLS_LOGITS_LAYER).output
-    dist = deit.get_layer(models.DIST_LOGITS_LAYER).output
+    cls = deit.get_layer(CLS_LOGITS_LAYER).output
+    dist = deit.get_layer(DIST_LOGITS_LAYER).output
     for d in (Distiller(deit, None, alpha=1.0), Distiller(deit, teacher, alpha=0.0)):
         outputs = heads_of(d)
         assert outputs["ce_logits"] is deit.output and outputs["kd_logits"] is deit.output
@@ -191,7 +193,7 @@ def test_evaluate_reports_the_same_terms_as_compute_terms(pair):
     d = Distiller(student, teacher, alpha=0.4, temperature=2.0, beta=0.5)
     d.compile(optimizer="sgd")
     logs = d.evaluate(X, Y, batch_size=len(X), verbose=0, return_dict=True)
-    terms = d.compute_terms(Y, d._student_graph(X, training=False), d._teacher_forward(X))
+    terms = d.compute_terms(Y, d._student_graph(X, training=False), d.teacher_outputs(X))
     for key in ("loss", "ce", "kd", "feat"):
         assert logs[key] == pytest.approx(float(terms[key]), rel=1e-4), key
 
@@ -204,8 +206,8 @@ def test_registered_losses_train_through_the_distiller(pair, mode, feature):
     d.compile(optimizer=keras.optimizers.SGD(0.01))
     logs = d.train_on_batch(X, Y, return_dict=True)
     assert {"kd", "feat"} <= set(logs) and all(np.isfinite(v) for v in logs.values())
-    terms = d.compute_terms(Y, d._student_graph(X), d._teacher_forward(X))
-    t_out = d._teacher_forward(X)
+    terms = d.compute_terms(Y, d._student_graph(X), d.teacher_outputs(X))
+    t_out = d.teacher_outputs(X)
     expected_kd = np.mean(losses.kd_loss(mode, temperature=4.0)(Y, t_out["logits"],
                                                                  student(X)))  # fmt: skip
     assert float(terms["kd"]) == pytest.approx(float(expected_kd), rel=1e-4)

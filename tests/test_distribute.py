@@ -1,4 +1,4 @@
-"""Scale-out on tf.distribute (`kd_keras.distribute`, `[distribute]`).
+"""Scale-out on tf.distribute (`kd_keras.distill.distribute`, `[distribute]`).
 
 The slow tests start their own processes: logical CPU devices must be set before TensorFlow
 initialises, and MultiWorkerMirroredStrategy needs one process per worker (loopback only,
@@ -31,7 +31,7 @@ WORKER_TIMEOUT = 240
 
 
 def test_multi_worker_without_tf_config_names_the_key(monkeypatch):
-    from kd_keras.distribute import make_strategy
+    from kd_keras.distill.distribute import make_strategy
 
     monkeypatch.delenv("TF_CONFIG", raising=False)
     with pytest.raises(KDError, match="distribute.strategy.*TF_CONFIG"):
@@ -39,7 +39,7 @@ def test_multi_worker_without_tf_config_names_the_key(monkeypatch):
 
 
 def test_strategy_is_validated_and_batch_must_split(tmp_path):
-    from kd_keras.distribute import Worker, check_batch
+    from kd_keras.distill.distribute import Worker, check_batch
 
     with pytest.raises(KDError, match="distribute.strategy"):
         build_config({"distribute": {"strategy": "horovod"}}, tmp_path)
@@ -85,7 +85,7 @@ def test_two_workers_match_one_worker_and_only_the_chief_writes(tmp_path, real_n
     only the chief wrote: the second worker's temporary folder is gone."""
     import keras
 
-    from kd_keras.models import build_teacher
+    from kd_keras.models.registry import build_teacher
 
     keras.utils.set_random_seed(0)
     teacher = tmp_path / "teacher.keras"

@@ -8,10 +8,13 @@ import numpy as np
 import pytest
 from conftest import ROOT, SIZE, run_cli
 
-from kd_keras import ensemble, losses, models
 from kd_keras.config import build_config
-from kd_keras.distiller import Distiller
+from kd_keras.distill import ensemble, losses
+from kd_keras.distill.distiller import Distiller
 from kd_keras.errors import KDError
+from kd_keras.models.loading import load_model
+from kd_keras.models.registry import build_student, build_teacher
+from kd_keras.models.taps import feature_tensor
 
 X = np.random.default_rng(0).uniform(0, 255, (4, 48, 48, 3)).astype("float32")
 Y = np.array([0, 1, 1, 0])
@@ -26,8 +29,8 @@ def softmax(z, axis=-1):
 def members():
     """Two different raw-pixel teachers at different sizes: ResNet50 at 48 px, ResNet18 at 32."""
     keras.utils.set_random_seed(0)
-    return [models.build_teacher("resnet50", 2, 48, tiny=True),
-            models.build_student("resnet18", 2, SIZE, tiny=True)]  # fmt: skip
+    return [build_teacher("resnet50", 2, 48, tiny=True),
+            build_student("resnet18", 2, SIZE, tiny=True)]  # fmt: skip
 
 
 @pytest.mark.parametrize("temperature", [1.0, 4.0])
@@ -45,7 +48,7 @@ def test_built_ensemble_resizes_per_member_and_survives_save_load(members, tmp_p
     want = (softmax(np.asarray(members[0](X))) + softmax(np.asarray(members[1](small)))) / 2
     np.testing.assert_allclose(softmax(np.asarray(model(X))), want, rtol=1e-4, atol=1e-6)
     model.save(tmp_path / "ens.keras")
-    loaded = models.load_model(tmp_path / "ens.keras", "teacher")
+    loaded = load_model(tmp_path / "ens.keras", "teacher")
     assert len(ensemble.ensemble_members(loaded)) == 2
     assert ensemble.ensemble_members(members[0]) is None, "a plain model is no ensemble"
     np.testing.assert_allclose(np.asarray(loaded(X)), np.asarray(model(X)), atol=1e-5)
@@ -53,9 +56,9 @@ def test_built_ensemble_resizes_per_member_and_survives_save_load(members, tmp_p
 
 def test_distiller_kd_term_uses_the_mean_tempered_probabilities(members):
     model = ensemble.build_ensemble(members)
-    student = models.build_student("resnet18", 2, SIZE, tiny=True)
+    student = build_student("resnet18", 2, SIZE, tiny=True)
     d = Distiller(student, model, alpha=0.5, temperature=4.0, beta=0.0)
-    t_out, s_out = d._teacher_forward(X), d._student_forward(X, training=False)
+    t_out, s_out = d.teacher_outputs(X), d.student_outputs(X, training=False)
     terms = d.compute_terms(Y, s_out, t_out)
     small = keras.ops.image.resize(X, (SIZE, SIZE), interpolation="bilinear", antialias=True)
     p = (softmax(np.asarray(members[0](X)) / 4) + softmax(np.asarray(members[1](small)) / 4)) / 2
@@ -66,13 +69,13 @@ def test_distiller_kd_term_uses_the_mean_tempered_probabilities(members):
 
 def test_every_member_feature_through_its_own_adapter_or_a_chosen_one(members):
     model = ensemble.build_ensemble(members)
-    student = models.build_student("resnet18", 2, SIZE, tiny=True)
+    student = build_student("resnet18", 2, SIZE, tiny=True)
     d = Distiller(student, model, alpha=0.5, beta=1.0, ensemble_features="all")
     assert d.feature_keys == ["feature_0", "feature_1"] and len(d.adapters) == 2
     d.compile(optimizer=keras.optimizers.SGD(0.01))
     logs = d.train_on_batch(X, Y, return_dict=True)
     assert all(np.isfinite(v) for v in logs.values()), logs
-    t_out, s_out = d._teacher_forward(X), d._student_forward(X, training=False)
+    t_out, s_out = d.teacher_outputs(X), d.student_outputs(X, training=False)
     per_member = [
         np.asarray(losses.feature_l2(t_out[k], a(s_out["feature"]), "l2"))
         for k, a in zip(d.feature_keys, d.adapters)
@@ -82,8 +85,8 @@ def test_every_member_feature_through_its_own_adapter_or_a_chosen_one(members):
 
     one = Distiller(student, model, alpha=0.5, beta=1.0, ensemble_features=1)
     assert one.feature_keys == ["feature"] and one.adapter is not None
-    member_feature = models.feature_tensor(members[1])
-    assert one._teacher_graph.output["feature"].shape[1:] == member_feature.shape[1:]
+    member_feature = feature_tensor(members[1])
+    assert one.teacher_graph.output["feature"].shape[1:] == member_feature.shape[1:]
     with pytest.raises(KDError, match="ensemble_features = 2"):
         Distiller(student, model, alpha=0.5, beta=1.0, ensemble_features=2)
 

@@ -1,8 +1,6 @@
 """ONNX export: parity with Keras on real test images, INT8, metadata, and the user's mistakes."""
 
 import json
-import os
-import time
 from pathlib import Path
 
 import keras
@@ -12,12 +10,11 @@ import onnxruntime as ort
 import pytest
 from conftest import CLASSES, make_run, tiny_classifier
 
-from kd_keras import export
+from kd_keras.deploy import export
 from kd_keras.errors import KDError
-from kd_keras.export import calibration_batches, export_run
-from kd_keras.inference import read_metadata
-from kd_keras.models import build_student, build_teacher
-from kd_keras.run import RunFolder
+from kd_keras.models.registry import build_student, build_teacher
+from kd_keras.runtimes import read_metadata
+from kd_keras.workflows.export import export_run
 
 
 def run_onnx(path: Path, images: np.ndarray) -> dict:
@@ -105,7 +102,7 @@ def _with_batch_statistics(model, images):
     """`model` with its batch norms' moving statistics set from `images`: untrained, their
     moving variance of 1 shrinks MobileNetV3's signal to ~1e-8 by the logits, where any
     parity check passes; one training-mode pass at momentum 0 makes the logits O(1)."""
-    from kd_keras.models import set_batchnorm_momentum
+    from kd_keras.models.taps import set_batchnorm_momentum
 
     set_batchnorm_momentum(model, 0.0)
     model(images, training=True)
@@ -179,62 +176,3 @@ def test_unwritable_output_folder_is_an_error(tmp_path, real_npz):
 def test_unknown_format_lists_the_valid_ones(tmp_path):
     with pytest.raises(KDError, match="unknown export format 'coreml'; valid: onnx, tflite"):
         export_run(tmp_path, fmt="coreml")
-
-
-def test_find_run(tmp_path):
-    find = RunFolder.find
-    with pytest.raises(KDError, match="no run found under .*cli.py distill"):
-        find(None, runs_dir=tmp_path / "runs")
-    with pytest.raises(KDError, match="run folder not found"):
-        find(tmp_path / "nowhere")
-    (tmp_path / "not_a_run").mkdir()
-    with pytest.raises(KDError, match="no config.toml"):
-        find(tmp_path / "not_a_run")
-    for i, name in enumerate(["older", "newer"]):
-        (tmp_path / "runs" / name).mkdir(parents=True)
-        (tmp_path / "runs" / name / "config.toml").write_text("")
-        stamp = time.time() - 100 + i * 50
-        os.utime(tmp_path / "runs" / name / "config.toml", (stamp, stamp))
-        os.utime(tmp_path / "runs" / name, (stamp, stamp))
-    assert find(None, runs_dir=tmp_path / "runs").name == "newer"
-
-
-def test_calibration_uses_the_configured_count_and_batch(real_npz):
-    from kd_keras.config import DataConfig
-    from kd_keras.data import load_splits
-
-    train = load_splits(DataConfig(path=str(real_npz)), seed=0).train
-    batches = calibration_batches(train, 32, 50, seed=0, batch_size=16)
-    shapes = [b.shape for b in batches]
-    assert shapes == [(16, 32, 32, 3)] * 3 + [(2, 32, 32, 3)]
-    assert [b.shape for b in batches] == shapes, "iterable more than once"
-    labels = batches.subset.labels
-    assert len(labels) == 50 and 0 < labels.mean() < 1, "stratified: both classes"
-    with pytest.raises(KDError, match="n >= 1"):
-        calibration_batches(train, 32, 0, seed=0)
-
-
-def test_int8_recipe_per_graph_family(tmp_path):
-    """U8S8 static QDQ for convolution graphs with the classifier head kept float; dynamic for
-    attention graphs; no INT8 file for Sigmoid-gated graphs (EfficientNet), where it is slower."""
-    from kd_keras.export import quantization_plan, quantize, to_onnx
-
-    plans = {}
-    for arch in ("resnet18", "vit_small", "efficientnet_b3"):
-        if arch == "efficientnet_b3":
-            model = build_teacher(arch, 2, 32, tiny=True)
-        else:
-            model = build_student(arch, 2, 32, patch_size=8, tiny=True)
-        path = to_onnx(model, tmp_path / f"{arch}.onnx")
-        plans[arch] = quantization_plan(path)
-    assert [plans[a]["method"] for a in plans] == ["static", "dynamic", "none"]
-    assert "slower than FP32" in plans["efficientnet_b3"]["reason"]
-    graph = onnx.load(tmp_path / "resnet18.onnx").graph
-    head = {n.name: n.op_type for n in graph.node if n.name in plans["resnet18"]["exclude"]}
-    assert "MatMul" in head.values() and "Softmax" in head.values(), head
-    assert any("preprocessing" in name for name in head), "the input scaling stays float"
-    calib = [np.random.default_rng(0).uniform(0, 255, (8, 32, 32, 3)).astype("float32")]
-    info = quantize(tmp_path / "resnet18.onnx", tmp_path / "r.int8.onnx", calibration=calib)
-    assert (info["method"], info["activations"], info["weights"]) == ("static", "uint8", "int8")
-    ops = {n.op_type for n in onnx.load(tmp_path / "r.int8.onnx").graph.node}
-    assert "QuantizeLinear" in ops and "MatMul" in ops, "head stays float"

@@ -10,16 +10,16 @@ from conftest import make_run, tiny_classifier
 from onnx import numpy_helper
 
 from kd_keras import host
-from kd_keras.export import (
+from kd_keras.deploy.onnx import to_onnx
+from kd_keras.deploy.quantize import (
     CALIBRATION_BATCH,
     NO_VNNI_SPEED_NOTE,
     calibration_batches,
-    export_run,
     quantize,
-    to_onnx,
 )
-from kd_keras.models import build_student
-from kd_keras.run import RunFolder
+from kd_keras.models.registry import build_student
+from kd_keras.run.folder import RunFolder
+from kd_keras.workflows.export import export_run
 
 INT16_MAX = 2**15 - 1
 U8_MAX = 255
@@ -101,7 +101,7 @@ def test_peak_rss_from_vmhwm_and_from_getrusage(monkeypatch):
 
 def test_calibration_batches_are_small_by_default(real_npz):
     from kd_keras.config import DataConfig
-    from kd_keras.data import load_splits
+    from kd_keras.data.sources import load_splits
 
     train = load_splits(DataConfig(path=str(real_npz)), seed=0).train
     shapes = [b.shape[0] for b in calibration_batches(train, 32, 20, seed=0)]
@@ -116,7 +116,7 @@ def test_dynamic_int8_vit_agrees_with_keras_under_non_vnni_arithmetic(tmp_path, 
     import keras
     import u8s8_emulation as emu
 
-    from kd_keras.inference import keras_predictor
+    from kd_keras.runtimes import keras_predictor
 
     keras.utils.set_random_seed(0)
     student = build_student("vit_small", 2, 32, patch_size=8, tiny=True)
@@ -124,7 +124,7 @@ def test_dynamic_int8_vit_agrees_with_keras_under_non_vnni_arithmetic(tmp_path, 
     export_run(run, tmp_path / "export", models=["student"], int8=True, limit=64, quiet=True)
     folder = tmp_path / "export" / "vit"
     test_split = RunFolder.find(run).load_splits().test
-    from kd_keras.data import make_dataset
+    from kd_keras.data.pipeline import make_dataset
 
     images = next(make_dataset(test_split.subset(np.arange(64)), 32, 64, labels=False,
                                cache=False).as_numpy_iterator())  # fmt: skip

@@ -1,7 +1,7 @@
 import numpy as np
 import pytest
 
-from kd_keras import losses
+from kd_keras.distill import losses
 
 
 def np_softmax(z):

@@ -6,8 +6,8 @@ import pytest
 import tensorflow as tf
 from conftest import build
 
-from kd_keras.matmul_conv import MatmulConv, matmul_plan, matmul_view
-from kd_keras.models import all_layers
+from kd_keras.models.matmul_conv import MatmulConv, matmul_plan, matmul_view
+from kd_keras.models.taps import all_layers
 
 RNG = np.random.default_rng(0)
 
@@ -71,7 +71,7 @@ def test_models_without_convolutions_are_returned_as_they_are():
 
 
 def test_distiller_trains_the_original_student_through_its_view(tiny_npz):
-    from kd_keras.distiller import Distiller
+    from kd_keras.distill.distiller import Distiller
 
     student = build("resnet18")
     before = [w.copy() for w in student.get_weights()]

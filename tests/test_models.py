@@ -8,8 +8,18 @@ import numpy as np
 import pytest
 from conftest import PATCH, SIZE, build
 
-from kd_keras import models
+from kd_keras import compat
 from kd_keras.errors import KDError
+from kd_keras.models.layers import CAFFE_MEAN_BGR, IMAGENET_MEAN, IMAGENET_STD, ImagePreprocessing
+from kd_keras.models.loading import load_model
+from kd_keras.models.registry import STUDENTS, TEACHERS, build_student, build_teacher
+from kd_keras.models.taps import (
+    all_layers,
+    feature_extractor,
+    feature_tensor,
+    image_size_of,
+    set_batchnorm_momentum,
+)
 
 X = np.random.default_rng(0).uniform(0, 255, (2, SIZE, SIZE, 3)).astype("float32")
 
@@ -28,11 +38,11 @@ IDS = [a[0] for a in ARCHS]
 
 
 def test_every_architecture_is_registered():
-    assert list(models.TEACHERS) == ["resnet50", "efficientnet_b3"]
-    assert list(models.STUDENTS) == [
+    assert list(TEACHERS) == ["resnet50", "efficientnet_b3"]
+    assert list(STUDENTS) == [
         "resnet18", "mobilenet_v3_small", "resnet8x3", "vit_small", "deit_small",
     ]  # fmt: skip
-    assert sorted(IDS) == sorted([*models.TEACHERS, *models.STUDENTS])
+    assert sorted(IDS) == sorted([*TEACHERS, *STUDENTS])
 
 
 @pytest.mark.parametrize("arch, params, real_tap, tiny_tap", ARCHS, ids=IDS)
@@ -40,16 +50,16 @@ def test_tiny_variant_builds_runs_and_round_trips(tmp_path, tiny_zoo, arch, para
                                                   tiny_tap):  # fmt: skip
     model = tiny_zoo(arch)
     assert model.count_params() < 400_000, "tiny means tiny"
-    feature, logits = models.feature_extractor(model)(X)
+    feature, logits = feature_extractor(model)(X)
     assert logits.shape == (2, 3) and np.isfinite(np.asarray(logits)).all()
     assert tuple(feature.shape[1:]) == tiny_tap
     path = tmp_path / f"{arch}.keras"
     model.save(path)
-    loaded = models.load_model(path)
+    loaded = load_model(path)
     np.testing.assert_array_equal(loaded.predict(X, verbose=0), model.predict(X, verbose=0))
-    f2, _ = models.feature_extractor(loaded)(X)
+    f2, _ = feature_extractor(loaded)(X)
     np.testing.assert_array_equal(np.asarray(f2), np.asarray(feature))
-    assert models.image_size_of(loaded) == SIZE
+    assert image_size_of(loaded) == SIZE
 
 
 @pytest.mark.parametrize("arch, params, real_tap, tiny_tap", ARCHS, ids=IDS)
@@ -57,14 +67,14 @@ def test_real_size_parameters_and_feature_tap(real_zoo, arch, params, real_tap, 
     """What the benchmark's size claims rest on (DESIGN.md: 23.6 M, 10.8 M, 11.2 M, 21.7 M)."""
     model = real_zoo(arch)
     assert model.count_params() / 1e6 == pytest.approx(params, abs=0.01)
-    feature, logits = models.feature_extractor(model)(X)
+    feature, logits = feature_extractor(model)(X)
     assert tuple(feature.shape[1:]) == real_tap and logits.shape == (2, 3)
     assert np.isfinite(np.asarray(logits)).all()
 
 
 def test_real_taps_are_the_documented_layers(real_zoo):
     def tap(arch):
-        return models.feature_tensor(real_zoo(arch))._keras_history.operation.name
+        return compat.producing_layer(feature_tensor(real_zoo(arch))).name
 
     assert tap("resnet50") == "conv4_block6_out"
     assert tap("efficientnet_b3") == "block5e_add"
@@ -88,46 +98,47 @@ def test_small_student_is_at_most_a_twentieth_of_the_teacher(real_zoo):
 def test_no_stage_collapses_at_the_minimum_image_size(arch, last_map):
     """At `MIN_IMAGE_SIZE` every feature map of the real model is at least `last_map` wide and
     the tap at least 2x2; one pixel less is refused by the config."""
-    from kd_keras.config import MIN_IMAGE_SIZE, build_config
+    from kd_keras.archs import MIN_IMAGE_SIZE
+    from kd_keras.config import build_config
 
     size = MIN_IMAGE_SIZE[arch]
-    model = models.build_student(arch, 2, size)
+    model = build_student(arch, 2, size)
     maps = [lay.output.shape for lay in model.layers if len(lay.output.shape) == 4]
     assert maps and min(min(s[1], s[2]) for s in maps) == last_map
-    assert tuple(models.feature_tensor(model).shape[1:3]) == (2, 2)
+    assert tuple(feature_tensor(model).shape[1:3]) == (2, 2)
     with pytest.raises(KDError, match=f"data.image_size = {size - 1} is too small"):
         build_config({"data": {"image_size": size - 1}, "student": {"arch": arch}}, Path("."))
 
 
 def test_preprocessing_is_inside_the_model():
-    layer = models.ImagePreprocessing("imagenet")
+    layer = ImagePreprocessing("imagenet")
     white = np.asarray(layer(np.full((1, 1, 1, 3), 255.0, "float32")))[0, 0, 0]
-    np.testing.assert_allclose(white, (1 - np.array(models.IMAGENET_MEAN)) / models.IMAGENET_STD,
+    np.testing.assert_allclose(white, (1 - np.array(IMAGENET_MEAN)) / IMAGENET_STD,
                                rtol=1e-5)  # fmt: skip
-    caffe = np.asarray(models.ImagePreprocessing("caffe")(np.array([[[[10.0, 20.0, 30.0]]]])))
-    np.testing.assert_allclose(caffe[0, 0, 0], np.array([30, 20, 10]) - models.CAFFE_MEAN_BGR,
+    caffe = np.asarray(ImagePreprocessing("caffe")(np.array([[[[10.0, 20.0, 30.0]]]])))
+    np.testing.assert_allclose(caffe[0, 0, 0], np.array([30, 20, 10]) - CAFFE_MEAN_BGR,
                                rtol=1e-5)  # fmt: skip
 
 
 def test_registry_errors_list_valid_names(tmp_path):
     with pytest.raises(KDError, match="valid: resnet50, efficientnet_b3"):
-        models.build_teacher("vgg", 2, 32)
+        build_teacher("vgg", 2, 32)
     with pytest.raises(KDError, match="student.weights file not found"):
-        models.build_student("resnet18", 2, 32, weights=str(tmp_path / "missing"))
+        build_student("resnet18", 2, 32, weights=str(tmp_path / "missing"))
     with pytest.raises(KDError, match="model file not found"):
-        models.load_model(tmp_path / "x.keras")
+        load_model(tmp_path / "x.keras")
     bad = tmp_path / "bad.keras"
     bad.write_bytes(b"garbage")
     with pytest.raises(KDError, match="bad.keras could not be loaded"):
-        models.load_model(bad)
+        load_model(bad)
     with pytest.raises(KDError, match='tiny resnet18 has no pretrained weights.*"none"'):
-        models.build_student("resnet18", 2, 32, weights="imagenet", tiny=True)
+        build_student("resnet18", 2, 32, weights="imagenet", tiny=True)
     with pytest.raises(KDError, match="tiny mobilenet_v3_small has no pretrained weights"):
-        models.build_student("mobilenet_v3_small", 2, 32, weights="imagenet", tiny=True)
+        build_student("mobilenet_v3_small", 2, 32, weights="imagenet", tiny=True)
     with pytest.raises(KDError, match="student.weights file not found"):
-        models.build_student("mobilenet_v3_small", 2, 32, weights=str(tmp_path / "missing"))
+        build_student("mobilenet_v3_small", 2, 32, weights=str(tmp_path / "missing"))
     with pytest.raises(KDError, match='resnet8x3 has no ImageNet weights.*"none"'):
-        models.build_student("resnet8x3", 2, 32, weights="imagenet")
+        build_student("resnet8x3", 2, 32, weights="imagenet")
 
 
 def test_internal_build_failures_are_not_reported_as_weight_problems(monkeypatch):
@@ -139,7 +150,7 @@ def test_internal_build_failures_are_not_reported_as_weight_problems(monkeypatch
 
     monkeypatch.setattr(keras.applications, "ResNet50", broken)
     with pytest.raises(RuntimeError, match="an internal bug"):
-        models.build_teacher("resnet50", 2, 32, weights="none")
+        build_teacher("resnet50", 2, 32, weights="none")
 
 
 @pytest.mark.parametrize(
@@ -151,7 +162,7 @@ def test_internal_build_failures_are_not_reported_as_weight_problems(monkeypatch
 )
 def test_imagenet_weights_offline_fail_fast_with_advice(arch, advice):
     """On machines without internet the download fails; the error says what to do."""
-    build_ = models.build_teacher if arch in models.TEACHERS else models.build_student
+    build_ = build_teacher if arch in TEACHERS else build_student
     try:
         model = build_(arch, 2, 32, weights="imagenet")
     except KDError as err:
@@ -165,11 +176,19 @@ def test_batchnorm_momentum_reaches_nested_layers_and_is_saved(tmp_path):
     """train.batchnorm_momentum reaches the batch norms inside a keras.applications backbone
     (nested model) and survives saving; transformer students have none to set."""
     model = build("efficientnet_b3")
-    count = models.set_batchnorm_momentum(model, 0.9)
+    count = set_batchnorm_momentum(model, 0.9)
     assert count > 10
     model.save(tmp_path / "m.keras")
-    loaded = models.load_model(tmp_path / "m.keras", "model")
-    bns = [lay for lay in models.all_layers(loaded)
+    loaded = load_model(tmp_path / "m.keras", "model")
+    bns = [lay for lay in all_layers(loaded)
            if isinstance(lay, keras.layers.BatchNormalization)]  # fmt: skip
     assert len(bns) == count and {b.momentum for b in bns} == {0.9}
-    assert models.set_batchnorm_momentum(build("deit_small"), 0.9) == 0
+    assert set_batchnorm_momentum(build("deit_small"), 0.9) == 0
+
+
+def test_every_registered_architecture_has_its_facts():
+    """One kd_keras.archs entry (minimum size or patch rule, feature tap, XLA preference) per
+    builder in the registry, in the same order (the taps are tried in it)."""
+    from kd_keras.archs import STUDENT_ARCHS, TEACHER_ARCHS
+
+    assert tuple(TEACHERS) == TEACHER_ARCHS and tuple(STUDENTS) == STUDENT_ARCHS

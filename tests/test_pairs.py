@@ -14,9 +14,13 @@ import numpy as np
 import pytest
 from conftest import PATCH, SIZE
 
-from kd_keras import losses, models
-from kd_keras.distiller import Distiller
+from kd_keras.distill import losses
+from kd_keras.distill.distiller import Distiller
 from kd_keras.errors import KDError
+from kd_keras.models.layers import CLS_LOGITS_LAYER, DIST_LOGITS_LAYER
+from kd_keras.models.loading import load_model
+from kd_keras.models.registry import build_student
+from kd_keras.models.taps import feature_extractor, feature_tensor, has_layer
 
 CLASSES = 3
 RNG = np.random.default_rng(0)
@@ -46,8 +50,8 @@ def test_pair_distils_one_batch(zoo, teacher_arch, student_arch, mode, beta):
     teacher, student = zoo(teacher_arch), zoo(student_arch)
     d = Distiller(student, teacher, alpha=0.5, temperature=4.0, beta=beta, mode=mode)
     if beta:
-        t_shape = tuple(models.feature_tensor(teacher).shape[1:])
-        s_shape = tuple(models.feature_tensor(student).shape[1:])
+        t_shape = tuple(feature_tensor(teacher).shape[1:])
+        s_shape = tuple(feature_tensor(student).shape[1:])
         assert t_shape == TEACHER_FEATURES[teacher_arch]
         assert s_shape == STUDENT_FEATURES[student_arch]
         projected = d.adapter(np.zeros((1, *s_shape), "float32"))
@@ -71,8 +75,8 @@ def head_outputs(student):
     return keras.Model(
         student.input,
         [
-            student.get_layer(models.CLS_LOGITS_LAYER).output,
-            student.get_layer(models.DIST_LOGITS_LAYER).output,
+            student.get_layer(CLS_LOGITS_LAYER).output,
+            student.get_layer(DIST_LOGITS_LAYER).output,
             student.output,
         ],
     )
@@ -92,7 +96,7 @@ def test_deit_class_head_learns_labels_and_dist_head_the_teacher(zoo, mode):
     teacher, deit = zoo("resnet50"), zoo("deit_small")
     d = Distiller(deit, teacher, alpha=0.4, temperature=2.0, beta=0.0, mode=mode)
     terms = {k: float(v) for k, v in
-             d.compute_terms(Y, d._student_graph(X), d._teacher_forward(X)).items()}  # fmt: skip
+             d.compute_terms(Y, d._student_graph(X), d.teacher_outputs(X)).items()}  # fmt: skip
     assert "reg" not in terms
     cls, dist, _ = (np.asarray(t) for t in head_outputs(deit)(X))
     t_logits = np.asarray(teacher(X, training=False))
@@ -107,13 +111,13 @@ def test_deit_class_head_learns_labels_and_dist_head_the_teacher(zoo, mode):
     # only the teacher term (alpha = 0): it trains the deployed (averaged) output, so the class
     # head, half of what is deployed, is not left at its random initialisation
     d = Distiller(deit, teacher, alpha=0.0, beta=0.0, mode=mode)
-    t_logits_kd = d.compute_terms(Y, d._student_graph(X), d._teacher_forward(X))["kd"]
+    t_logits_kd = d.compute_terms(Y, d._student_graph(X), d.teacher_outputs(X))["kd"]
     out = np.asarray(deit(X))
     expected = (losses.soft_kd(t_logits, out, 4.0) if mode == "soft"
                 else losses.cross_entropy(t_logits.argmax(axis=1), out))  # fmt: skip
     assert float(t_logits_kd) == pytest.approx(float(np.mean(expected)), rel=1e-4)
     d.compile(optimizer=keras.optimizers.SGD(0.01), run_eagerly=True)
-    heads = (models.CLS_LOGITS_LAYER, models.DIST_LOGITS_LAYER)
+    heads = (CLS_LOGITS_LAYER, DIST_LOGITS_LAYER)
     before = {n: [w.copy() for w in deit.get_layer(n).get_weights()] for n in heads}
     d.train_on_batch(X, Y)
     after = {n: deit.get_layer(n).get_weights() for n in heads}
@@ -132,7 +136,7 @@ def test_deit_without_kd_term_trains_its_deployed_output(zoo):
         float(np.mean(losses.cross_entropy(Y, out))), rel=1e-4
     )
     d.compile(optimizer=keras.optimizers.SGD(0.01), run_eagerly=True)
-    heads = (models.CLS_LOGITS_LAYER, models.DIST_LOGITS_LAYER)
+    heads = (CLS_LOGITS_LAYER, DIST_LOGITS_LAYER)
     before = {n: deit.get_layer(n).get_weights()[0].copy() for n in heads}
     d.train_on_batch(X, Y)
     for n in heads:
@@ -143,14 +147,14 @@ def test_deit_saves_and_loads_with_identical_outputs_and_feature_tap(zoo, tmp_pa
     deit = zoo("deit_small")
     path = tmp_path / "deit.keras"
     deit.save(path)
-    loaded = models.load_model(path)
+    loaded = load_model(path)
     # equal up to float32 rounding: the two models' compiled functions may pick other kernels
     np.testing.assert_allclose(loaded.predict(X, verbose=0), deit.predict(X, verbose=0),
                                rtol=1e-6, atol=1e-6)  # fmt: skip
-    assert models.has_layer(loaded, models.CLS_LOGITS_LAYER)
-    assert models.has_layer(loaded, models.DIST_LOGITS_LAYER)
-    f1, _ = models.feature_extractor(deit)(X)
-    f2, _ = models.feature_extractor(loaded)(X)
+    assert has_layer(loaded, CLS_LOGITS_LAYER)
+    assert has_layer(loaded, DIST_LOGITS_LAYER)
+    f1, _ = feature_extractor(deit)(X)
+    f2, _ = feature_extractor(loaded)(X)
     assert tuple(f2.shape) == (4, SIZE // PATCH, SIZE // PATCH, 32)
     np.testing.assert_array_equal(np.asarray(f2), np.asarray(f1))
     # the tap is the patch tokens in grid order: row r, column c = token 2 + r * grid + c
@@ -172,17 +176,17 @@ def test_deit_distils_in_graph_mode(zoo):
 
 def test_deit_imagenet_weights_need_224_px_patch_16_and_fail_fast_offline():
     with pytest.raises(KDError, match="image_size = 224 and student.patch_size = 16"):
-        models.build_student("deit_small", 2, 32, weights="imagenet", patch_size=8)
+        build_student("deit_small", 2, 32, weights="imagenet", patch_size=8)
     start = time.perf_counter()
     try:
-        model = models.build_student("deit_small", 2, 224, weights="imagenet", patch_size=16)
+        model = build_student("deit_small", 2, 224, weights="imagenet", patch_size=16)
     except KDError as err:  # offline: the preset download fails
         assert "could not load ImageNet weights for deit_small" in str(err)
         assert "student.weights" in str(err)
         assert time.perf_counter() - start < 10, "the offline failure must be quick"
     else:  # with internet: the preset's backbone with its distillation token, 2-class head
         assert model.output_shape == (None, 2)
-        assert models.has_layer(model, models.DIST_LOGITS_LAYER)
+        assert has_layer(model, DIST_LOGITS_LAYER)
 
 
 def test_deit_loads_a_local_preset_folder_and_checks_its_grid(tmp_path):
@@ -194,10 +198,10 @@ def test_deit_loads_a_local_preset_folder_and_checks_its_grid(tmp_path):
         hidden_dim=32, intermediate_dim=64,
     )  # fmt: skip
     small.save_to_preset(str(tmp_path / "preset"))
-    student = models.build_student("deit_small", 2, SIZE, str(tmp_path / "preset"), PATCH)
+    student = build_student("deit_small", 2, SIZE, str(tmp_path / "preset"), PATCH)
     backbone = student.get_layer("deit_backbone")  # renamed, so the feature tap finds it
     for a, b in zip(small.get_weights(), backbone.get_weights()):
         np.testing.assert_array_equal(a, b)
-    assert tuple(models.feature_tensor(student).shape[1:]) == (4, 4, 32)
+    assert tuple(feature_tensor(student).shape[1:]) == (4, 4, 32)
     with pytest.raises(KDError, match="DeiT for 32 px images with patch 8"):
-        models.build_student("deit_small", 2, SIZE, str(tmp_path / "preset"), 4)
+        build_student("deit_small", 2, SIZE, str(tmp_path / "preset"), 4)

@@ -5,7 +5,7 @@ import pytest
 from conftest import build
 
 from kd_keras import host
-from kd_keras.precision import choose_policy, float32_copy, policy_scope, resolve_policy
+from kd_keras.distill.precision import choose_policy, float32_copy, policy_scope, resolve_policy
 
 
 def _flags(tmp_path, line: str) -> frozenset[str]:
@@ -55,7 +55,7 @@ def test_auto_policy_matches_this_hosts_flags():
 
 
 def test_float32_copy_keeps_weights_and_outputs():
-    from kd_keras.models import build_student
+    from kd_keras.models.registry import build_student
 
     x = np.random.default_rng(0).uniform(0, 255, (2, 32, 32, 3)).astype("float32")
     with policy_scope("mixed_bfloat16"):
@@ -76,7 +76,7 @@ def test_mixed_bfloat16_training_saves_float32_models(tmp_path, tiny_npz):
     import keras
     from conftest import ROOT, run_cli
 
-    from kd_keras.models import load_model
+    from kd_keras.models.loading import load_model
 
     sets = [f"data.path={tiny_npz}", f"run.output_dir={tmp_path}", "run.name=bf16",
             "eval.seed_subset=false", "teacher.variant=tiny", "student.variant=tiny",
@@ -96,7 +96,7 @@ def test_mixed_bfloat16_training_saves_float32_models(tmp_path, tiny_npz):
 
 
 def test_xla_is_chosen_per_architecture():
-    from kd_keras.precision import choose_jit_compile, resolve_jit_compile
+    from kd_keras.distill.precision import choose_jit_compile, resolve_jit_compile
 
     assert "oneDNN" in choose_jit_compile("auto", ["resnet18"])[1], "the log says why"
 
@@ -111,7 +111,7 @@ def test_xla_train_step_matches_the_graph_step():
     """A DeiT student (XLA's "auto" pick) trains under jit_compile with the same loss."""
     import keras
 
-    from kd_keras.distiller import Distiller
+    from kd_keras.distill.distiller import Distiller
 
     x = np.random.default_rng(0).uniform(0, 255, (4, 32, 32, 3)).astype("float32")
     y = np.array([0, 1, 1, 0])

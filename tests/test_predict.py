@@ -9,9 +9,9 @@ import tensorflow as tf
 from conftest import CLASSES, make_run, run_cli, tiny_classifier
 from PIL import Image
 
-from kd_keras.export import export_run
-from kd_keras.inference import keras_predictor, softmax
-from kd_keras.predict import describe_recipe, preprocessing_recipe
+from kd_keras.deploy.predict import describe_recipe, preprocessing_recipe
+from kd_keras.runtimes import keras_predictor, softmax
+from kd_keras.workflows.export import export_run
 
 
 def medmnist_like(path, size: int) -> np.ndarray:

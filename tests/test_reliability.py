@@ -14,12 +14,14 @@ import pytest
 from conftest import ROOT, make_run, run_cli, tiny_classifier, write_images
 
 from kd_keras.config import DataConfig, build_config
-from kd_keras.data import check_splits, load_npz, load_splits
-from kd_keras.distiller import Distiller
+from kd_keras.data.checks import check_splits
+from kd_keras.data.sources import load_npz, load_splits
+from kd_keras.distill.callbacks import FiniteGuard, HistoryCSV, SelectBest, StageCheckpoint
+from kd_keras.distill.distiller import Distiller
 from kd_keras.errors import KDError
-from kd_keras.models import load_model
-from kd_keras.run import RunFolder, stage_hash
-from kd_keras.train import FiniteGuard, HistoryCSV, SelectBest, StageCheckpoint
+from kd_keras.models.loading import load_model
+from kd_keras.run.files import stage_hash
+from kd_keras.run.folder import RunFolder
 
 XRAY = str(ROOT / "configs" / "xray.toml")
 
@@ -126,7 +128,7 @@ def test_checkpoint_restores_student_adapter_and_optimizer_not_the_teacher(tmp_p
     restored.on_train_begin()
     for a, b in zip(checkpoint._state_variables(), restored._state_variables()):
         np.testing.assert_array_equal(np.asarray(a), np.asarray(b), err_msg=a.path)
-    assert int(second.optimizer.iterations) == 2 and second._initial_epoch == 1
+    assert int(second.optimizer.iterations) == 2 and restored.initial_epoch == 1
 
 
 # ---------------------------------------------------------------- run folders

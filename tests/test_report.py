@@ -18,7 +18,8 @@ import pytest
 from conftest import ROOT, make_run, run_cli, tiny_classifier
 
 from kd_keras.errors import KDError
-from kd_keras.run import MODEL_STAGES, RunFolder
+from kd_keras.run.files import MODEL_STAGES
+from kd_keras.run.folder import RunFolder
 
 SECTIONS = ("summary", "training", "evaluation", "mistakes", "deployment", "config")
 SCREENSHOT_COPY = ROOT / ".pytest_screenshots" / "report.png"
@@ -41,7 +42,7 @@ def tiny_run(tmp_path_factory, real_npz) -> RunFolder:
     real PneumoniaMNIST file, then evaluated: report.json, predictions, report.html."""
     import keras
 
-    from kd_keras.report import evaluate_and_report
+    from kd_keras.workflows.distill import evaluate_and_report
 
     keras.utils.set_random_seed(0)
     folder = make_run(tmp_path_factory.mktemp("runs") / "tiny", real_npz,
@@ -62,7 +63,8 @@ def tiny_run(tmp_path_factory, real_npz) -> RunFolder:
 
 
 def test_evaluation_writes_predictions_and_a_self_contained_report(tiny_run):
-    from kd_keras.evaluate import load_predictions, predict_classes
+    from kd_keras.evaluation.metrics import predict_classes
+    from kd_keras.evaluation.predictions import load_predictions
 
     report = tiny_run.report
     for name in MODEL_STAGES:
@@ -83,7 +85,7 @@ def test_evaluation_writes_predictions_and_a_self_contained_report(tiny_run):
 
 
 def test_report_includes_export_and_benchmark_once_they_exist(tiny_run, tmp_path):
-    from kd_keras.report import write_run_report
+    from kd_keras.reporting.run_report import write_run_report
 
     out = tmp_path / "export"
     folder = tiny_run.export_dir(out)
@@ -115,13 +117,13 @@ def test_report_includes_export_and_benchmark_once_they_exist(tiny_run, tmp_path
 
 
 def test_a_broken_report_never_fails_evaluation(tiny_run, monkeypatch, capsys):
-    import kd_keras.report
-    from kd_keras.report import write_report_after_evaluation
+    import kd_keras.workflows.distill
+    from kd_keras.workflows.distill import write_report_after_evaluation
 
     def broken(run):
         raise ValueError("boom")
 
-    monkeypatch.setattr(kd_keras.report, "write_run_report", broken)
+    monkeypatch.setattr(kd_keras.workflows.distill, "write_run_report", broken)
     assert write_report_after_evaluation(tiny_run) is None
     out = capsys.readouterr().out
     assert "report.html not written (ValueError: boom)" in out and "cli.py report" in out
@@ -138,7 +140,7 @@ def test_cli_report_rebuilds_and_old_runs_get_notes(tmp_path, tiny_npz):
 
 
 def test_markdown_tables_become_html_tables():
-    from kd_keras.report import markdown_html
+    from kd_keras.reporting.html import markdown_html
 
     html = markdown_html("# T `x`\n\n| a | b |\n|---|---|\n| 1 | **2** |\n\n- item <b>")
     assert "<h3>T <code>x</code></h3>" in html
@@ -293,8 +295,8 @@ def test_report_renders_in_headless_chromium(tiny_run, tmp_path):
 
 
 def test_model_card_quotes_report_json(tiny_run, tmp_path):
-    from kd_keras.evaluate import seed_table
-    from kd_keras.export import export_run
+    from kd_keras.evaluation.evaluate import seed_table
+    from kd_keras.workflows.export import export_run
 
     result = export_run(tiny_run.path, out_dir=tmp_path / "export", models=("student",), quiet=True)
     card_path = Path(result["model_card"])
@@ -328,7 +330,7 @@ def test_model_card_quotes_report_json(tiny_run, tmp_path):
 
 def test_sweep_results_html(tmp_path):
     from kd_keras.config import build_config
-    from kd_keras.sweep import summarize, write_results
+    from kd_keras.reporting.sweep_report import summarize, write_results
 
     runs = []
     for t in (1, 4):
@@ -351,7 +353,7 @@ def test_sweep_results_html(tmp_path):
 
 
 def test_sweep_progress_line():
-    from kd_keras.sweep import SweepProgress
+    from kd_keras.workflows.sweep import SweepProgress
 
     clock = iter([0.0, 0.0, 60.0, 60.0, 120.0])
     progress = SweepProgress(4, clock=lambda: next(clock))
@@ -368,7 +370,7 @@ def test_sweep_progress_line():
 
 def test_verbose_auto_and_tensorboard_keys(tmp_path):
     from kd_keras.config import build_config, load_config
-    from kd_keras.train import keras_verbose
+    from kd_keras.distill.callbacks import keras_verbose
 
     cfg = build_config({}, tmp_path)
     assert cfg.train.verbose == "auto" and cfg.train.tensorboard is False

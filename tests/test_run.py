@@ -1,15 +1,16 @@
 """The run folder: one owner of a run's layout, config, log and data."""
 
 import dataclasses
+import os
+import time
 
-import numpy as np
 import pytest
 from conftest import make_run, tiny_classifier
 
 from kd_keras.config import build_config
 from kd_keras.errors import KDError
-from kd_keras.inference import keras_predictor, load_predictor, predict_probs
-from kd_keras.run import MODEL_STAGES, RunFolder, resolve_data_source
+from kd_keras.run.files import MODEL_STAGES, resolve_data_source
+from kd_keras.run.folder import RunFolder
 
 
 def test_layout_is_defined_once(tmp_path):
@@ -56,7 +57,7 @@ def test_models_thresholds_log_and_teacher_path(tmp_path, tiny_npz):
     assert run.export_dir("out").as_posix() == "out/r"
     # the config's teacher.arch (efficientnet_b3 here) says nothing about a teacher given by path
     assert (run.arch("teacher"), run.arch("student")) == ("own teacher outside.keras", "resnet18")
-    from kd_keras.model_card import model_card_markdown
+    from kd_keras.reporting.model_card import model_card_markdown
 
     card = model_card_markdown(run)
     assert "# r: resnet18 distilled from own teacher outside.keras" in card
@@ -64,18 +65,19 @@ def test_models_thresholds_log_and_teacher_path(tmp_path, tiny_npz):
     assert "efficientnet_b3" not in card
 
 
-def test_non_finite_outputs_are_an_error_naming_the_model():
-    images = [np.zeros((2, 32, 32, 3), "float32")]
-    with pytest.raises(KDError, match="student.keras outputs non-finite logits for 1 of 2"):
-        predict_probs(lambda x: np.array([[0.0, 1.0], [np.nan, 0.0]]), images, "student.keras")
-    probs = predict_probs(keras_predictor(tiny_classifier()), images)
-    np.testing.assert_allclose(probs.sum(axis=1), 1.0)
-
-
-def test_load_predictor_by_suffix(tmp_path):
-    model = tiny_classifier()
-    model.save(tmp_path / "m.keras")
-    x = np.random.default_rng(0).uniform(0, 255, (3, 32, 32, 3)).astype("float32")
-    np.testing.assert_allclose(load_predictor(tmp_path / "m.keras")(x), model(x), atol=1e-6)
-    with pytest.raises(KDError, match="expected a .keras, .onnx"):
-        load_predictor(tmp_path / "m.h5")
+def test_find_run(tmp_path):
+    find = RunFolder.find
+    with pytest.raises(KDError, match="no run found under .*cli.py distill"):
+        find(None, runs_dir=tmp_path / "runs")
+    with pytest.raises(KDError, match="run folder not found"):
+        find(tmp_path / "nowhere")
+    (tmp_path / "not_a_run").mkdir()
+    with pytest.raises(KDError, match="no config.toml"):
+        find(tmp_path / "not_a_run")
+    for i, name in enumerate(["older", "newer"]):
+        (tmp_path / "runs" / name).mkdir(parents=True)
+        (tmp_path / "runs" / name / "config.toml").write_text("")
+        stamp = time.time() - 100 + i * 50
+        os.utime(tmp_path / "runs" / name / "config.toml", (stamp, stamp))
+        os.utime(tmp_path / "runs" / name, (stamp, stamp))
+    assert find(None, runs_dir=tmp_path / "runs").name == "newer"

@@ -7,7 +7,7 @@ import pytest
 from conftest import ROOT, run_cli
 
 from kd_keras.config import DataConfig, build_config
-from kd_keras.data import load_npz, load_splits
+from kd_keras.data.sources import load_npz, load_splits
 from kd_keras.errors import KDError
 
 XRAY = str(ROOT / "configs" / "xray.toml")
@@ -165,7 +165,7 @@ def test_commands_on_a_shared_run_never_run_its_code(tmp_path, tiny_npz, command
 def test_a_changed_model_file_is_refused(tmp_path, tiny_npz):
     from conftest import make_run, tiny_classifier
 
-    from kd_keras.run import RunFolder, sha256_of
+    from kd_keras.run.folder import RunFolder, sha256_of
 
     models = {"teacher": tiny_classifier(), "student": tiny_classifier()}
     folder = make_run(tmp_path / "runs" / "r", tiny_npz, models)
@@ -183,9 +183,9 @@ def test_a_changed_model_file_is_refused(tmp_path, tiny_npz):
 def test_a_saved_model_view_loads_only_through_the_run_that_checked_it(tmp_path, monkeypatch):
     import keras
 
-    from kd_keras import teacher
-    from kd_keras.models import load_model
-    from kd_keras.run import sha256_of
+    from kd_keras.models import loading as teacher
+    from kd_keras.models.loading import load_model
+    from kd_keras.run.folder import sha256_of
 
     inputs = keras.Input((32, 32, 3))
     x = keras.layers.GlobalAveragePooling2D()(inputs)
@@ -210,7 +210,7 @@ def finished_run(tmp_path, npz):
     report.html, confusion files, predictions), to be overwritten."""
     from conftest import make_run, tiny_classifier
 
-    from kd_keras.run import RunFolder, sha256_of
+    from kd_keras.run.folder import RunFolder, sha256_of
 
     models = {"teacher": tiny_classifier(), "student": tiny_classifier(),
               "student_scratch": tiny_classifier()}  # fmt: skip
@@ -273,7 +273,7 @@ def test_overwrite_failing_after_it_started_restores_the_run(tmp_path, tiny_npz)
 def test_a_refused_teacher_leaves_no_folder_to_evaluate(tmp_path, tiny_npz):
     """distill with a teacher refused in safe mode, then evaluate / benchmark / report: there
     is no run to treat the refused file as its teacher."""
-    from kd_keras.run import RunFolder
+    from kd_keras.run.folder import RunFolder
 
     marker = tmp_path / "ran"
     evil = evil_model(tmp_path / "evil.keras", marker)
@@ -292,7 +292,7 @@ def test_a_refused_teacher_leaves_no_folder_to_evaluate(tmp_path, tiny_npz):
 
 
 def test_a_new_run_failing_before_its_first_stage_leaves_no_folder(tmp_path, tiny_npz):
-    from kd_keras.run import RunFolder
+    from kd_keras.run.folder import RunFolder
 
     code, _, err = run_cli("distill", "--config", XRAY, "--stages", "distill",
                            *sets(f"data.path={tiny_npz}", f"run.output_dir={tmp_path / 'runs'}",
@@ -344,8 +344,8 @@ def test_a_trained_stage_at_chance_is_a_failure_unless_forced(tmp_path, tiny_npz
 def test_non_finite_message_names_the_term_and_value_that_overflowed():
     from conftest import tiny_classifier
 
-    from kd_keras.distiller import Distiller
-    from kd_keras.train import FiniteGuard
+    from kd_keras.distill.callbacks import FiniteGuard
+    from kd_keras.distill.distiller import Distiller
 
     guard = FiniteGuard("distill", {"kd": ("1 - distill.alpha", 0.5), "feat": ("distill.beta",
                                     1e39)}, ("train.learning_rate", 0.001))  # fmt: skip
@@ -375,7 +375,7 @@ def test_non_finite_message_names_the_term_and_value_that_overflowed():
 def test_predict_out_a_folder_writes_predictions_csv_inside_it(tmp_path):
     from conftest import tiny_classifier, write_images
 
-    from kd_keras import predict
+    from kd_keras.deploy import predict
 
     tiny_classifier().save(tmp_path / "m.keras")
     write_images(tmp_path / "imgs", 2)
@@ -394,7 +394,7 @@ def test_predict_out_a_folder_writes_predictions_csv_inside_it(tmp_path):
 def test_predict_out_that_cannot_be_written_fails_before_predicting(tmp_path, monkeypatch):
     from conftest import tiny_classifier, write_images
 
-    from kd_keras import predict
+    from kd_keras.deploy import predict
 
     tiny_classifier().save(tmp_path / "m.keras")
     write_images(tmp_path / "imgs", 2)
@@ -410,7 +410,7 @@ def test_predict_out_that_cannot_be_written_fails_before_predicting(tmp_path, mo
 
 
 def test_resume_never_runs_a_model_file_it_finds_in_the_run(tmp_path, tiny_npz):
-    from kd_keras.run import RunFolder
+    from kd_keras.run.folder import RunFolder
 
     marker = tmp_path / "ran"
     folder = finished_run(tmp_path, tiny_npz)
@@ -438,8 +438,8 @@ def test_a_run_reloads_its_saved_model_teacher_only_while_it_is_unchanged(
     import keras
     from conftest import make_run, tiny_classifier
 
-    from kd_keras import teacher
-    from kd_keras.run import RunFolder, sha256_of
+    from kd_keras.models import loading as teacher
+    from kd_keras.run.folder import RunFolder, sha256_of
 
     inputs = keras.Input((32, 32, 3))
     x = keras.layers.GlobalAveragePooling2D()(inputs)
@@ -471,9 +471,10 @@ def test_every_model_kd_keras_writes_loads_in_safe_mode(tmp_path):
     import keras_hub
     from conftest import tiny_classifier
 
-    from kd_keras import models
-    from kd_keras.ensemble import build_ensemble
-    from kd_keras.teacher import TeacherView, teacher_view
+    from kd_keras.distill.ensemble import build_ensemble
+    from kd_keras.distill.teacher import TeacherView, teacher_view
+    from kd_keras.models import registry as models
+    from kd_keras.models.loading import load_model
 
     x = np.random.default_rng(0).uniform(0, 255, (2, 32, 32, 3)).astype("float32")
     built = {arch: models.build_student(arch, 2, 32, patch_size=8, tiny=True)
@@ -500,14 +501,14 @@ def test_every_model_kd_keras_writes_loads_in_safe_mode(tmp_path):
     built["ensemble"] = build_ensemble([view, tiny_classifier("other", size=24)])
     for name, model in built.items():
         model.save(tmp_path / "m.keras")
-        again = models.load_model(tmp_path / "m.keras")
+        again = load_model(tmp_path / "m.keras")
         np.testing.assert_allclose(again(x), model(x), atol=1e-5, err_msg=name)
 
 
 def test_the_teacher_path_fallback_never_gives_a_file_the_run_did_not_record(tmp_path, tiny_npz):
     from conftest import make_run, tiny_classifier
 
-    from kd_keras.run import RunFolder, sha256_of
+    from kd_keras.run.folder import RunFolder, sha256_of
 
     marker = tmp_path / "ran"
     evil = evil_model(tmp_path / "evil.keras", marker)

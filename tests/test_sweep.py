@@ -4,14 +4,12 @@ import pytest
 
 from kd_keras.config import build_config, toml_value
 from kd_keras.errors import KDError
-from kd_keras.sweep import (
+from kd_keras.reporting.sweep_report import (
     ablation_markdown,
-    cell_name,
-    parse_grid,
-    run_sweep,
     summarize,
     validation_test_rank_correlation,
 )
+from kd_keras.workflows.sweep import cell_name, parse_grid, run_sweep
 
 
 def test_parse_grid_types_values():

@@ -10,11 +10,16 @@ import pytest
 import tensorflow as tf
 from conftest import ROOT, SIZE, run_cli
 
-from kd_keras import models, teacher
 from kd_keras.config import build_config
-from kd_keras.data import load_splits, make_dataset
-from kd_keras.distiller import Distiller
+from kd_keras.data.pipeline import make_dataset
+from kd_keras.data.sources import load_splits
+from kd_keras.distill.distiller import Distiller
+from kd_keras.distill.teacher import resolve_view, teacher_view
+from kd_keras.distill.teacher_cache import TeacherCache
 from kd_keras.errors import KDError
+from kd_keras.models.loading import load_model, load_teacher
+from kd_keras.models.registry import build_student, build_teacher
+from kd_keras.models.taps import feature_and_logits, feature_tensor
 
 X = np.random.default_rng(0).uniform(0, 255, (4, SIZE, SIZE, 3)).astype("float32")
 Y = np.array([0, 1, 1, 0])
@@ -35,13 +40,13 @@ def cfg_with(tmp_path, **teacher_keys):
 
 
 def view_of(path, tmp_path, **teacher_keys):
-    model = teacher.load_teacher(str(path))
-    view = teacher.resolve_view(model, cfg_with(tmp_path, **teacher_keys), CLASSES)
-    return model, view, teacher.teacher_view(model, view)
+    model = load_teacher(str(path))
+    view = resolve_view(model, cfg_with(tmp_path, **teacher_keys), CLASSES)
+    return model, view, teacher_view(model, view)
 
 
 def distil_one_step(view_model, beta=1.0):
-    student = models.build_student("resnet18", 2, SIZE, tiny=True)
+    student = build_student("resnet18", 2, SIZE, tiny=True)
     d = Distiller(student, view_model, alpha=0.5, beta=beta)
     d.compile(optimizer=keras.optimizers.SGD(0.01))
     logs = d.train_on_batch(X, Y, return_dict=True)
@@ -67,19 +72,19 @@ def test_nested_application_teacher_sees_its_own_size_and_scaling(nested_file, t
     # what the teacher got: the 32 px batch resized to 48 px and scaled to [-1, 1]
     expected = model(tf.image.resize(X, (48, 48), antialias=True) / 127.5 - 1.0)
     expected = expected[0] if isinstance(expected, list) else expected
-    np.testing.assert_allclose(d._teacher_forward(X)["logits"], expected, atol=1e-5)
+    np.testing.assert_allclose(d.teacher_outputs(X)["logits"], expected, atol=1e-5)
     # the feature tap was found inside the nested backbone
-    tap = models.feature_tensor(wrapped)
+    tap = feature_tensor(wrapped)
     assert tuple(tap.shape[1:3]) == (2, 2) and tap.shape[-1] == 1280
 
 
 def test_named_feature_layer_through_nested_models_and_missing_one(nested_file, tmp_path):
     _, _, wrapped = view_of(nested_file, tmp_path)
     name = "xray_net.mobilenetv2_0.35_48.block_13_expand_relu"  # layer names may hold dots
-    feature, logits = models.feature_and_logits(wrapped, name)
+    feature, logits = feature_and_logits(wrapped, name)
     assert tuple(feature.shape[1:]) == (3, 3, 192) and tuple(logits.shape[1:]) == (2,)
     with pytest.raises(KDError, match="'xray_net.nope' not found.*spatial output.*out_relu"):
-        models.feature_and_logits(wrapped, "xray_net.nope")
+        feature_and_logits(wrapped, "xray_net.nope")
 
 
 def test_sequential_probability_teacher(tmp_path):
@@ -92,7 +97,7 @@ def test_sequential_probability_teacher(tmp_path):
     model, view, wrapped = view_of(tmp_path / "seq.keras", tmp_path)
     assert (view.scaling, view.outputs) == ("raw", "probabilities"), "Rescaling first: raw"
     d, _ = distil_one_step(wrapped)
-    np.testing.assert_allclose(d._teacher_forward(X)["logits"], np.log(model(X)), atol=1e-5)
+    np.testing.assert_allclose(d.teacher_outputs(X)["logits"], np.log(model(X)), atol=1e-5)
 
 
 def test_saved_model_teacher_distils_logits_only(tmp_path):
@@ -105,9 +110,9 @@ def test_saved_model_teacher_distils_logits_only(tmp_path):
         distil_one_step(wrapped, beta=1.0)
     d, logs = distil_one_step(wrapped, beta=0.0)
     expected = model(tf.image.resize(X, (40, 40), antialias=True))
-    np.testing.assert_allclose(d._teacher_forward(X)["logits"], expected, atol=1e-5)
+    np.testing.assert_allclose(d.teacher_outputs(X)["logits"], expected, atol=1e-5)
     wrapped.save(tmp_path / "view.keras")  # the run folder keeps this view as teacher.keras
-    again = models.load_model(tmp_path / "view.keras")  # safe mode: the SavedModel is trusted
+    again = load_model(tmp_path / "view.keras")  # safe mode: the SavedModel is trusted
     x40 = tf.image.resize(X, (40, 40))
     np.testing.assert_allclose(again(x40), wrapped(x40), atol=1e-6)
 
@@ -125,7 +130,7 @@ def test_unknown_scaling_class_order_and_class_count(tmp_path):
     with pytest.raises(KDError, match="teacher.class_order"):
         view_of(tmp_path / "plain.keras", tmp_path, input_scaling="unit", class_order=["a", "b"])
     with pytest.raises(KDError, match="outputs 2 classes but the data has 3"):
-        teacher.resolve_view(model, cfg_with(tmp_path, input_scaling="raw"), ["a", "b", "c"])
+        resolve_view(model, cfg_with(tmp_path, input_scaling="raw"), ["a", "b", "c"])
 
 
 def test_loading_errors_name_what_to_do(tmp_path):
@@ -139,14 +144,14 @@ def test_loading_errors_name_what_to_do(tmp_path):
     keras.Model(inputs, out).save(tmp_path / "custom.keras")
     keras.saving.get_custom_objects().pop("user_code>Secret")
     with pytest.raises(KDError, match="needs the custom class 'Secret'"):
-        teacher.load_teacher(str(tmp_path / "custom.keras"))
+        load_teacher(str(tmp_path / "custom.keras"))
     with pytest.raises(KDError, match="teacher.path file not found"):
-        teacher.load_teacher(str(tmp_path / "absent.keras"))
+        load_teacher(str(tmp_path / "absent.keras"))
     (tmp_path / "folder").mkdir()
     with pytest.raises(KDError, match="neither a SavedModel"):
-        teacher.load_teacher(str(tmp_path / "folder"))
+        load_teacher(str(tmp_path / "folder"))
     with pytest.raises(KDError, match="could not load the keras-hub preset"):
-        teacher.load_teacher("kaggle://nobody/no-such-model/keras/none")
+        load_teacher("kaggle://nobody/no-such-model/keras/none")
 
 
 def test_cached_teacher_outputs_give_the_uncached_loss(tmp_path, real_npz):
@@ -154,19 +159,19 @@ def test_cached_teacher_outputs_give_the_uncached_loss(tmp_path, real_npz):
     train = load_splits(build_config({"data": {"path": str(real_npz)}}, tmp_path).data).train
     train = train.subset(np.arange(48))
     keras.utils.set_random_seed(0)
-    student = models.build_student("resnet18", 2, SIZE, tiny=True)
-    d = Distiller(student, models.build_teacher("resnet50", 2, 48, tiny=True), beta=1.0)
+    student = build_student("resnet18", 2, SIZE, tiny=True)
+    d = Distiller(student, build_teacher("resnet50", 2, 48, tiny=True), beta=1.0)
     for storage in ("memory", "disk"):
-        cache = teacher.TeacherCache(d, train, 48, 16, storage, tmp_path / "cache")
+        cache = TeacherCache(d, train, 48, 16, storage, tmp_path / "cache")
         assert set(cache.arrays) == {"logits", "feature"} and cache.nbytes > 0
         cached = make_dataset(train, 48, 16, training=True, seed=1, teacher_cache=cache)
         plain = make_dataset(train, 48, 16, training=True, seed=1)
         (xc, yc), (xp, yp) = next(iter(cached)), next(iter(plain))
         np.testing.assert_array_equal(yc, yp)
         assert set(xc) == {"images", "teacher_logits", "teacher_feature"}
-        with_cache = d.compute_terms(yc, d._student_forward(xc["images"], False),
-                                     d._teacher_forward(xc))  # fmt: skip
-        without = d.compute_terms(yp, d._student_forward(xp, False), d._teacher_forward(xp))
+        with_cache = d.compute_terms(yc, d.student_outputs(xc["images"], False),
+                                     d.teacher_outputs(xc))  # fmt: skip
+        without = d.compute_terms(yp, d.student_outputs(xp, False), d.teacher_outputs(xp))
         for key in ("loss", "kd", "feat"):
             assert float(with_cache[key]) == pytest.approx(float(without[key]), rel=1e-5), key
 

@@ -7,10 +7,10 @@ import numpy as np
 import pytest
 from conftest import CLASSES, make_run, tiny_classifier
 
-from kd_keras.data import make_dataset
-from kd_keras.evaluate import choose_threshold
-from kd_keras.export import export_run
-from kd_keras.inference import (
+from kd_keras.data.pipeline import make_dataset
+from kd_keras.evaluation.metrics import choose_threshold
+from kd_keras.run.folder import RunFolder
+from kd_keras.runtimes import (
     keras_predictor,
     load_predictor,
     predict,
@@ -20,7 +20,7 @@ from kd_keras.inference import (
     tflite_interpreter,
     tflite_io,
 )
-from kd_keras.run import RunFolder
+from kd_keras.workflows.export import export_run
 
 
 def test_fp32_parity_metadata_and_predictor(tmp_path, real_npz):

@@ -9,7 +9,7 @@ import pytest
 from conftest import make_run, run_cli
 from scipy import stats
 
-from kd_keras.verdict import paired_difference, seeds_needed, t_quantile
+from kd_keras.evaluation.verdict import paired_difference, seeds_needed, t_quantile
 
 # five seeds of a variant and its baseline (test balanced accuracy)
 VARIANT = [0.912, 0.897, 0.921, 0.905, 0.930]
@@ -97,7 +97,7 @@ def test_bootstrap_interval_is_seeded_and_inside_the_observed_range():
 
 def test_public_api_names():
     import kd_keras
-    from kd_keras.compare import compare_runs
+    from kd_keras.evaluation.compare import compare_runs
 
     assert kd_keras.paired_difference is paired_difference
     assert kd_keras.compare_runs is compare_runs
@@ -130,7 +130,12 @@ def _runs():
 
 def test_sweep_rows_carry_paired_verdicts_and_tables_show_them(tmp_path):
     from kd_keras.config import build_config
-    from kd_keras.sweep import ablation_markdown, summarize, verdict_markdown, write_results
+    from kd_keras.reporting.sweep_report import (
+        ablation_markdown,
+        summarize,
+        verdict_markdown,
+        write_results,
+    )
 
     rows = {r["name"]: r for r in summarize(_runs())}
     good = rows["good"]["paired"]

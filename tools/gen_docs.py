@@ -149,7 +149,7 @@ def cli_markdown(group=None) -> str:
     lines = [
         "# Command-line reference",
         "",
-        f"<!-- generated from kd_keras/cli.py by {REGENERATE}; do not edit -->",
+        f"<!-- generated from kd_keras/cli/ by {REGENERATE}; do not edit -->",
         "",
         "`python cli.py COMMAND ...` and `kd-keras COMMAND ...` (the console script `pip "
         "install` puts on the path) are the same program. A user mistake (bad config, missing "

@@ -1,0 +1,1 @@
+"""Deployment: ONNX, INT8, TFLite, export, prediction, benchmarks."""

@@ -1,0 +1,3 @@
+"""Distillation: losses, the Distiller model, callbacks, optimizers, precision, tf.distribute,
+teachers, ensembles, stages.
+"""

@@ -1,0 +1,1 @@
+"""Evaluation: metrics, saved predictions, evaluating a run, paired verdicts, comparing runs."""

@@ -1,0 +1,1 @@
+"""Models: custom layers, the architecture registry, feature taps, FLOPs and model loading."""

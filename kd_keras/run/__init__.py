@@ -1,0 +1,1 @@
+"""Run folders: the files a run writes and the RunFolder that reads and writes them."""

@@ -1,0 +1,1 @@
+"""Workflows: the distill pipeline (train, evaluate, report) and sweeps of it."""

@@ -40,7 +40,9 @@ ARCHS = {a.name: a for a in (
     Arch("vit_small", "student", (r"vit_backbone", None, 1), jit_faster=True),  # class token
     Arch("deit_small", "student", (r"deit_backbone", None, 2), jit_faster=True),  # + dist token
 )}  # fmt: skip
-TEACHER_ARCHS = tuple(name for name, a in ARCHS.items() if a.role == "teacher")
+# any convolutional architecture can be trained as the teacher (a small-image one, several times
+# over as `teacher.members`, can teach better than a large ImageNet one: docs/results.md)
+TEACHER_ARCHS = tuple(name for name, a in ARCHS.items() if a.role == "teacher" or not a.tokens)
 STUDENT_ARCHS = tuple(name for name, a in ARCHS.items() if a.role == "student")
 MIN_IMAGE_SIZE = {name: a.min_image_size for name, a in ARCHS.items() if a.min_image_size}
 TOKEN_ARCHS = tuple(name for name, a in ARCHS.items() if a.tokens)

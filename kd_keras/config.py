@@ -15,7 +15,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from kd_keras.archs import MIN_IMAGE_SIZE, STUDENT_ARCHS, TEACHER_ARCHS, TOKEN_ARCHS, patch_grid_ok
+from kd_keras.archs import STUDENT_ARCHS, TEACHER_ARCHS
+from kd_keras.config_rules import check_consistency
 from kd_keras.errors import KDError
 from kd_keras.io import write_text
 
@@ -102,6 +103,8 @@ class TeacherConfig:
     epochs: int | None = _spec(None, kind=int, lo=0, help="Teacher epochs (default: train.epochs).")
     learning_rate: float | None = _spec(None, kind=float, lo=0.0, hi=10.0,
         help="Teacher learning rate (default: train.learning_rate).")
+    members: int = _spec(1, kind=int, lo=1, hi=32, help="Teachers of teacher.arch to train "
+        "(seeds run.seed, run.seed + 1, ...); 2 or more are taught as their ensemble.")
 
     @property
     def from_user(self) -> bool:
@@ -246,7 +249,6 @@ class Config:
         return write_text(path, to_toml(self.to_dict()))
 
 
-STAGES = ("teacher", "distill", "scratch")
 SECTIONS: dict[str, type] = {f.name: f.default_factory for f in dataclasses.fields(Config)}
 
 
@@ -342,67 +344,8 @@ def build_config(
     cfg = Config(**sections)
     if cfg.run.name is None:
         cfg.run.name = default_name or "run"
-    _check_consistency(cfg)
+    check_consistency(cfg)
     return cfg
-
-
-def _check_consistency(cfg: Config) -> None:
-    for stage in cfg.train.stages:
-        if stage not in STAGES:
-            raise KDError(f"config key train.stages has unknown stage {stage!r}; valid: {STAGES}")
-    size = cfg.data.image_size
-    for section, arch in (("teacher", cfg.teacher.arch), ("student", cfg.student.arch)):
-        need = MIN_IMAGE_SIZE.get(arch)
-        if need and size < need:
-            raise KDError(
-                f"config key data.image_size = {size} is too small for {section} {arch} "
-                f"(needs at least {need})"
-            )
-    if cfg.student.arch in TOKEN_ARCHS:
-        p = cfg.student.patch_size
-        if not patch_grid_ok(size, p):
-            raise KDError(
-                f"config key student.patch_size = {p} must divide data.image_size = {size} "
-                "into a grid of at least 2x2 patches"
-            )
-    tc = cfg.train
-    if tc.optimizer == "adamw" and tc.weight_decay_mode == "l2":
-        raise KDError(
-            'config keys train.optimizer = "adamw" and train.weight_decay_mode = "l2" contradict '
-            'each other (AdamW is Adam with decoupled decay); use optimizer = "adam" for '
-            'coupled L2, or weight_decay_mode = "decoupled"'
-        )
-    corrections = [
-        key for key, on in (
-            ('train.class_weight = "balanced"', tc.class_weight == "balanced"),
-            ("train.balanced_sampling = true", tc.balanced_sampling),
-            (f"train.logit_adjustment = {tc.logit_adjustment}", tc.logit_adjustment > 0),
-        ) if on
-    ]  # fmt: skip
-    if len(corrections) > 1 and not tc.stack_prior_corrections:
-        raise KDError(
-            f"config sets {' and '.join(corrections)}: each corrects for the class prior, "
-            "together they over-correct; keep one, or set train.stack_prior_corrections = true"
-        )
-    if cfg.data.source in ("folder", "csv") and not cfg.data.path:
-        raise KDError(f"config key data.path is required when data.source = {cfg.data.source!r}")
-    _check_ensemble(cfg.teacher)
-
-
-def _check_ensemble(tc: TeacherConfig) -> None:
-    if tc.ensemble is None:
-        return
-    if tc.path:
-        raise KDError("config keys teacher.path and teacher.ensemble are both set; use "
-                      "teacher.path for one teacher, teacher.ensemble for several")  # fmt: skip
-    if len(tc.ensemble) < 2:
-        raise KDError(f"config key teacher.ensemble lists {len(tc.ensemble)} teacher(s); list at "
-                      "least 2, or use teacher.path for one")  # fmt: skip
-    choice = tc.ensemble_features
-    in_range = isinstance(choice, int) and 0 <= choice < len(tc.ensemble)
-    if choice != "all" and not in_range:
-        raise KDError(f'config key teacher.ensemble_features = {choice!r} must be "all" or a '
-                      f"member index from 0 to {len(tc.ensemble) - 1}")  # fmt: skip
 
 
 def read_toml(path: str | Path) -> dict[str, Any]:

@@ -16,7 +16,8 @@ from kd_keras.cli.app import (
     note,
     run_folder,
 )
-from kd_keras.config import STAGES, build_config, load_config, read_toml
+from kd_keras.config import build_config, load_config, read_toml
+from kd_keras.config_rules import STAGES
 
 
 @app.command()

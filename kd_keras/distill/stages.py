@@ -33,7 +33,7 @@ from kd_keras.distill.callbacks import (
     tensorboard_callback,
 )
 from kd_keras.distill.distiller import Distiller
-from kd_keras.distill.ensemble import member_source
+from kd_keras.distill.ensemble import build_ensemble, member_source
 from kd_keras.distill.optim import class_weights, learning_rate_key, make_optimizer
 from kd_keras.distill.precision import choose_jit_compile, choose_policy, float32_copy, policy_scope
 from kd_keras.distill.teacher import prepare_teacher
@@ -41,10 +41,10 @@ from kd_keras.distill.teacher_cache import TeacherCache
 from kd_keras.errors import KDError
 from kd_keras.host import describe_host, host_line, peak_rss_mb, tf_matmul_peak
 from kd_keras.io import atomic_write
-from kd_keras.models.loading import PRESET_PREFIXES, saved_models_in
+from kd_keras.models.loading import PRESET_PREFIXES, load_model, saved_models_in
 from kd_keras.models.registry import build_student, build_teacher
 from kd_keras.models.taps import image_size_of, set_batchnorm_momentum
-from kd_keras.run.files import STAGE_MODELS
+from kd_keras.run.files import STAGE_MODELS, member_path
 from kd_keras.run.folder import RunFolder, sha256_of
 
 
@@ -270,10 +270,61 @@ def run_stages(cfg, run: RunFolder, splits, stages, copy_teacher, force, current
         run.drop_snapshot()  # this stage's results replace the old ones
         current["stage"], current["finished"] = None, True
 
+    def train_members(epochs: int, learning_rate: float):
+        """`teacher.members` teachers of `teacher.arch`, member k from seed run.seed + k, then
+        their ensemble (mean probabilities) saved as the run's teacher. A resumed run keeps
+        the members it finished (their sha256 recorded) and resumes the one it was training."""
+        count, seed = cfg.teacher.members, cfg.run.seed
+        kept = dict(run.state()["stages"].get("teacher", {}).get("members", {}))
+        log = [
+            e
+            for e in run.train_log().get("teacher", {}).get("members", [])
+            if str(e["member"]) in kept
+        ]
+        paths = [member_path(run.path, k) for k in range(count)]
+        for k, path in enumerate(paths):
+            if path.is_file() and kept.get(str(k)) == sha256_of(path):
+                print(f"\n== teacher member {k + 1} of {count}: finished earlier, kept ({path})")
+                continue
+            print(f"\n== teacher member {k + 1} of {count} (seed {seed + k})")
+            keras.utils.set_random_seed(seed + k)
+            with policy_scope(policy):
+                member = new_teacher(cfg.teacher.weights)
+            current["stage"] = "teacher"
+            run.set_stage("teacher", "running", cfg, members=kept)
+            result = fit_stage(cfg, splits, "teacher", member, None, epochs, learning_rate, run)
+            try:
+                check_not_chance("teacher", result, cfg, splits, learning_rate, force)
+            except KDError:
+                run.drop_checkpoint("teacher")
+                raise
+            path.parent.mkdir(parents=True, exist_ok=True)
+            kept[str(k)] = sha256_of(save_model(float32_copy(member, lambda: new_teacher("none")),
+                                                path))  # fmt: skip
+            log.append({"member": k, "seed": seed + k, **result.__dict__})
+            run.record_stage(
+                "teacher", {"members": log, "host": info, "peak_rss_mb": peak_rss_mb()}
+            )
+            run.set_stage("teacher", "running", cfg, members=kept)
+            run.drop_checkpoint("teacher")  # the next member starts from its own seed
+            run.drop_snapshot()  # a finished member stands (resume keeps it)
+            current["finished"] = True
+        ensemble = build_ensemble(
+            [load_model(p, f"teacher member {k}") for k, p in enumerate(paths)]
+        )
+        saved = save_model(ensemble, run.model_path("teacher"))
+        seconds = sum(e["seconds"] for e in log)
+        run.record_stage("teacher", {"members": log, "seconds": seconds, "epochs": epochs,
+                                     "host": info, "peak_rss_mb": peak_rss_mb()})  # fmt: skip
+        run.set_stage("teacher", "done", cfg, sha256=sha256_of(saved), members=kept)
+        print(f"teacher: ensemble of {count} {cfg.teacher.arch} members saved as {saved}")
+        current["stage"] = None
+        return ensemble
+
     def saved_teacher():
         """The run's teacher, rebuilt in the training precision when it is ours."""
         loaded = run.load_model("teacher")
-        if policy == "float32" or cfg.teacher.from_user:
+        if policy == "float32" or cfg.teacher.from_user or cfg.teacher.members > 1:
             return loaded
         with policy_scope(policy):
             teacher = new_teacher("none")
@@ -298,6 +349,9 @@ def run_stages(cfg, run: RunFolder, splits, stages, copy_teacher, force, current
     elif "teacher" in stages and run.stage_done("teacher", cfg) and teacher_file.is_file():
         print(f"\n== stage teacher: finished earlier, kept ({teacher_file})")
         teacher = saved_teacher()
+    elif "teacher" in stages and cfg.teacher.members > 1:
+        epochs = _stage_setting(cfg.teacher.epochs, tc.epochs)
+        teacher = train_members(epochs, _stage_setting(cfg.teacher.learning_rate, tc.learning_rate))
     elif "teacher" in stages:
         keras.utils.set_random_seed(cfg.run.seed)
         with policy_scope(policy):

@@ -87,11 +87,15 @@ def report_markdown(report: dict) -> str:
             "",
         ]
     for name, entry in report["models"].items():
-        if entry.get("train_seconds") is not None:
-            lines.append(
-                f"- {name}: trained {entry['train_seconds'] / 60:.1f} min, best epoch "
-                f"{entry['best_epoch']} of {entry['epochs']} (selected on validation)"
-            )
+        if entry.get("train_seconds") is None:
+            continue
+        trained = f"- {name}: trained {entry['train_seconds'] / 60:.1f} min, "
+        if entry.get("members"):
+            lines.append(trained + f"ensemble of {entry['members']} members of {entry['epochs']} "
+                         "epochs, each at its best epoch (selected on validation)")  # fmt: skip
+        else:
+            lines.append(trained + f"best epoch {entry['best_epoch']} of {entry['epochs']} "
+                         "(selected on validation)")  # fmt: skip
     return "\n".join(lines) + "\n"
 
 
@@ -147,8 +151,9 @@ def evaluate_run(run_dir: str | Path | RunFolder, splits=None) -> dict:
             entry["test_subset"] = classification_metrics(
                 test_split.labels[subset], test_probs[subset], splits.class_names, threshold
             )
+        members = len(stage.get("members", [])) or None  # a teacher.members ensemble
         entry.update(train_seconds=stage.get("seconds"), best_epoch=stage.get("best_epoch"),
-                     epochs=stage.get("epochs"))  # fmt: skip
+                     epochs=stage.get("epochs"), members=members)  # fmt: skip
         models[name] = entry
         save_confusion(run, name, test, splits.class_names)
         save_predictions(run.predictions_path(name), test_split.labels, test_probs, threshold)

@@ -56,10 +56,10 @@ def tiny_only_from_scratch(arch: str, weights: str, key: str) -> None:
         raise KDError(f'the tiny {arch} has no pretrained weights: set {key} = "none"')
 
 
-def hub_backbone(cls, preset: str, weights: str, arch: str, **config):
+def hub_backbone(cls, preset: str, weights: str, arch: str, key: str, **config):
     import keras_hub  # noqa: F401  (registers keras-hub layers for loading)
 
-    check_weights_path(weights, "student.weights")
+    check_weights_path(weights, key)
     if weights == "none":
         return cls(**config)
     # keep our layer name on presets too: feature taps find the backbone by name
@@ -67,4 +67,4 @@ def hub_backbone(cls, preset: str, weights: str, arch: str, **config):
     try:
         return cls.from_preset(preset if weights == "imagenet" else weights, **named)
     except Exception as err:
-        raise weights_failed(arch, weights, err, "student.weights") from err
+        raise weights_failed(arch, weights, err, key) from err

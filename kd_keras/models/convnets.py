@@ -82,7 +82,12 @@ RESNET18_TINY = dict(input_conv_filters=[64], stackwise_num_filters=[64, 64, 64,
 
 
 def resnet18(
-    num_classes: int, image_size: int, weights: str = "none", tiny: bool = False, **_
+    num_classes: int,
+    image_size: int,
+    weights: str = "none",
+    tiny: bool = False,
+    weights_key: str = "student.weights",
+    **_,
 ) -> keras.Model:
     """ResNet18 (keras-hub `ResNetBackbone`, basic blocks [2, 2, 2, 2], 11.2 M parameters).
 
@@ -92,9 +97,9 @@ def resnet18(
     import keras_hub
 
     if tiny:
-        tiny_only_from_scratch("resnet18", weights, "student.weights")
+        tiny_only_from_scratch("resnet18", weights, weights_key)
     backbone = hub_backbone(
-        keras_hub.models.ResNetBackbone, "resnet_18_imagenet", weights, "resnet18",
+        keras_hub.models.ResNetBackbone, "resnet_18_imagenet", weights, "resnet18", weights_key,
         input_conv_kernel_sizes=[7], stackwise_num_strides=[1, 2, 2, 2],
         block_type="basic_block", image_shape=(None, None, 3),
         **(RESNET18_TINY if tiny else RESNET18),
@@ -121,7 +126,12 @@ def _mobilenet_v3_small(alpha: float):
 
 
 def mobilenet_v3_small(
-    num_classes: int, image_size: int, weights: str = "none", tiny: bool = False, **_
+    num_classes: int,
+    image_size: int,
+    weights: str = "none",
+    tiny: bool = False,
+    weights_key: str = "student.weights",
+    **_,
 ) -> keras.Model:
     """MobileNetV3-Small (keras.applications, alpha 1.0, squeeze-excite and hard-swish: the
     edge-sized student; 0.94 M parameters with a 2-class head, 1/25 of ResNet50).
@@ -138,10 +148,10 @@ def mobilenet_v3_small(
     2x2). `tiny`: the same code at alpha 0.25.
     """
     if tiny:
-        tiny_only_from_scratch("mobilenet_v3_small", weights, "student.weights")
+        tiny_only_from_scratch("mobilenet_v3_small", weights, weights_key)
     return keras_application(
         _mobilenet_v3_small(0.25 if tiny else 1.0), "mobilenet_v3_small", "symmetric",
-        num_classes, image_size, weights, key="student.weights",
+        num_classes, image_size, weights, key=weights_key,
     )  # fmt: skip
 
 
@@ -168,7 +178,12 @@ def _basic_block(x, filters: int, stride: int, name: str):
 
 
 def resnet8x3(
-    num_classes: int, image_size: int, weights: str = "none", tiny: bool = False, **_
+    num_classes: int,
+    image_size: int,
+    weights: str = "none",
+    tiny: bool = False,
+    weights_key: str = "student.weights",
+    **_,
 ) -> keras.Model:
     """A narrow ResNet for small images (plain Keras layers; 0.69 M parameters with a 2-class
     head, 1/34 of ResNet50): the CIFAR ResNet8x4 of the distillation literature (CRD,
@@ -185,11 +200,11 @@ def resnet8x3(
     `.weights.h5` file saved from this architecture. `tiny`: widths 8, 16, 32.
     """
     if tiny:
-        tiny_only_from_scratch("resnet8x3", weights, "student.weights")
+        tiny_only_from_scratch("resnet8x3", weights, weights_key)
     if weights == "imagenet":
-        raise KDError('resnet8x3 has no ImageNet weights: set student.weights = "none" (or a '
+        raise KDError(f'resnet8x3 has no ImageNet weights: set {weights_key} = "none" (or a '
                       '.weights.h5 file of this architecture)')  # fmt: skip
-    check_weights_path(weights, "student.weights")
+    check_weights_path(weights, weights_key)
     spec = RESNET8X3_TINY if tiny else RESNET8X3
     layers = keras.layers
     inputs = keras.Input((image_size, image_size, 3), name="images")
@@ -206,5 +221,5 @@ def resnet8x3(
         try:
             model.load_weights(weights)
         except (ValueError, OSError, KeyError) as err:
-            raise weights_failed("resnet8x3", weights, err, "student.weights") from err
+            raise weights_failed("resnet8x3", weights, err, weights_key) from err
     return model

@@ -18,6 +18,7 @@ from collections.abc import Callable
 
 import keras
 
+from kd_keras.archs import TEACHER_ARCHS
 from kd_keras.errors import KDError
 from kd_keras.models import convnets, transformers
 
@@ -44,7 +45,11 @@ def _lookup(registry: dict[str, Builder], kind: str, name: str) -> Builder:
 def build_teacher(
     arch: str, num_classes: int, image_size: int, weights: str = "none", tiny: bool = False
 ) -> keras.Model:
-    """A registered teacher architecture (`tiny`: its small variant, for tests/smoke runs)."""
+    """A registered teacher architecture, or a convolutional student architecture trained as
+    the teacher (`tiny`: its small variant, for tests/smoke runs)."""
+    if arch in TEACHER_ARCHS and arch not in TEACHERS:
+        return STUDENTS[arch](num_classes, image_size, weights=weights, tiny=tiny,
+                              weights_key="teacher.weights")  # fmt: skip
     return _lookup(TEACHERS, "teacher", arch)(num_classes, image_size, weights=weights, tiny=tiny)
 
 

@@ -38,7 +38,7 @@ def vit_small(
             'with student.weights = "imagenet", or a local preset folder'
         )
     backbone = hub_backbone(
-        keras_hub.models.ViTBackbone, "", weights, "vit_small",
+        keras_hub.models.ViTBackbone, "", weights, "vit_small", "student.weights",
         image_shape=(image_size, image_size, 3), patch_size=patch_size,
         **(VIT_TINY if tiny else VIT_SMALL),
         name="vit_backbone",
@@ -83,7 +83,7 @@ def deit_small(
             'student.weights = "none" at other sizes'
         )
     backbone = hub_backbone(
-        keras_hub.models.DeiTBackbone, DEIT_SMALL_PRESET, weights, "deit_small",
+        keras_hub.models.DeiTBackbone, DEIT_SMALL_PRESET, weights, "deit_small", "student.weights",
         image_shape=(image_size, image_size, 3), patch_size=patch_size,
         **(DEIT_TINY if tiny else DEIT_SMALL),
         name="deit_backbone",

@@ -70,6 +70,16 @@ STATE_FILE = "run_state.json"
 CHECKPOINT_DIR = "checkpoints"
 
 
+# the teachers `teacher.members` trains, one `.keras` file each, before their ensemble is saved
+# as the run's teacher
+MEMBERS_DIR = "teacher_members"
+
+
+def member_path(run_path: Path, index: int) -> Path:
+    """Where member `index` (0-based) of a `teacher.members` ensemble is saved."""
+    return Path(run_path) / MEMBERS_DIR / f"member{index}.keras"
+
+
 # what each stage's result depends on: (section, keys to ignore); a run is resumed, and a saved
 # model counts as belonging to the run, only while these are unchanged
 STAGE_INPUTS = {

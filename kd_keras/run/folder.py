@@ -22,6 +22,7 @@ from kd_keras.run.files import (
     CHECKPOINT_DIR,
     CONFIG_FILE,
     EXPORT_FILE,
+    MEMBERS_DIR,
     MODEL_CARD_FILE,
     MODEL_STAGES,
     REPORT_FILE,
@@ -408,6 +409,8 @@ class RunFolder:
                 self.model_path(model).unlink(missing_ok=True)
                 self.history_path(stage).unlink(missing_ok=True)
                 self.drop_checkpoint(stage)
+                if stage == "teacher":  # the members an ensemble teacher was built from
+                    shutil.rmtree(self.path / MEMBERS_DIR, ignore_errors=True)
                 state.pop(stage, None)
         self.report_path.unlink(missing_ok=True)
         self.report_md_path.unlink(missing_ok=True)

@@ -231,11 +231,6 @@ class Distiller(keras.Model):
         return trackers + [self.accuracy_tracker]
 
     @property
-    def adapter(self) -> FeatureAdapter | None:
-        """The feature adapter of a single teacher feature map (None without one)."""
-        return self.adapters[0] if len(self.adapters) == 1 else None
-
-    @property
     def trained_variables(self) -> list:
         """What the optimizer updates: the student's and the adapters' trainable variables."""
         adapters = [v for a in self.adapters for v in a.trainable_variables]

@@ -13,7 +13,7 @@ import pytest
 
 PACKAGE = Path(__file__).resolve().parents[1] / "kd_keras"
 LAYERS = (  # lowest first
-    ("core", ("errors", "io", "compat", "text", "archs", "host", "prog", "config")),
+    ("core", ("errors", "io", "compat", "text", "archs", "host", "prog", "deprecations", "config")),
     ("data", ("data",)),
     ("models", ("models",)),
     ("runtimes", ("runtimes",)),

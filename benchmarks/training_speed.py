@@ -8,8 +8,9 @@
 - distillation step vs its lower bound: the teacher's forward pass plus the student's own train
   step (alpha = 1, no teacher) on the same batches; the Distiller's overhead is what is left;
 - our Distiller vs Keras 3.15's `keras.distillation.Distiller` on the logits-only case (T = 4,
-  student-loss weight 0.5; `keras.losses.KLDivergence()` passed explicitly, its string default
-  skips the softmax and T^2 — see ../shared/DESIGN.md);
+  student-loss weight 0.5; `keras.losses.KLDivergence()` passed explicitly: Keras's
+  `LogitsDistillation.compute_loss` applies the softmax and T^2 only to a `KLDivergence`
+  instance, not to the string default "kl_divergence");
 - mixed_bfloat16 vs float32 distillation step;
 - the input pipeline (decode, resize, augmentation, batching) vs the step it feeds.
 

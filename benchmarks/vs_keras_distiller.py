@@ -3,8 +3,9 @@ teacher, student, data pipeline, optimizer, schedule and epochs, over seeds; bot
 with kd_keras's rule (best epoch and decision threshold chosen on validation, test reported).
 
 Keras's Distiller is run as its documentation shows it: logits only (`LogitsDistillation`,
-T = 4, passed `keras.losses.KLDivergence()` explicitly — its string default skips the softmax
-and T^2, see ../shared/DESIGN.md), student-loss weight 0.5, no class weights (it cannot take
+T = 4, passed `keras.losses.KLDivergence()` explicitly — `LogitsDistillation.compute_loss`
+applies the softmax and T^2 only to a `KLDivergence` instance, not to the string default
+"kl_divergence"), student-loss weight 0.5, no class weights (it cannot take
 them). Ours is `configs/xray.toml`'s distillation stage; its results are read from a sweep's
 `cells/<cell>/seed<N>/report.json` when given (`--ours`), else trained here.
 

@@ -17,6 +17,7 @@ from typing import Any
 
 from kd_keras.archs import STUDENT_ARCHS, TEACHER_ARCHS
 from kd_keras.config_rules import check_consistency
+from kd_keras.deprecations import renamed_keys
 from kd_keras.errors import KDError
 from kd_keras.io import write_text
 
@@ -197,7 +198,7 @@ class EvalConfig:
     split: str = _spec("test", kind=str, choices=("test", "val"), help="Split that is reported.")
     threshold: str = _spec("argmax", kind=str, choices=("argmax", "val_balanced_accuracy"),
         help="Decision rule; binary: the threshold maximising validation balanced accuracy.")
-    seed_subset: bool = _spec(True, kind=bool,
+    imbalanced_subset: bool = _spec(True, kind=bool,
         help="Also report a fixed imbalanced binary subset of the split.")
     subset_minority: int = _spec(21, kind=int, lo=1, help="Minority images of that subset.")
     subset_majority: int = _spec(279, kind=int, lo=1, help="Majority images of that subset.")
@@ -321,6 +322,7 @@ def build_config(
 ) -> Config:
     """Validate a raw TOML dict (plus `section.key=value` overrides) into a `Config`."""
     values: dict[str, dict[str, tuple[Any, Path]]] = {}
+    raw, overrides = renamed_keys(raw, overrides)
     for section, body in raw.items():
         _check_known(section)
         if not isinstance(body, dict):

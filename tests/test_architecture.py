@@ -13,7 +13,21 @@ import pytest
 
 PACKAGE = Path(__file__).resolve().parents[1] / "kd_keras"
 LAYERS = (  # lowest first
-    ("core", ("errors", "io", "compat", "text", "archs", "host", "prog", "config_rules", "config")),
+    (
+        "core",
+        (
+            "errors",
+            "io",
+            "compat",
+            "text",
+            "archs",
+            "host",
+            "prog",
+            "deprecations",
+            "config_rules",
+            "config",
+        ),
+    ),
     ("data", ("data",)),
     ("models", ("models",)),
     ("runtimes", ("runtimes",)),

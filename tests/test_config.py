@@ -151,3 +151,25 @@ def test_stacked_prior_corrections_are_refused_unless_asked_for(tmp_path, text):
 def test_build_config_rejects_non_table():
     with pytest.raises(KDError, match=r"\[data\] must be a table"):
         build_config({"data": 3}, Path("."))
+
+
+def test_renamed_key_is_read_under_its_new_name_with_a_note(tmp_path, caplog):
+    """eval.seed_subset (it meant the imbalanced subset, not a seed) is now
+    eval.imbalanced_subset; the old key still works for one release, with a note."""
+    new = write(tmp_path, "[eval]\nimbalanced_subset = false\n")
+    assert load_config(new).eval.imbalanced_subset is False
+    assert not caplog.records, "the new key is read silently"
+    with caplog.at_level("WARNING", logger="kd_keras"):
+        old = load_config(write(tmp_path, "[eval]\nseed_subset = false\n"))
+    assert old.eval.imbalanced_subset is False
+    assert [r.getMessage() for r in caplog.records] == [
+        "note: config key eval.seed_subset is deprecated; it is read as eval.imbalanced_subset "
+        "(rename it)"
+    ]
+    caplog.clear()
+    with caplog.at_level("WARNING", logger="kd_keras"):
+        cfg = build_config({}, tmp_path, ["eval.seed_subset=false"])
+    assert cfg.eval.imbalanced_subset is False and len(caplog.records) == 1
+    assert "seed_subset" not in to_toml(cfg.to_dict()), "saved under the new name"
+    with pytest.raises(KDError, match="both eval.seed_subset and eval.imbalanced_subset"):
+        build_config({"eval": {"seed_subset": True, "imbalanced_subset": False}}, tmp_path)

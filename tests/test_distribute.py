@@ -97,7 +97,7 @@ def test_two_workers_match_one_worker_and_only_the_chief_writes(tmp_path, real_n
         f'[teacher]\npath = "{teacher}"\n'
         '[student]\narch = "resnet18"\nvariant = "tiny"\n'
         '[train]\nstages = ["distill"]\nepochs = 1\nverbose = 2\n'
-        '[eval]\nseed_subset = false\n[distribute]\nstrategy = "multi_worker"\n'
+        '[eval]\nimbalanced_subset = false\n[distribute]\nstrategy = "multi_worker"\n'
     )
     code, _, err = run_cli("distill", "--force", "--config", str(config),
                            "--set", "distribute.strategy=none",

@@ -14,7 +14,7 @@ from kd_keras.distill.distiller import Distiller
 from kd_keras.errors import KDError
 from kd_keras.models.loading import load_model
 from kd_keras.models.registry import build_student, build_teacher
-from kd_keras.models.taps import feature_tensor
+from kd_keras.models.taps import feature_and_logits
 
 X = np.random.default_rng(0).uniform(0, 255, (4, 48, 48, 3)).astype("float32")
 Y = np.array([0, 1, 1, 0])
@@ -84,8 +84,8 @@ def test_every_member_feature_through_its_own_adapter_or_a_chosen_one(members):
     assert feat == pytest.approx(float(np.mean(per_member)), rel=1e-5), "mean over members"
 
     one = Distiller(student, model, alpha=0.5, beta=1.0, ensemble_features=1)
-    assert one.feature_keys == ["feature"] and one.adapter is not None
-    member_feature = feature_tensor(members[1])
+    assert one.feature_keys == ["feature"] and len(one.adapters) == 1
+    member_feature = feature_and_logits(members[1])[0]
     assert one.teacher_graph.output["feature"].shape[1:] == member_feature.shape[1:]
     with pytest.raises(KDError, match="ensemble_features = 2"):
         Distiller(student, model, alpha=0.5, beta=1.0, ensemble_features=2)

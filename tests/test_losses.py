@@ -118,3 +118,47 @@ def test_attention_transfer_matches_numpy():
     got = losses.feature_loss("attention")(ft, fs)
     np.testing.assert_allclose(got, expected, rtol=1e-5)
     assert float(np.max(losses.feature_loss("attention")(ft, ft))) < 1e-12
+
+
+def test_every_loss_declares_exactly_its_parameters():
+    """No loss swallows unknown keywords: a misspelt parameter is an error naming it and the
+    loss's valid parameters, not a silently ignored setting."""
+    for registry in (losses.KD_LOSSES, losses.FEATURE_LOSSES):
+        for cls in registry.values():
+            assert losses.declared_params(cls) is not None  # raises on **kwargs
+    assert losses.declared_params(losses.KD_LOSSES["dkd"]) == (
+        "temperature",
+        "dkd_alpha",
+        "dkd_beta",
+    )
+    with pytest.raises(ValueError, match=r"distillation loss 'soft' has no parameter "
+                                         r"'temprature'; its parameters: temperature"):  # fmt: skip
+        losses.kd_loss("soft", temprature=2.0)
+    with pytest.raises(
+        ValueError, match="'hard' has no parameter 'temperature'; its parameters: none"
+    ):
+        losses.kd_loss("hard", temperature=2.0)
+    with pytest.raises(
+        ValueError, match="feature loss 'attention' has no parameter 'feature_norm'"
+    ):
+        losses.feature_loss("attention", feature_norm="l2")
+
+
+def test_a_loss_with_var_keywords_is_refused():
+    class Loose:
+        def __init__(self, temperature=1.0, **_):
+            pass
+
+    with pytest.raises(TypeError, match="must declare its parameters"):
+        losses.declared_params(Loose)
+
+
+def test_select_params_passes_each_loss_only_what_it_declares():
+    settings = {"temperature": 3.0, "dkd_alpha": 0.5, "dkd_beta": 2.0, "feature_norm": "none"}
+    assert losses.select_params(losses.KD_LOSSES["soft"], settings) == {"temperature": 3.0}
+    assert losses.select_params(losses.KD_LOSSES["hard"], settings) == {}
+    assert losses.select_params(losses.FEATURE_LOSSES["fitnet"], settings) == {
+        "feature_norm": "none"
+    }
+    dkd = losses.kd_loss("dkd", **losses.select_params(losses.KD_LOSSES["dkd"], settings))
+    assert (dkd.temperature, dkd.alpha, dkd.beta) == (3.0, 0.5, 2.0)

@@ -7,7 +7,7 @@ import pytest
 from kd_keras.evaluation.metrics import (
     choose_threshold,
     classification_metrics,
-    seed_subset_indices,
+    imbalanced_subset_indices,
 )
 
 
@@ -23,13 +23,13 @@ def test_threshold_is_chosen_on_validation_and_applied():
     assert tuned["threshold"] == t
 
 
-def test_seed_subset_is_reproducible_and_has_the_ratio():
+def test_imbalanced_subset_is_reproducible_and_has_the_ratio():
     labels = np.array([0] * 234 + [1] * 390)
-    a = seed_subset_indices(labels, 0, 21, 279, seed=0)
-    b = seed_subset_indices(labels, 0, 21, 279, seed=0)
+    a = imbalanced_subset_indices(labels, 0, 21, 279, seed=0)
+    b = imbalanced_subset_indices(labels, 0, 21, 279, seed=0)
     np.testing.assert_array_equal(a, b)
     assert np.bincount(labels[a]).tolist() == [21, 279]
-    assert not np.array_equal(a, seed_subset_indices(labels, 0, 21, 279, seed=1))
+    assert not np.array_equal(a, imbalanced_subset_indices(labels, 0, 21, 279, seed=1))
 
 
 def test_metrics_expose_majority_collapse():

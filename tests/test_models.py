@@ -15,8 +15,7 @@ from kd_keras.models.loading import load_model
 from kd_keras.models.registry import STUDENTS, TEACHERS, build_student, build_teacher
 from kd_keras.models.taps import (
     all_layers,
-    feature_extractor,
-    feature_tensor,
+    feature_and_logits,
     image_size_of,
     set_batchnorm_momentum,
 )
@@ -50,31 +49,32 @@ def test_tiny_variant_builds_runs_and_round_trips(tmp_path, tiny_zoo, arch, para
                                                   tiny_tap):  # fmt: skip
     model = tiny_zoo(arch)
     assert model.count_params() < 400_000, "tiny means tiny"
-    feature, logits = feature_extractor(model)(X)
+    feature, logits = keras.Model(model.inputs, feature_and_logits(model))(X)
     assert logits.shape == (2, 3) and np.isfinite(np.asarray(logits)).all()
     assert tuple(feature.shape[1:]) == tiny_tap
     path = tmp_path / f"{arch}.keras"
     model.save(path)
     loaded = load_model(path)
     np.testing.assert_array_equal(loaded.predict(X, verbose=0), model.predict(X, verbose=0))
-    f2, _ = feature_extractor(loaded)(X)
+    f2, _ = keras.Model(loaded.inputs, feature_and_logits(loaded))(X)
     np.testing.assert_array_equal(np.asarray(f2), np.asarray(feature))
     assert image_size_of(loaded) == SIZE
 
 
 @pytest.mark.parametrize("arch, params, real_tap, tiny_tap", ARCHS, ids=IDS)
 def test_real_size_parameters_and_feature_tap(real_zoo, arch, params, real_tap, tiny_tap):
-    """What the benchmark's size claims rest on (DESIGN.md: 23.6 M, 10.8 M, 11.2 M, 21.7 M)."""
+    """What the benchmark's size claims rest on: the parameter counts (millions, 3 classes)
+    and feature taps of the real-size models, as in ARCHS."""
     model = real_zoo(arch)
     assert model.count_params() / 1e6 == pytest.approx(params, abs=0.01)
-    feature, logits = feature_extractor(model)(X)
+    feature, logits = keras.Model(model.inputs, feature_and_logits(model))(X)
     assert tuple(feature.shape[1:]) == real_tap and logits.shape == (2, 3)
     assert np.isfinite(np.asarray(logits)).all()
 
 
 def test_real_taps_are_the_documented_layers(real_zoo):
     def tap(arch):
-        return compat.producing_layer(feature_tensor(real_zoo(arch))).name
+        return compat.producing_layer(feature_and_logits(real_zoo(arch))[0]).name
 
     assert tap("resnet50") == "conv4_block6_out"
     assert tap("efficientnet_b3") == "block5e_add"
@@ -105,7 +105,7 @@ def test_no_stage_collapses_at_the_minimum_image_size(arch, last_map):
     model = build_student(arch, 2, size)
     maps = [lay.output.shape for lay in model.layers if len(lay.output.shape) == 4]
     assert maps and min(min(s[1], s[2]) for s in maps) == last_map
-    assert tuple(feature_tensor(model).shape[1:3]) == (2, 2)
+    assert tuple(feature_and_logits(model)[0].shape[1:3]) == (2, 2)
     with pytest.raises(KDError, match=f"data.image_size = {size - 1} is too small"):
         build_config({"data": {"image_size": size - 1}, "student": {"arch": arch}}, Path("."))
 

@@ -20,7 +20,7 @@ from kd_keras.errors import KDError
 from kd_keras.models.layers import CLS_LOGITS_LAYER, DIST_LOGITS_LAYER
 from kd_keras.models.loading import load_model
 from kd_keras.models.registry import build_student
-from kd_keras.models.taps import feature_extractor, feature_tensor, has_layer
+from kd_keras.models.taps import feature_and_logits, has_layer
 
 CLASSES = 3
 RNG = np.random.default_rng(0)
@@ -50,11 +50,12 @@ def test_pair_distils_one_batch(zoo, teacher_arch, student_arch, mode, beta):
     teacher, student = zoo(teacher_arch), zoo(student_arch)
     d = Distiller(student, teacher, alpha=0.5, temperature=4.0, beta=beta, mode=mode)
     if beta:
-        t_shape = tuple(feature_tensor(teacher).shape[1:])
-        s_shape = tuple(feature_tensor(student).shape[1:])
+        t_shape = tuple(feature_and_logits(teacher)[0].shape[1:])
+        s_shape = tuple(feature_and_logits(student)[0].shape[1:])
         assert t_shape == TEACHER_FEATURES[teacher_arch]
         assert s_shape == STUDENT_FEATURES[student_arch]
-        projected = d.adapter(np.zeros((1, *s_shape), "float32"))
+        assert len(d.adapters) == 1
+        projected = d.adapters[0](np.zeros((1, *s_shape), "float32"))
         assert tuple(projected.shape[1:]) == t_shape, "adapter maps the student onto the teacher"
     d.compile(optimizer=keras.optimizers.SGD(0.01, momentum=0.9), run_eagerly=True)
     t_before = [w.copy() for w in teacher.get_weights()]
@@ -153,8 +154,8 @@ def test_deit_saves_and_loads_with_identical_outputs_and_feature_tap(zoo, tmp_pa
                                rtol=1e-6, atol=1e-6)  # fmt: skip
     assert has_layer(loaded, CLS_LOGITS_LAYER)
     assert has_layer(loaded, DIST_LOGITS_LAYER)
-    f1, _ = feature_extractor(deit)(X)
-    f2, _ = feature_extractor(loaded)(X)
+    f1, _ = keras.Model(deit.inputs, feature_and_logits(deit))(X)
+    f2, _ = keras.Model(loaded.inputs, feature_and_logits(loaded))(X)
     assert tuple(f2.shape) == (4, SIZE // PATCH, SIZE // PATCH, 32)
     np.testing.assert_array_equal(np.asarray(f2), np.asarray(f1))
     # the tap is the patch tokens in grid order: row r, column c = token 2 + r * grid + c
@@ -202,6 +203,6 @@ def test_deit_loads_a_local_preset_folder_and_checks_its_grid(tmp_path):
     backbone = student.get_layer("deit_backbone")  # renamed, so the feature tap finds it
     for a, b in zip(small.get_weights(), backbone.get_weights()):
         np.testing.assert_array_equal(a, b)
-    assert tuple(feature_tensor(student).shape[1:]) == (4, 4, 32)
+    assert tuple(feature_and_logits(student)[0].shape[1:]) == (4, 4, 32)
     with pytest.raises(KDError, match="DeiT for 32 px images with patch 8"):
         build_student("deit_small", 2, SIZE, str(tmp_path / "preset"), 4)

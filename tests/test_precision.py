@@ -79,7 +79,7 @@ def test_mixed_bfloat16_training_saves_float32_models(tmp_path, tiny_npz):
     from kd_keras.models.loading import load_model
 
     sets = [f"data.path={tiny_npz}", f"run.output_dir={tmp_path}", "run.name=bf16",
-            "eval.seed_subset=false", "teacher.variant=tiny", "student.variant=tiny",
+            "eval.imbalanced_subset=false", "teacher.variant=tiny", "student.variant=tiny",
             "train.epochs=1", "train.precision=mixed_bfloat16", "train.verbose=0"]  # fmt: skip
     # tiny_npz's pixels are noise: a model at chance is accepted (--force), as the test is about
     # the precision, not the learning

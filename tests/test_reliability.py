@@ -217,7 +217,7 @@ def test_ctrl_c_says_where_and_how_to_resume(tmp_path, tiny_npz, monkeypatch):
     monkeypatch.setattr(keras.Model, "fit", interrupted)
     code, _, err = run_cli("distill", "--config", XRAY,
                            *sets(f"data.path={tiny_npz}", f"run.output_dir={tmp_path}",
-                                 "run.name=c", "eval.seed_subset=false",
+                                 "run.name=c", "eval.imbalanced_subset=false",
                                  "teacher.variant=tiny", "student.variant=tiny"))  # fmt: skip
     assert code == 130, err
     assert "interrupted in stage teacher" in err and "--resume" in err and "error:" not in err
@@ -227,7 +227,7 @@ def test_ctrl_c_says_where_and_how_to_resume(tmp_path, tiny_npz, monkeypatch):
 
 
 def data_cfg(**data):
-    return build_config({"data": data, "eval": {"seed_subset": False}}, ROOT)
+    return build_config({"data": data, "eval": {"imbalanced_subset": False}}, ROOT)
 
 
 def test_csv_label_outside_train_labels_is_an_error(tmp_path):
@@ -264,7 +264,7 @@ def test_empty_class_folder_and_corrupt_images_are_caught_before_training(tmp_pa
 
 def test_subset_evaluation_needs_are_checked_up_front(tiny_npz):
     cfg = build_config({"data": {"path": str(tiny_npz)}}, ROOT)
-    message = "has 5 images of class 'normal'.*needs 21: set eval.seed_subset = false"
+    message = "has 5 images of class 'normal'.*needs 21: set eval.imbalanced_subset = false"
     with pytest.raises(KDError, match=message):
         check_splits(load_splits(cfg.data), cfg)
 

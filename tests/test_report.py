@@ -295,7 +295,7 @@ def test_report_renders_in_headless_chromium(tiny_run, tmp_path):
 
 
 def test_model_card_quotes_report_json(tiny_run, tmp_path):
-    from kd_keras.evaluation.evaluate import seed_table
+    from kd_keras.evaluation.evaluate import imbalanced_subset_table
     from kd_keras.workflows.export import export_run
 
     result = export_run(tiny_run.path, out_dir=tmp_path / "export", models=("student",), quiet=True)
@@ -311,7 +311,7 @@ def test_model_card_quotes_report_json(tiny_run, tmp_path):
     assert f"≥ {entry['threshold']:.3f} (threshold chosen on the validation split)" in card
     for name, m in test["per_class"].items():
         assert f"{name}: recall {m['recall']:.3f}, precision {m['precision']:.3f}" in card
-    assert seed_table(tiny_run.report) in card, "the imbalanced-subset table, verbatim"
+    assert imbalanced_subset_table(tiny_run.report) in card, "the imbalanced-subset table, verbatim"
     onnx_metrics = result["artefacts"]["student"]["metrics"]
     assert "| student.onnx | fp32 |" in card
     assert f"{onnx_metrics['balanced_accuracy']:.3f}" in card

@@ -129,7 +129,7 @@ def shared_run(tmp_path, npz, marker):
 
     folder = make_run(tmp_path / "runs" / "shared", npz, {"teacher": tiny_classifier()})
     with (folder / "config.toml").open("a") as fh:
-        fh.write("[eval]\nseed_subset = false\n")
+        fh.write("[eval]\nimbalanced_subset = false\n")
     evil_model(folder / "student.keras", marker)
     marker.unlink(missing_ok=True)
     return folder
@@ -216,7 +216,7 @@ def finished_run(tmp_path, npz):
               "student_scratch": tiny_classifier()}  # fmt: skip
     folder = make_run(tmp_path / "runs" / "r", npz, models)
     with (folder / "config.toml").open("a") as fh:
-        fh.write("[eval]\nseed_subset = false\n")
+        fh.write("[eval]\nimbalanced_subset = false\n")
     run = RunFolder(folder)
     for name, stage in (("teacher", "teacher"), ("student", "distill"),
                         ("student_scratch", "scratch")):  # fmt: skip
@@ -281,7 +281,8 @@ def test_a_refused_teacher_leaves_no_folder_to_evaluate(tmp_path, tiny_npz):
     code, _, err = run_cli("distill", "--config", XRAY, "--stages", "distill",
                            *sets(f"data.path={tiny_npz}", f"run.output_dir={tmp_path / 'runs'}",
                                  "run.name=evil", f"teacher.path={evil}",
-                                 "eval.seed_subset=false", "student.variant=tiny"))  # fmt: skip
+                                 "eval.imbalanced_subset=false",
+                                 "student.variant=tiny"))  # fmt: skip
     assert code == 2 and "holds a Lambda layer" in err and "no run folder is left" in err, err
     assert not (tmp_path / "runs" / "evil").exists() and not marker.exists()
     for command in ("evaluate", "benchmark"):
@@ -296,7 +297,7 @@ def test_a_new_run_failing_before_its_first_stage_leaves_no_folder(tmp_path, tin
 
     code, _, err = run_cli("distill", "--config", XRAY, "--stages", "distill",
                            *sets(f"data.path={tiny_npz}", f"run.output_dir={tmp_path / 'runs'}",
-                                 "run.name=lonely", "eval.seed_subset=false"))  # fmt: skip
+                                 "run.name=lonely", "eval.imbalanced_subset=false"))  # fmt: skip
     assert code == 2 and "stage distill needs a teacher: none in" in err
     assert not (tmp_path / "runs").exists() or not any((tmp_path / "runs").iterdir())
     (tmp_path / "runs" / ".lonely.before").mkdir(parents=True)  # a snapshot is never a run
@@ -311,7 +312,8 @@ def test_a_new_run_failing_before_its_first_stage_leaves_no_folder(tmp_path, tin
 def tiny_distill(npz, out, name, *extra):
     return run_cli("distill", "--config", XRAY,
                    *sets(f"data.path={npz}", f"run.output_dir={out}", f"run.name={name}",
-                         "eval.seed_subset=false", "teacher.variant=tiny", "student.variant=tiny",
+                         "eval.imbalanced_subset=false", "teacher.variant=tiny",
+                         "student.variant=tiny",
                          "train.epochs=1", "train.verbose=0"), *extra)  # fmt: skip
 
 

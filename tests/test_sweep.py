@@ -114,7 +114,7 @@ def test_sweep_runs_grid_and_skips_finished_cells(tiny_npz, tmp_path, capsys):
         "teacher": {"variant": "tiny"},
         "student": {"variant": "tiny"},
         "train": {"epochs": 1, "verbose": 0},
-        "eval": {"seed_subset": False},
+        "eval": {"imbalanced_subset": False},
     }
     base = build_config(raw, tmp_path)
     grid = parse_grid(["distill.temperature=2", "distill.alpha=0.5", "distill.beta=0,1"])

@@ -19,7 +19,7 @@ from kd_keras.distill.teacher_cache import TeacherCache
 from kd_keras.errors import KDError
 from kd_keras.models.loading import load_model, load_teacher
 from kd_keras.models.registry import build_student, build_teacher
-from kd_keras.models.taps import feature_and_logits, feature_tensor
+from kd_keras.models.taps import feature_and_logits
 
 X = np.random.default_rng(0).uniform(0, 255, (4, SIZE, SIZE, 3)).astype("float32")
 Y = np.array([0, 1, 1, 0])
@@ -74,7 +74,7 @@ def test_nested_application_teacher_sees_its_own_size_and_scaling(nested_file, t
     expected = expected[0] if isinstance(expected, list) else expected
     np.testing.assert_allclose(d.teacher_outputs(X)["logits"], expected, atol=1e-5)
     # the feature tap was found inside the nested backbone
-    tap = feature_tensor(wrapped)
+    tap = feature_and_logits(wrapped)[0]
     assert tuple(tap.shape[1:3]) == (2, 2) and tap.shape[-1] == 1280
 
 

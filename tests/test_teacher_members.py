@@ -53,16 +53,14 @@ def member_run(tmp_path, tiny_npz, *extra):
     return run_cli(
         "distill", "--config", XRAY, "--force", "--stages", "teacher,distill",
         *sets(f"data.path={tiny_npz}", f"run.output_dir={tmp_path}", "run.name=m",
-              "eval.seed_subset=false", "teacher.arch=resnet8x3", "teacher.variant=tiny",
+              "eval.imbalanced_subset=false", "teacher.arch=resnet8x3", "teacher.variant=tiny",
               "teacher.members=2", "teacher.epochs=1", "student.variant=tiny",
               "student.arch=resnet8x3", "student.epochs=1", "distill.beta=0"),
         *extra,
     )  # fmt: skip
 
 
-def test_members_train_with_their_own_seeds_and_the_run_teaches_their_ensemble(
-    tmp_path, tiny_npz
-):
+def test_members_train_with_their_own_seeds_and_the_run_teaches_their_ensemble(tmp_path, tiny_npz):
     code, out, err = member_run(tmp_path, tiny_npz)
     assert code == 0, err
     run = RunFolder(tmp_path / "m")
@@ -83,9 +81,7 @@ def test_members_train_with_their_own_seeds_and_the_run_teaches_their_ensemble(
     assert state["status"] == "done" and set(state["members"]) == {"0", "1"}
 
 
-def test_a_killed_member_run_resumes_keeping_the_finished_members(
-    tmp_path, tiny_npz, monkeypatch
-):
+def test_a_killed_member_run_resumes_keeping_the_finished_members(tmp_path, tiny_npz, monkeypatch):
     fit, calls = keras.Model.fit, []
 
     def second_fit_interrupted(self, *args, **kwargs):

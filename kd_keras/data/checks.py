@@ -60,7 +60,7 @@ def check_splits(splits: Splits, cfg) -> Splits:
             )
     print(f"data: classes {splits.class_names}; images per split and class {counts}")
     ev = cfg.eval
-    if ev.seed_subset and splits.num_classes == 2:
+    if ev.imbalanced_subset and splits.num_classes == 2:
         minority = minority_class(splits.train.labels)
         need = {minority: ev.subset_minority, 1 - minority: ev.subset_majority}
         test = splits.test if ev.split == "test" else splits.val
@@ -70,7 +70,7 @@ def check_splits(splits: Splits, cfg) -> Splits:
                 raise KDError(
                     f"the {ev.split} split has {have} images of class "
                     f"{splits.class_names[cls]!r}; the imbalanced-subset evaluation needs {n}: "
-                    "set eval.seed_subset = false or lower eval.subset_minority / "
+                    "set eval.imbalanced_subset = false or lower eval.subset_minority / "
                     "eval.subset_majority"
                 )
     return splits

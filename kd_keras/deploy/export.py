@@ -14,7 +14,7 @@ folder into deployable files under `export/<run name>/`:
   `export.calibration_samples` images from the TRAIN split (dynamic quantization made conv nets
   slower than FP32 here). Attention-dominated graphs (ViT, DeiT) get dynamic quantization of their
   MatMul/Gemm weights (about 2x faster than FP32 on ViT-small; no calibration). The choice is read
-  from the ONNX graph itself (`quantization_method`), not from model names, so a new architecture
+  from the ONNX graph itself (`quantization_plan`), not from model names, so a new architecture
   needs no list to be updated. Weights are 7-bit (`reduce_range`, `INT8_RECIPE`): a file is
   exported once and run on CPUs nobody knows in advance, and without VNNI (AVX2, AVX-512
   without VNNI) ONNX Runtime's U8S8 kernels sum pairs of products in 16 bits, which 8-bit

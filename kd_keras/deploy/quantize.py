@@ -35,24 +35,17 @@ NO_GAIN_REASON = (
 )
 
 
-def quantization_method(onnx_path: str | os.PathLike) -> str:
-    """How to quantize a graph, read from its operators (not from model names):
-
-    - `"dynamic"` for attention-dominated graphs (more MatMul/Gemm than Conv nodes: ViT and DeiT
-      have four per block and a single patch-embedding Conv);
-    - `"none"` for convolution graphs dominated by Sigmoid gates (swish, squeeze-excite:
-      EfficientNet), where INT8 measured slower than FP32;
-    - `"static"` otherwise (CNNs with one Conv per layer and a single classifier MatMul).
-    """
-    return quantization_plan(onnx_path)["method"]
-
-
 def quantization_plan(onnx_path: str | os.PathLike) -> dict[str, Any]:
-    """`{"method", "reason", "exclude"}`: the method (`quantization_method`), why, and the
-    nodes kept in float: the softmax and the classifier head (its MatMul/Gemm nodes and what
-    follows them up to the logits) — quantized logits are clipped to the calibration range,
-    which cost ResNet50 up to 6.7 in logit error and nothing in speed when kept float — and,
-    for static quantization, the input scaling before the first convolution."""
+    """`{"method", "reason", "exclude"}`: how to quantize a graph, read from its operators (not
+    from model names) — `"dynamic"` for attention-dominated graphs (more MatMul/Gemm than Conv
+    nodes: ViT and DeiT have four per block and a single patch-embedding Conv), `"none"` for
+    convolution graphs dominated by Sigmoid gates (swish, squeeze-excite: EfficientNet), where
+    INT8 measured slower than FP32, `"static"` otherwise (CNNs with one Conv per layer and a
+    single classifier MatMul) — why, and the nodes kept in float: the softmax and the
+    classifier head (its MatMul/Gemm nodes and what follows them up to the logits) —
+    quantized logits are clipped to the calibration range, which cost ResNet50 up to 6.7 in
+    logit error and nothing in speed when kept float — and, for static quantization, the input
+    scaling before the first convolution."""
     import onnx
 
     graph = onnx.load(str(onnx_path), load_external_data=False).graph

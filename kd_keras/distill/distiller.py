@@ -138,9 +138,17 @@ class Distiller(keras.Model):
             raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
         if feature_norm not in FEATURE_NORMS:
             raise ValueError(f"feature_norm must be one of {FEATURE_NORMS}, got {feature_norm!r}")
-        self.kd_term = losses.kd_loss(mode, temperature=temperature, dkd_alpha=dkd_alpha,
-                                      dkd_beta=dkd_beta)  # fmt: skip
-        self.feature_term = losses.feature_loss(feature_loss, feature_norm=feature_norm)
+        if feature_loss not in FEATURE_LOSSES:
+            raise ValueError(f"feature_loss must be one of {FEATURE_LOSSES}, got {feature_loss!r}")
+        # each loss gets the settings it declares, so a loss's own signature stays strict
+        settings = {"temperature": temperature, "dkd_alpha": dkd_alpha, "dkd_beta": dkd_beta,
+                    "feature_norm": feature_norm}  # fmt: skip
+        self.kd_term = losses.kd_loss(
+            mode, **losses.select_params(losses.KD_LOSSES[mode], settings)
+        )
+        self.feature_term = losses.feature_loss(
+            feature_loss, **losses.select_params(losses.FEATURE_LOSSES[feature_loss], settings)
+        )
         if teacher is None and (alpha < 1.0 or beta > 0.0):
             raise ValueError(
                 f"a teacher is needed when alpha < 1 or beta > 0 (alpha={alpha}, beta={beta})"
@@ -221,11 +229,6 @@ class Distiller(keras.Model):
         if self.beta > 0:
             trackers.append(self.feat_tracker)
         return trackers + [self.accuracy_tracker]
-
-    @property
-    def adapter(self) -> FeatureAdapter | None:
-        """The feature adapter of a single teacher feature map (None without one)."""
-        return self.adapters[0] if len(self.adapters) == 1 else None
 
     @property
     def trained_variables(self) -> list:

@@ -23,11 +23,16 @@
   the teacher's grid). Channel-free: no adapter is learned.
 
 The KD and feature terms are registered by config name (`distill.mode`, `distill.feature_loss`):
-one class per loss with its own parameters, found with `kd_loss(name, ...)` /
-`feature_loss(name, ...)`, whose errors list the valid names.
+one class per loss that declares exactly its own parameters, found with `kd_loss(name, ...)` /
+`feature_loss(name, ...)`, whose errors list the valid names and, for a parameter the loss does
+not declare (a misspelling), its valid parameters. `select_params` picks from a set of settings
+the ones a loss declares (the Distiller passes each loss only those).
 """
 
 from __future__ import annotations
+
+import functools
+import inspect
 
 import keras
 from keras import ops
@@ -93,10 +98,32 @@ def _register(registry: dict[str, type], name: str):
     return wrap
 
 
+@functools.cache
+def declared_params(cls: type) -> tuple[str, ...]:
+    """The parameter names a loss class's constructor declares (read once per class)."""
+    names = []
+    for param in list(inspect.signature(cls.__init__).parameters.values())[1:]:
+        if param.kind in (param.VAR_KEYWORD, param.VAR_POSITIONAL):
+            raise TypeError(f"loss {cls.__name__} must declare its parameters, not *{param.name}")
+        names.append(param.name)
+    return tuple(names)
+
+
+def select_params(cls: type, settings: dict) -> dict:
+    """The entries of `settings` that loss class `cls` declares."""
+    return {k: settings[k] for k in declared_params(cls) if k in settings}
+
+
 def _get(registry: dict[str, type], kind: str, name: str, **params):
     if name not in registry:
         raise ValueError(f"unknown {kind} loss {name!r}; valid: {', '.join(registry)}")
-    return registry[name](**params)
+    cls = registry[name]
+    unknown = sorted(set(params) - set(declared_params(cls)))
+    if unknown:
+        valid = ", ".join(declared_params(cls)) or "none"
+        raise ValueError(f"{kind} loss {name!r} has no parameter {', '.join(map(repr, unknown))}; "
+                         f"its parameters: {valid}")  # fmt: skip
+    return cls(**params)
 
 
 def kd_loss(name: str, **params):
@@ -115,7 +142,7 @@ def feature_loss(name: str, **params):
 class SoftKD:
     """Hinton et al. (2015): T^2 * KL(softmax(t/T) || softmax(s/T)) per sample."""
 
-    def __init__(self, temperature: float = 4.0, **_):
+    def __init__(self, temperature: float = 4.0):
         self.temperature = float(temperature)
 
     def __call__(self, labels, teacher_logits, student_logits):
@@ -126,7 +153,7 @@ class SoftKD:
 class HardKD:
     """Touvron et al. (2021, DeiT): CE of the student against the teacher's argmax."""
 
-    def __init__(self, **_):
+    def __init__(self):
         pass
 
     def __call__(self, labels, teacher_logits, student_logits):
@@ -143,8 +170,7 @@ class DecoupledKD:
         dkd_beta: weight of the non-target-class term (the paper's beta, 8.0 on CIFAR-100).
     """
 
-    def __init__(self, temperature: float = 4.0, dkd_alpha: float = 1.0, dkd_beta: float = 8.0,
-                 **_):  # fmt: skip
+    def __init__(self, temperature: float = 4.0, dkd_alpha: float = 1.0, dkd_beta: float = 8.0):
         self.temperature = float(temperature)
         self.alpha = float(dkd_alpha)
         self.beta = float(dkd_beta)
@@ -177,7 +203,7 @@ class FitNet:
 
     needs_adapter = True
 
-    def __init__(self, feature_norm: str = "l2", **_):
+    def __init__(self, feature_norm: str = "l2"):
         self.norm = feature_norm
 
     def __call__(self, teacher_feature, student_feature):
@@ -191,7 +217,7 @@ class AttentionTransfer:
 
     needs_adapter = False
 
-    def __init__(self, p: int = 2, **_):
+    def __init__(self, p: int = 2):
         self.p = p
 
     def attention(self, feature, size=None):

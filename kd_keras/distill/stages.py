@@ -207,10 +207,6 @@ def _teacher_cache(cfg: Config, model: Distiller, splits: Splits, size: int, run
     return cache
 
 
-def _stage_setting(value, default):
-    return default if value is None else value
-
-
 def check_stages(cfg: Config, run: RunFolder, stages: list[str], mode: str) -> None:
     """Refuse, before anything is written or removed, a request whose stages cannot run: a
     `teacher.path` / `teacher.ensemble` entry that does not exist, or a distillation stage with
@@ -332,6 +328,9 @@ def run_stages(cfg, run: RunFolder, splits, stages, copy_teacher, force, current
         return teacher
 
     teacher_file = run.model_path("teacher")
+    t_epochs = cfg.teacher.epochs if cfg.teacher.epochs is not None else tc.epochs
+    t_lr = cfg.teacher.learning_rate
+    t_lr = t_lr if t_lr is not None else tc.learning_rate
     teacher = None
     teacher_tap = cfg.teacher.feature_layer
     if cfg.teacher.from_user:
@@ -350,14 +349,12 @@ def run_stages(cfg, run: RunFolder, splits, stages, copy_teacher, force, current
         print(f"\n== stage teacher: finished earlier, kept ({teacher_file})")
         teacher = saved_teacher()
     elif "teacher" in stages and cfg.teacher.members > 1:
-        epochs = _stage_setting(cfg.teacher.epochs, tc.epochs)
-        teacher = train_members(epochs, _stage_setting(cfg.teacher.learning_rate, tc.learning_rate))
+        teacher = train_members(t_epochs, t_lr)
     elif "teacher" in stages:
         keras.utils.set_random_seed(cfg.run.seed)
         with policy_scope(policy):
             teacher = new_teacher(cfg.teacher.weights)
-        train("teacher", teacher, new_teacher, None, _stage_setting(cfg.teacher.epochs, tc.epochs),
-              _stage_setting(cfg.teacher.learning_rate, tc.learning_rate))  # fmt: skip
+        train("teacher", teacher, new_teacher, None, t_epochs, t_lr)
 
     for stage in ("distill", "scratch"):
         if stage not in stages:
@@ -376,5 +373,7 @@ def run_stages(cfg, run: RunFolder, splits, stages, copy_teacher, force, current
         keras.utils.set_random_seed(cfg.run.seed)  # same initial student for both stages
         with policy_scope(policy):
             student = new_student(cfg.student.weights)
-        train(stage, student, new_student, teacher, _stage_setting(cfg.student.epochs, tc.epochs),
-              _stage_setting(cfg.student.learning_rate, tc.learning_rate), teacher_tap)  # fmt: skip
+        s_epochs = cfg.student.epochs if cfg.student.epochs is not None else tc.epochs
+        s_lr = cfg.student.learning_rate
+        s_lr = s_lr if s_lr is not None else tc.learning_rate
+        train(stage, student, new_student, teacher, s_epochs, s_lr, teacher_tap)

@@ -16,7 +16,7 @@ from kd_keras.errors import KDError
 from kd_keras.evaluation.metrics import (
     choose_threshold,
     classification_metrics,
-    seed_subset_indices,
+    imbalanced_subset_indices,
 )
 from kd_keras.evaluation.predictions import save_confusion, save_predictions
 from kd_keras.io import write_json, write_text
@@ -26,7 +26,7 @@ from kd_keras.run.folder import RunFolder
 from kd_keras.runtimes import keras_predictor, predict_probs
 
 
-def seed_table(report: dict, key: str = "test_subset") -> str:
+def imbalanced_subset_table(report: dict, key: str = "test_subset") -> str:
     """Seed 000's table format: one column per model, one row per metric."""
     names = report["class_names"]
     models = {n: e[key] for n, e in report["models"].items() if key in e}
@@ -83,7 +83,7 @@ def report_markdown(report: dict) -> str:
             f"{sub['majority']} {names[1 - sub['minority_class']]}, seed {sub['seed']}: "
             "seed 000's ratio)",
             "",
-            seed_table(report),
+            imbalanced_subset_table(report),
             "",
         ]
     for name, entry in report["models"].items():
@@ -101,8 +101,9 @@ def report_markdown(report: dict) -> str:
 
 def evaluate_run(run_dir: str | Path | RunFolder, splits=None) -> dict:
     """(Re)compute validation and test metrics of every model saved in a run folder and write
-    `report.json`, `report.md`, confusion matrices (JSON and PNG), per-image predictions
-    (`predictions_<model>.npz`) and `report.html`."""
+    `report.json`, `report.md`, confusion matrices (JSON and PNG) and per-image predictions
+    (`predictions_<model>.npz`). It writes no `report.html` (reporting sits above evaluation):
+    `kd_keras.workflows.distill.evaluate_and_report` evaluates, then writes it."""
     run = run_dir if isinstance(run_dir, RunFolder) else RunFolder.find(run_dir)
     run.check_consistent(report=False)
     cfg = run.cfg
@@ -120,9 +121,9 @@ def evaluate_run(run_dir: str | Path | RunFolder, splits=None) -> dict:
     log = run.train_log()
     tune = cfg.eval.threshold != "argmax" and splits.num_classes == 2
     subset = None
-    if cfg.eval.seed_subset and splits.num_classes == 2:
+    if cfg.eval.imbalanced_subset and splits.num_classes == 2:
         minority = minority_class(splits.train.labels)
-        subset = seed_subset_indices(test_split.labels, minority, cfg.eval.subset_minority,
+        subset = imbalanced_subset_indices(test_split.labels, minority, cfg.eval.subset_minority,
                                      cfg.eval.subset_majority, cfg.eval.subset_seed)  # fmt: skip
 
     models = {}

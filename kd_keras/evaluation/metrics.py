@@ -76,7 +76,7 @@ def choose_threshold(y_val: np.ndarray, probs_val: np.ndarray) -> float:
     return best
 
 
-def seed_subset_indices(
+def imbalanced_subset_indices(
     labels: np.ndarray, minority: int, n_minority: int, n_majority: int, seed: int
 ) -> np.ndarray:
     """A reproducible binary subset with seed 000's imbalance (default 21 minority vs 279

@@ -4,7 +4,7 @@ Every model built here:
 - takes raw RGB pixels in [0, 255], float32, NHWC at the configured image size (scaling and
   normalisation are layers inside the model, so saved and exported files need no preprocessing);
 - outputs class logits (layer `logits`);
-- has one named feature tap (`feature_tensor`) for feature matching, shaped (batch, h, w,
+- has one named feature tap (`taps.feature_and_logits`) for feature matching, shaped (batch, h, w,
   channels). Token students expose their patch tokens re-shaped to their grid, so one adapter
   (1x1 conv + resize) serves every teacher/student pair. Taps are found by layer name, so they
   survive `.keras` save/load.

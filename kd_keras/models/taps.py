@@ -157,17 +157,6 @@ def feature_and_logits(model: keras.Model, layer: str | None = None):
     )
 
 
-def feature_tensor(model: keras.Model, layer: str | None = None):
-    """Symbolic feature map (batch, h, w, c) of `model` used for feature matching."""
-    return feature_and_logits(model, layer)[0]
-
-
-def feature_extractor(model: keras.Model, layer: str | None = None) -> keras.Model:
-    """A model sharing `model`'s weights that returns [feature map, logits]."""
-    feature, logits = feature_and_logits(model, layer)
-    return keras.Model(model.inputs, [feature, logits], name=f"{model.name}_fx")
-
-
 def all_layers(model) -> list:
     """Every layer of `model`, nested models' layers included (depth first, outer first)."""
     layers = []

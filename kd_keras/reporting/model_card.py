@@ -12,7 +12,7 @@ import os
 from pathlib import Path
 
 from kd_keras.errors import KDError
-from kd_keras.evaluation.evaluate import metrics_table, seed_table
+from kd_keras.evaluation.evaluate import imbalanced_subset_table, metrics_table
 from kd_keras.io import read_json, write_text
 from kd_keras.reporting.run_report import export_table_markdown
 from kd_keras.run.folder import RunFolder
@@ -198,7 +198,7 @@ def _metrics(run: RunFolder, report: dict, export: dict | None) -> list[str]:
             "always predicts the majority class scores high accuracy but fails every minority "
             "case:",
             "",
-            seed_table(report),
+            imbalanced_subset_table(report),
             "",
         ]
     if export is not None and export.get("artefacts"):

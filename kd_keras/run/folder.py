@@ -381,13 +381,10 @@ class RunFolder:
                 names.append(path.name)
         return names
 
-    def _saved_inputs(self) -> Config | None:
-        return load_config(self.config_path) if self.config_path.is_file() else None
-
     def _check_resumable(self, cfg: Config) -> None:
-        saved = self._saved_inputs()
-        if saved is None:
+        if not self.config_path.is_file():
             return
+        saved = load_config(self.config_path)
         for stage in ("teacher", "distill", "scratch"):
             old, new = stage_inputs(saved, stage), stage_inputs(cfg, stage)
             changed = sorted(k for k in new if old.get(k) != new[k])

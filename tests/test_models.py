@@ -189,6 +189,9 @@ def test_batchnorm_momentum_reaches_nested_layers_and_is_saved(tmp_path):
 def test_every_registered_architecture_has_its_facts():
     """One kd_keras.archs entry (minimum size or patch rule, feature tap, XLA preference) per
     builder in the registry, in the same order (the taps are tried in it)."""
-    from kd_keras.archs import STUDENT_ARCHS, TEACHER_ARCHS
+    from kd_keras.archs import ARCHS, STUDENT_ARCHS, TEACHER_ARCHS, TOKEN_ARCHS
 
-    assert tuple(TEACHERS) == TEACHER_ARCHS and tuple(STUDENTS) == STUDENT_ARCHS
+    assert tuple(TEACHERS) + tuple(STUDENTS) == tuple(ARCHS) and tuple(STUDENTS) == STUDENT_ARCHS
+    # every convolutional student can also be trained as the teacher (teacher.members)
+    convolutional = tuple(a for a in STUDENTS if a not in TOKEN_ARCHS)
+    assert TEACHER_ARCHS == tuple(TEACHERS) + convolutional

@@ -1,20 +1,18 @@
 """Rules between config keys: what no single key's type, range or choices can check (used by
-`kd_keras.config` when a config is built)."""
+`kd_keras.config` when a config is built; `cfg` is a `kd_keras.config.Config`, not imported
+here so the two modules do not import each other)."""
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
+from typing import Any
 
 from kd_keras.archs import MIN_IMAGE_SIZE, TOKEN_ARCHS, patch_grid_ok
 from kd_keras.errors import KDError
 
-if TYPE_CHECKING:
-    from kd_keras.config import Config, TeacherConfig
-
 STAGES = ("teacher", "distill", "scratch")
 
 
-def check_consistency(cfg: Config) -> None:
+def check_consistency(cfg: Any) -> None:
     """Refuse a config whose keys are each valid but do not go together (a `KDError` naming
     them): unknown stages, an image too small for an architecture or its patches, stacked
     class-prior corrections, a data source without its path, conflicting teacher sources."""
@@ -60,7 +58,7 @@ def check_consistency(cfg: Config) -> None:
     _check_teacher_sources(cfg.teacher)
 
 
-def _check_teacher_sources(tc: TeacherConfig) -> None:
+def _check_teacher_sources(tc: Any) -> None:
     if tc.members > 1 and tc.from_user:
         raise KDError(
             "config key teacher.members trains teachers of teacher.arch; with teacher.path or "

@@ -11,8 +11,13 @@ start TensorFlow):
 from __future__ import annotations
 
 import importlib
+import logging
 
 from kd_keras.host import enable_onednn
+
+# library code logs to the "kd_keras" loggers; nothing is shown unless the application
+# configures logging (the command line shows INFO on stdout: kd_keras.cli.app)
+logging.getLogger("kd_keras").addHandler(logging.NullHandler())
 
 # before anything imports TensorFlow: oneDNN kernels on x86 CPUs where TensorFlow would leave
 # them off (AVX2-only hosts train 3-4x faster with them; see kd_keras.host)
@@ -35,7 +40,8 @@ _API = {
     "classification_metrics": "kd_keras.evaluation.metrics",
     "export_run": "kd_keras.workflows.export",
     "benchmark_run": "kd_keras.deploy.benchmark",
-    "benchmark_fresh": "kd_keras.deploy.benchmark",
+    "benchmark_arch": "kd_keras.deploy.benchmark",
+    "benchmark_fresh": "kd_keras.deploy.benchmark",  # deprecated name of benchmark_arch
     "run_sweep": "kd_keras.workflows.sweep",
     "paired_difference": "kd_keras.evaluation.verdict",
     "compare_runs": "kd_keras.evaluation.compare",

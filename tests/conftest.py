@@ -23,6 +23,15 @@ CLASSES = ["normal", "pneumonia"]
 SIZE, PATCH = 32, 8  # token students: a 4x4 grid of patches
 
 
+@pytest.fixture(scope="session", autouse=True)
+def library_messages_on_stdout():
+    """The library logs its progress lines; show them on stdout as the command line does, so
+    tests that read a library call's output (capsys) see the same text users see."""
+    from kd_keras.cli.app import show_library_messages
+
+    show_library_messages()
+
+
 @pytest.fixture(scope="session")
 def real_npz() -> Path:
     """The real PneumoniaMNIST file (../shared/data beside the repository)."""

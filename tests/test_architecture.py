@@ -181,3 +181,30 @@ def test_the_private_name_check_finds_privates():
         "keras.src.applications",
         "_inbound_nodes",
     ]
+
+
+def test_importing_the_library_changes_no_process_state_and_prints_nothing():
+    """kd_keras picks no matplotlib backend and uses no pyplot (its figures are plain
+    `Figure`s); library messages go to the `kd_keras` loggers and show nothing unless the
+    application configures logging (the command line installs its own handler)."""
+    import os
+    import subprocess
+    import sys
+
+    for module, path in modules().items():
+        text = path.read_text()
+        assert "pyplot" not in text.replace("no pyplot", ""), f"{module} uses pyplot"
+        assert "matplotlib.use(" not in text, f"{module} sets the matplotlib backend"
+    code = (
+        "import logging\n"
+        "import kd_keras, kd_keras.reporting.figures, kd_keras.reporting.sweep_report\n"
+        "import matplotlib\n"
+        "assert matplotlib.get_backend().lower() == 'svg', matplotlib.get_backend()\n"
+        "logging.getLogger('kd_keras.deprecations').warning('not shown')\n"
+        "logging.getLogger('kd_keras.workflows.sweep').info('not shown')\n"
+    )
+    env = {**os.environ, "MPLBACKEND": "svg"}  # the application's choice, kept
+    res = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                         cwd=PACKAGE.parent, env=env, timeout=300)  # fmt: skip
+    assert res.returncode == 0, res.stderr
+    assert "not shown" not in res.stdout + res.stderr

@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 from conftest import make_run, tiny_classifier
 
-from kd_keras.deploy.benchmark import benchmark_fresh, benchmark_run
+from kd_keras.deploy.benchmark import benchmark_arch, benchmark_run
 from kd_keras.deploy.rebuild import rebuild_at_size
 from kd_keras.deploy.timing import time_predictor
 from kd_keras.errors import KDError
@@ -35,7 +35,7 @@ def test_rows_files_and_ratios(tmp_path, real_npz):
               "teacher": tiny_classifier("tiny_teacher", 16)}  # fmt: skip
     run = make_run(tmp_path / "runs" / "r", real_npz, models, threshold=None,
                    calibration_samples=16)  # fmt: skip
-    export_run(run, tmp_path / "export", fmt="onnx,tflite", int8=True, limit=32, quiet=True)
+    export_run(run, tmp_path / "export", formats="onnx,tflite", int8=True, limit=32, quiet=True)
     result = benchmark_run(run, tmp_path / "export", threads=1, provider="cpu", **FAST)
 
     rows = result["rows"]
@@ -170,7 +170,7 @@ def test_no_run(tmp_path, monkeypatch):
 
 def test_fresh_models_need_no_run(tmp_path):
     """`benchmark --fresh`: untrained architectures at a given size, files under --out."""
-    result = benchmark_fresh("resnet50", "resnet18", 32, out=tmp_path / "bench", warmup=1,
+    result = benchmark_arch("resnet50", "resnet18", 32, out=tmp_path / "bench", warmup=1,
                              iters=3, batch=2, formats=("keras",), quiet=True,
                              min_time=0)  # fmt: skip
     rows = {r["model"]: r for r in result["rows"]}
@@ -180,9 +180,9 @@ def test_fresh_models_need_no_run(tmp_path):
     assert (tmp_path / "bench" / "latency_32px.json").is_file()
     assert (tmp_path / "bench" / "latency_32px.md").is_file()
     with pytest.raises(KDError, match="unknown student architecture 'vgg'"):
-        benchmark_fresh("resnet50", "vgg", 32, out=tmp_path, quiet=True)
+        benchmark_arch("resnet50", "vgg", 32, out=tmp_path, quiet=True)
     with pytest.raises(KDError, match="too small"):
-        benchmark_fresh("resnet50", "resnet18", 16, out=tmp_path, quiet=True)
+        benchmark_arch("resnet50", "resnet18", 16, out=tmp_path, quiet=True)
 
 
 def test_flops_and_peak(tmp_path):
@@ -227,3 +227,15 @@ def test_small_students_flops_and_rebuild_at_deployment_size(tmp_path, tiny_npz,
     assert image_size_of(model) == 224 and "with the trained weights" in note
     assert all(np.array_equal(a, b) for a, b in zip(tiny.get_weights(), model.get_weights(),
                                                    strict=True))  # fmt: skip
+
+
+def test_benchmark_fresh_is_the_deprecated_name_of_benchmark_arch(tmp_path):
+    import kd_keras
+    from kd_keras.deploy.benchmark import benchmark_fresh
+
+    assert kd_keras.benchmark_arch is benchmark_arch
+    with pytest.warns(
+        DeprecationWarning, match="benchmark_fresh is deprecated; use benchmark_arch"
+    ):
+        with pytest.raises(KDError, match="unknown student architecture 'vgg'"):
+            benchmark_fresh("resnet50", "vgg", 32, out=tmp_path, quiet=True)

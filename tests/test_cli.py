@@ -149,7 +149,7 @@ def calls(monkeypatch):
 
     monkeypatch.setattr(kd_keras.workflows.export, "export_run", recorder("export_run"))
     monkeypatch.setattr(kd_keras.deploy.benchmark, "benchmark_run", recorder("benchmark_run"))
-    monkeypatch.setattr(kd_keras.deploy.benchmark, "benchmark_fresh", recorder("benchmark_fresh"))
+    monkeypatch.setattr(kd_keras.deploy.benchmark, "benchmark_arch", recorder("benchmark_arch"))
     monkeypatch.setattr(
         kd_keras.reporting.run_report, "write_run_report", recorder("write_run_report", "x")
     )
@@ -268,7 +268,7 @@ def test_export_format_is_the_one_way_and_the_flags_its_aliases(tmp_path, calls)
     ):
         code, _, err = run_cli("export", "--run", str(run), *args)
         assert code == 0, err
-        assert sorted(calls.pop("export_run")[1]["fmt"].split(",")) == ["onnx", "tflite"]
+        assert sorted(calls.pop("export_run")[1]["formats"]) == ["onnx", "tflite"]
     code, _, err = run_cli("export", "--run", str(run), "--format", "onnx,coreml")
     one_error_line(code, err, "'coreml'", "valid: onnx, tflite")
     code, _, err = run_cli("export", "--run", str(run))
@@ -311,13 +311,13 @@ def test_benchmark_arch_and_the_deprecated_fresh(tmp_path, calls):
         str(tmp_path),
     )
     assert code == 0 and err == "", err
-    args, kwargs = calls.pop("benchmark_fresh")
+    args, kwargs = calls.pop("benchmark_arch")
     assert args == ("vit_base", "vit_small", 64)
     assert kwargs["patch_size"] == 8 and kwargs["out"] == tmp_path and kwargs["data"] is None
     code, _, err = run_cli("benchmark", "--fresh", "--student", "mobilenet_v3", "--data", "d.npz")
     assert code == 0 and err.count("\n") == 1, err
     assert "note: benchmark --fresh is deprecated" in err and "benchmark-arch" in err
-    args, kwargs = calls.pop("benchmark_fresh")
+    args, kwargs = calls.pop("benchmark_arch")
     assert args == ("resnet50", "mobilenet_v3", 224) and kwargs["patch_size"] == 16
     assert kwargs["data"] == Path("d.npz")
     for option, value in (("--teacher", "vit_base"), ("--student", "resnet18"),
@@ -397,3 +397,25 @@ def test_teacher_is_a_yes_no_in_export_and_an_architecture_in_benchmark_arch(tmp
     assert "--no-teacher" in out and "architecture" in out
     code, out, _ = run_cli("benchmark-arch", "--help")
     assert "--teacher" in out and "yes/no" in out and "resnet50" in out
+
+
+def test_the_cli_shows_library_messages_on_stdout_as_plain_lines():
+    """Library code logs; the command line's handler writes INFO and up to stdout, message
+    only, exactly as the prints it replaced."""
+    import logging
+
+    from kd_keras.cli.app import StdoutHandler, show_library_messages
+
+    show_library_messages()
+    show_library_messages()
+    handlers = logging.getLogger("kd_keras").handlers
+    assert sum(isinstance(h, StdoutHandler) for h in handlers) == 1, "installed once"
+    import contextlib
+    import io
+
+    out = io.StringIO()
+    with contextlib.redirect_stdout(out):
+        logging.getLogger("kd_keras.distill.stages").info("\n== stage distill: kept")
+        logging.getLogger("kd_keras.workflows.distill").warning("warning: x not written")
+        logging.getLogger("kd_keras.data.checks").debug("hidden")
+    assert out.getvalue() == "\n== stage distill: kept\nwarning: x not written\n"

@@ -123,7 +123,7 @@ def test_small_student_exports_onnx_tflite_and_int8(tmp_path, real_npz, arch):
     logits = student.predict(images, verbose=0)
     assert np.abs(logits).max() > 0.05, "a parity check on near-zero logits would prove nothing"
     run = make_run(tmp_path / "edge", real_npz, {"student": student}, student=arch)
-    result = export_run(run, tmp_path / "export", models=["student"], fmt="onnx,tflite",
+    result = export_run(run, tmp_path / "export", models=["student"], formats="onnx,tflite",
                         int8=True, limit=64, quiet=True)  # fmt: skip
     arts = result["artefacts"]
     for key in ("student", "student.tflite"):
@@ -147,7 +147,7 @@ def test_parity_failure_deletes_the_file_and_raises(tmp_path, real_npz, monkeypa
     real = export.keras_predictor
     monkeypatch.setattr(export, "keras_predictor", lambda m: lambda x: real(m)(x) + 1.0)
     with pytest.raises(KDError, match=f"{what} parity check FAILED.*deleted"):
-        export_run(run, tmp_path / "export", models=["student"], fmt=fmt, limit=64, quiet=True)
+        export_run(run, tmp_path / "export", models=["student"], formats=fmt, limit=64, quiet=True)
     assert not stale.exists(), "a file that disagrees with its model is never left behind"
     assert not (tmp_path / "export" / "bad" / "export.json").exists()
 
@@ -175,4 +175,11 @@ def test_unwritable_output_folder_is_an_error(tmp_path, real_npz):
 
 def test_unknown_format_lists_the_valid_ones(tmp_path):
     with pytest.raises(KDError, match="unknown export format 'coreml'; valid: onnx, tflite"):
-        export_run(tmp_path, fmt="coreml")
+        export_run(tmp_path, formats="coreml")
+
+
+def test_fmt_is_the_deprecated_name_of_formats(tmp_path):
+    """`export_run(fmt=...)` still works for one release, with a DeprecationWarning."""
+    with pytest.warns(DeprecationWarning, match=r"export_run\(fmt=...\) is deprecated"):
+        with pytest.raises(KDError, match="unknown export format 'coreml'; valid: onnx, tflite"):
+            export_run(tmp_path, fmt="coreml")

@@ -49,7 +49,7 @@ def test_predict_folder_matches_keras_and_reports_the_corrupt_file(tmp_path, rea
     keras.utils.set_random_seed(1)
     model = tiny_classifier("tiny_student", 4)
     run = make_run(tmp_path / "r", real_npz, {"student": model}, threshold=0.5)
-    export_run(run, tmp_path / "export", fmt="onnx,tflite", limit=16, quiet=True)
+    export_run(run, tmp_path / "export", formats="onnx,tflite", limit=16, quiet=True)
     good = write_test_images(tmp_path / "imgs")
 
     expected = softmax(keras_predictor(model)(

@@ -81,3 +81,18 @@ def test_find_run(tmp_path):
         os.utime(tmp_path / "runs" / name / "config.toml", (stamp, stamp))
         os.utime(tmp_path / "runs" / name, (stamp, stamp))
     assert find(None, runs_dir=tmp_path / "runs").name == "newer"
+
+
+def test_find_run_of_a_config(tmp_path):
+    """`RunFolder.find(config=...)`: the config's run folder; `run` and `config` must agree."""
+    runs = tmp_path / "runs"
+    config = tmp_path / "exp.toml"
+    config.write_text(f'[run]\noutput_dir = "{runs.as_posix()}"\nname = "mine"\n')
+    (runs / "mine").mkdir(parents=True)
+    (runs / "mine" / "config.toml").write_text("")
+    (runs / "other").mkdir()
+    (runs / "other" / "config.toml").write_text("")
+    assert RunFolder.find(config=config).path.resolve() == (runs / "mine").resolve()
+    assert RunFolder.find(runs / "mine", config=config).name == "mine"
+    with pytest.raises(KDError, match="is not the run folder of --config"):
+        RunFolder.find(runs / "other", config=config)

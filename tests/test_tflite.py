@@ -27,7 +27,7 @@ def test_fp32_parity_metadata_and_predictor(tmp_path, real_npz):
     keras.utils.set_random_seed(0)
     model = tiny_classifier("tiny_student", 4)
     run = make_run(tmp_path / "r", real_npz, {"student": model})
-    result = export_run(run, tmp_path / "export", fmt="tflite", limit=64, quiet=True)
+    result = export_run(run, tmp_path / "export", formats="tflite", limit=64, quiet=True)
 
     entry = result["artefacts"]["student.tflite"]
     assert entry["parity"]["status"] == "PASS" and entry["parity"]["max_abs_diff"] <= 1e-4
@@ -66,7 +66,7 @@ def test_int8_files_choose_their_own_threshold_on_validation(tmp_path, real_npz)
     report["models"]["student"]["threshold"] = fp32
     run.report_path.write_text(json.dumps(report))
 
-    result = export_run(folder, tmp_path / "export", fmt="onnx,tflite", int8=True, limit=64,
+    result = export_run(folder, tmp_path / "export", formats="onnx,tflite", int8=True, limit=64,
                         quiet=True)  # fmt: skip
     out = tmp_path / "export" / "q"
     chosen = {}

@@ -29,7 +29,7 @@ import typer  # noqa: E402
 
 from kd_keras import prog  # noqa: E402
 from kd_keras.cli import deployment, training  # noqa: E402, F401 (register the commands)
-from kd_keras.cli.app import USAGE_ERROR, app  # noqa: E402
+from kd_keras.cli.app import USAGE_ERROR, app, show_library_messages  # noqa: E402
 from kd_keras.errors import Interrupted, KDError  # noqa: E402
 
 __all__ = ["app", "main"]
@@ -61,6 +61,7 @@ def main(argv: list[str] | None = None, prog_name: str | None = None) -> None:
 
     name = prog_name or prog.detect()
     prog.set_name(name)
+    show_library_messages()
     args, debug = _lift_debug(list(sys.argv[1:] if argv is None else argv))
     try:
         previous = signal.signal(signal.SIGINT, interrupted)

@@ -4,15 +4,15 @@ the global `--version` / `--debug` options."""
 
 from __future__ import annotations
 
+import logging
+import sys
 from pathlib import Path
 from typing import Annotated
 
 import typer
 
+# light modules only (no TensorFlow); the heavy layers load through api()
 from kd_keras import prog
-
-# light modules (no TensorFlow); the heavy layers load through _api
-from kd_keras.config import load_config
 
 app = typer.Typer(
     add_completion=False,
@@ -35,7 +35,7 @@ def api(*names: str):
     from kd_keras.workflows import distill, export, sweep
 
     found = dict(
-        benchmark_fresh=benchmark.benchmark_fresh,
+        benchmark_arch=benchmark.benchmark_arch,
         benchmark_run=benchmark.benchmark_run,
         EXPORT_FORMATS=export_files.FORMATS,
         BENCHMARK_FORMATS=timing.FORMATS,
@@ -54,6 +54,26 @@ def api(*names: str):
     )
     objects = tuple(found[name] for name in names)
     return objects[0] if len(objects) == 1 else objects
+
+
+class StdoutHandler(logging.Handler):
+    """Records of the `kd_keras` loggers on the current `sys.stdout`, message only: the text
+    the library's progress lines had when they were prints (tests swap `sys.stdout`)."""
+
+    def emit(self, record: logging.LogRecord) -> None:
+        try:
+            sys.stdout.write(self.format(record) + "\n")
+            sys.stdout.flush()
+        except (OSError, ValueError):  # a closed or broken stdout
+            self.handleError(record)
+
+
+def show_library_messages() -> None:
+    """Show the library's INFO (and higher) messages on stdout, once per process."""
+    logger = logging.getLogger("kd_keras")
+    if not any(isinstance(h, StdoutHandler) for h in logger.handlers):
+        logger.addHandler(StdoutHandler())
+    logger.setLevel(logging.INFO)
 
 
 def fail(message: str) -> None:
@@ -109,13 +129,7 @@ ConfigOption = Annotated[
 def run_folder(run: Path | None, config: Path | None) -> Path:
     """The run folder `--run` / `--config` name: `--run`, else the config's run folder, else the
     latest run under `runs/` (a KDError when there is none); both given must agree."""
-    RunFolder = api("RunFolder")
-    if config is not None:
-        own = load_config(config).run_dir
-        if run is not None and Path(run).resolve() != own.resolve():
-            fail(f"--run {run} is not the run folder of --config {config} ({own}); give one")
-        run = own
-    return RunFolder.find(run).path
+    return api("RunFolder").find(run, config=config).path
 
 
 def parse_formats(values: list[str], valid: tuple[str, ...], kind: str) -> tuple[str, ...]:

@@ -68,7 +68,7 @@ def export(
         models=("student", "teacher") if teacher else ("student",),
         int8=int8,
         tolerance=tolerance,
-        fmt=",".join(formats),
+        formats=formats,
     )
 
 
@@ -244,5 +244,4 @@ def benchmark_arch(
 
 
 def _benchmark_arch(teacher: str, student: str, image_size: int, **options) -> None:
-    benchmark_fresh = api("benchmark_fresh")
-    benchmark_fresh(teacher, student, image_size, **options)
+    api("benchmark_arch")(teacher, student, image_size, **options)

@@ -47,7 +47,7 @@ def distill(
         fail("choose one of --resume and --overwrite")
     # validate everything the user typed before TensorFlow loads (and logs)
     if not read_toml(config):
-        typer.echo(f"note: {config} sets no keys: every value is a default (README, Configs)",
+        typer.echo(f"note: {config} sets no keys: every value is a default (docs/configuration.md)",
                    err=True)  # fmt: skip
     cfg = load_config(config, set_ or [])
     chosen = None

@@ -4,11 +4,15 @@ subset.
 
 from __future__ import annotations
 
+import logging
+
 import numpy as np
 import tensorflow as tf
 
 from kd_keras.data.sources import Split, Splits
 from kd_keras.errors import KDError
+
+logger = logging.getLogger(__name__)
 
 
 def minority_class(labels: np.ndarray) -> int:
@@ -49,7 +53,7 @@ def check_splits(splits: Splits, cfg) -> Splits:
             unreadable = set(bad)
             keep = np.flatnonzero([p not in unreadable for p in split.images])
             setattr(splits, name, split.subset(keep))
-            print(f"data: skipped {len(bad)} unreadable file(s) of the {name} split")
+            logger.info(f"data: skipped {len(bad)} unreadable file(s) of the {name} split")
     counts = splits.summary()
     for name, per_class in counts.items():
         empty = [c for c, k in per_class.items() if k == 0]
@@ -58,7 +62,7 @@ def check_splits(splits: Splits, cfg) -> Splits:
                 f"the {name} split has no images of class(es) {empty} (classes "
                 f"{splits.class_names}); every class needs images in train, val and test"
             )
-    print(f"data: classes {splits.class_names}; images per split and class {counts}")
+    logger.info(f"data: classes {splits.class_names}; images per split and class {counts}")
     ev = cfg.eval
     if ev.imbalanced_subset and splits.num_classes == 2:
         minority = minority_class(splits.train.labels)

@@ -72,6 +72,7 @@ from kd_keras.deploy.rebuild import (
 )
 from kd_keras.deploy.tables import benchmark_markdown, int8_note, machine_summary, print_benchmark
 from kd_keras.deploy.timing import FORMATS, MODELS, benchmark_candidates, ratios, untimed_rows
+from kd_keras.deprecations import warn_renamed
 from kd_keras.errors import KDError
 from kd_keras.evaluation.metrics import classification_metrics
 from kd_keras.host import describe_host, peak_rss_mb
@@ -252,10 +253,10 @@ def benchmark_run(
     return result
 
 
-# ---------------------------------------------------------------- benchmark_fresh
+# ---------------------------------------------------------------- benchmark_arch
 
 
-def benchmark_fresh(
+def benchmark_arch(
     teacher: str = "resnet50",
     student: str = "resnet18",
     image_size: int = 224,
@@ -325,3 +326,9 @@ def benchmark_fresh(
     if not quiet:
         print_benchmark(result)
     return result
+
+
+def benchmark_fresh(*args, **kwargs) -> dict[str, Any]:
+    """The old name of `benchmark_arch` (deprecated: it goes in the next release)."""
+    warn_renamed("benchmark_fresh", "benchmark_arch")
+    return benchmark_arch(*args, **kwargs)

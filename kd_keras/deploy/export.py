@@ -67,6 +67,7 @@ from kd_keras.deploy.quantize import (
     quantize,
 )
 from kd_keras.deploy.tflite import export_tflite
+from kd_keras.deprecations import warn_renamed
 from kd_keras.errors import KDError
 from kd_keras.evaluation.metrics import classification_metrics
 from kd_keras.host import describe_host, peak_rss_mb
@@ -111,8 +112,10 @@ def export_files(
     int8: bool = False,
     tolerance: float | None = None,
     limit: int | None = None,
-    fmt: str | Iterable[str] = "onnx",
+    formats: str | Iterable[str] = "onnx",
     quiet: bool = False,
+    *,
+    fmt: str | Iterable[str] | None = None,
 ) -> dict[str, Any]:
     """Export a run's models to `<out_dir>/<run name>/` and check each file; returns export.json.
     (`kd_keras.workflows.export.export_run` adds the model card and prints the summary.)
@@ -126,10 +129,14 @@ def export_files(
         int8: also write `<model>.int8.onnx` / `<model>.int8.tflite` (see module docstring).
         tolerance: parity tolerance on logits (default `export.tolerance`).
         limit: check on the first `limit` test images only (default: the whole test split).
-        fmt: export format(s): `"onnx"`, `"tflite"`, `"onnx,tflite"` or a sequence of them.
+        formats: export format(s): `"onnx"`, `"tflite"`, `"onnx,tflite"` or a sequence of them.
         quiet: do not print progress and the summary table.
+        fmt: the old name of `formats` (deprecated: it goes in the next release).
     """
-    formats = check_formats(fmt)
+    if fmt is not None:
+        warn_renamed("export_run(fmt=...)", "export_run(formats=...)", stacklevel=4)
+        formats = fmt
+    formats = check_formats(formats)
     models = tuple(models)
     unknown = [m for m in models if m not in MODEL_STAGES]
     if unknown:

@@ -30,6 +30,7 @@ from kd_keras.errors import KDError
 from kd_keras.models.flops import onnx_flops
 from kd_keras.models.registry import build_student, build_teacher
 from kd_keras.models.taps import image_size_of
+from kd_keras.prog import command
 from kd_keras.run.files import artefact_path
 from kd_keras.run.folder import RunFolder
 from kd_keras.runtimes import (
@@ -79,7 +80,7 @@ def _file_candidate(name, arch, fmt, path, params, threshold, source, size, thre
     """An exported file of the run (a note instead of a loader when it is missing or stale)."""
     flag = EXPORT_FLAGS[fmt]
     if not path.is_file():
-        note = f"no {path.name}: run `python cli.py export {flag}` first"
+        note = f"no {path.name}: run `{command(f'export {flag}')}` first"
         fp32 = path.with_name(path.name.replace(".int8.onnx", ".onnx"))
         if fmt == "int8" and fp32.is_file() and quantization_plan(fp32)["method"] == "none":
             note = quantization_plan(fp32)["reason"]
@@ -91,7 +92,7 @@ def _file_candidate(name, arch, fmt, path, params, threshold, source, size, thre
         return Candidate(name, arch, fmt, path, params, None, threshold, note)
     note = ""
     if _stale(path, source):
-        note = f"{path.name} is older than {source.name}: re-run `python cli.py export {flag}`"
+        note = f"{path.name} is older than {source.name}: re-run `{command(f'export {flag}')}`"
     if meta.get("decision_threshold"):  # INT8 files carry their own validation-chosen threshold
         threshold = float(meta["decision_threshold"])
     load = _loader(fmt, path, threads, provider)

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import csv
 import io
+import logging
 import shutil
 import sys
 import threading
@@ -19,6 +20,8 @@ from kd_keras.errors import KDError
 from kd_keras.evaluation.metrics import choose_threshold, classification_metrics
 from kd_keras.io import read_json, write_json, write_text
 from kd_keras.runtimes import keras_predictor, predict_probs
+
+logger = logging.getLogger(__name__)
 
 
 class SelectBest(keras.callbacks.Callback):
@@ -67,7 +70,7 @@ class SelectBest(keras.callbacks.Callback):
             self.best_score, self.best_auc, self.best_epoch = score, auc, epoch
             self.best_weights = [w.copy() for w in self.classifier.get_weights()]
         rule = f" at threshold {threshold:.3f}" if threshold is not None else ""
-        print(
+        logger.info(
             f"  val{rule}: balanced_accuracy {values['val_balanced_accuracy']:.4f}  "
             f"auc {values['val_auc']:.4f}  (best {self.monitor} {self.best_score:.4f} "
             f"at epoch {self.best_epoch + 1})"
@@ -217,7 +220,7 @@ class StageCheckpoint(keras.callbacks.Callback):
             self.select.restore(meta["select"], [best[f"w{i}"] for i in range(len(best.files))])
         self.history.rows = meta["history"]
         self.seconds_before = meta["seconds"]
-        print(f"  resuming after epoch {meta['epochs_done']} (checkpoint {saved})")
+        logger.info(f"  resuming after epoch {meta['epochs_done']} (checkpoint {saved})")
 
     def on_epoch_end(self, epoch, logs=None):
         self.wait()  # one write at a time, in epoch order

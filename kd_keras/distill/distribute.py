@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import logging
 import os
 import shutil
 import tempfile
@@ -31,6 +32,8 @@ from kd_keras import compat
 from kd_keras.errors import KDError
 
 WORKER_DIR_PREFIX = "kd_keras_worker_"
+
+logger = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
@@ -67,9 +70,9 @@ def tf_config() -> dict:
     try:
         config = json.loads(raw)
     except json.JSONDecodeError as err:
-        raise KDError(f"TF_CONFIG is not valid JSON ({err}); see README, Scale out") from err
+        raise KDError(f"TF_CONFIG is not valid JSON ({err}); see docs/scale_out.md") from err
     if not isinstance(config, dict) or "cluster" not in config or "task" not in config:
-        raise KDError('TF_CONFIG must hold "cluster" and "task" (README, Scale out)')
+        raise KDError('TF_CONFIG must hold "cluster" and "task" (docs/scale_out.md)')
     return config
 
 
@@ -90,7 +93,7 @@ def make_strategy(name: str, devices: list[str] | None = None):
             raise KDError(
                 'config key distribute.strategy = "multi_worker" needs the TF_CONFIG '
                 "environment variable (the cluster's workers and this process's task); see "
-                'README, Scale out — or use strategy = "mirrored" on one machine'
+                'docs/scale_out.md — or use strategy = "mirrored" on one machine'
             )
         workers = config["cluster"].get("worker", []) + config["cluster"].get("chief", [])
         if len(workers) < 1:
@@ -130,7 +133,7 @@ def start(cfg, mode: str = "new", devices: list[str] | None = None) -> Worker:
     worker = worker_of(make_strategy(name, devices))
     check_batch(cfg.data.batch_size, worker)
     if name != "none":
-        print(worker.describe())
+        logger.info(worker.describe())
     return worker
 
 
@@ -149,7 +152,7 @@ def worker_config(cfg, worker: Worker):
     if worker.is_chief:
         return cfg
     tmp = tempfile.mkdtemp(prefix=f"{WORKER_DIR_PREFIX}{worker.task_id}_")
-    print(f"worker {worker.task_id}: training in temporary folder {tmp} (deleted at the end)")
+    logger.info(f"worker {worker.task_id}: training in temporary folder {tmp} (deleted at the end)")
     return dataclasses.replace(cfg, run=dataclasses.replace(cfg.run, output_dir=tmp))
 
 

@@ -12,6 +12,7 @@ instead adds (weight_decay / 2) * ||w||^2 to the loss, which is what PyTorch's
 
 from __future__ import annotations
 
+import logging
 import shutil
 import time
 from dataclasses import dataclass
@@ -46,6 +47,8 @@ from kd_keras.models.registry import build_student, build_teacher
 from kd_keras.models.taps import image_size_of, set_batchnorm_momentum
 from kd_keras.run.files import STAGE_MODELS, member_path
 from kd_keras.run.folder import RunFolder, sha256_of
+
+logger = logging.getLogger(__name__)
 
 
 def save_model(model: keras.Model, path: Path) -> Path:
@@ -121,7 +124,7 @@ def fit_stage(
         stepped.append("user" if cfg.teacher.from_user else cfg.teacher.arch)
     jit, jit_reason = choose_jit_compile(tc.jit_compile, stepped)
     model.compile(optimizer=optimizer, jit_compile=jit)
-    print(f"XLA: {'on' if jit is True else 'off' if jit is False else jit} ({jit_reason})")
+    logger.info(f"XLA: {'on' if jit is True else 'off' if jit is False else jit} ({jit_reason})")
     tune = cfg.eval.threshold != "argmax"
     select = SelectBest(classifier, val_ds, splits.val.labels, splits.class_names, tc.monitor,
                         stage, tune_threshold=tune)  # fmt: skip
@@ -132,8 +135,8 @@ def fit_stage(
     kd = ""
     if stage == "distill" and alpha < 1.0:
         kd = f", {dc.mode} KD" + (f" at T {dc.temperature}" if dc.mode != "hard" else "")
-    print(f"\n== stage {stage}: {classifier.name}, {classifier.count_params():,} parameters, "
-          f"{epochs} epochs, lr {learning_rate}, alpha {alpha}, beta {beta}{kd}")  # fmt: skip
+    logger.info(f"\n== stage {stage}: {classifier.name}, {classifier.count_params():,} parameters, "
+                f"{epochs} epochs, lr {learning_rate}, alpha {alpha}, beta {beta}{kd}")  # fmt: skip
     history = HistoryCSV(run.history_path(stage))
     checkpoint = StageCheckpoint(run.checkpoint_dir(stage), select, history)
     term_weights = {"kd": ("1 - distill.alpha", 1.0 - alpha), "feat": ("distill.beta", beta)}
@@ -171,7 +174,7 @@ def check_not_chance(stage: str, result: StageResult, cfg: Config, splits: Split
     line = (f"stage {stage} ended no better than chance on validation (balanced accuracy "
             f"{value:.3f} at its best epoch {result.best_epoch}, chance {chance:.3f})")  # fmt: skip
     if force:
-        print(f"warning: {line}; kept because of --force")
+        logger.warning(f"warning: {line}; kept because of --force")
         return
     raise KDError(
         f"{line}, so it is not saved as a result. Likely causes: the learning rate (now "
@@ -197,13 +200,13 @@ def _teacher_cache(cfg: Config, model: Distiller, splits: Splits, size: int, run
         per_image = sum(int(np.prod(t.shape[1:])) for t in model.teacher_graph.outputs)
         mode = "memory" if per_image * 4 * len(splits.train) < 2e9 else "disk"
     if _augments(cfg):
-        print("teacher cache: the teacher sees each training image without augmentation "
-              "(the student sees it augmented)")  # fmt: skip
+        logger.info("teacher cache: the teacher sees each training image without augmentation "
+                    "(the student sees it augmented)")  # fmt: skip
     start = time.perf_counter()
     cache = TeacherCache(model, splits.train, size, cfg.data.batch_size, mode,
                          run.teacher_cache_dir)  # fmt: skip
-    print(f"teacher cache ({mode}): {len(splits.train)} images, {cache.nbytes / 1e6:.1f} MB, "
-          f"{time.perf_counter() - start:.1f} s")  # fmt: skip
+    logger.info(f"teacher cache ({mode}): {len(splits.train)} images, {cache.nbytes / 1e6:.1f} MB, "
+                f"{time.perf_counter() - start:.1f} s")  # fmt: skip
     return cache
 
 
@@ -237,9 +240,9 @@ def run_stages(cfg, run: RunFolder, splits, stages, copy_teacher, force, current
     n, size = splits.num_classes, cfg.data.image_size
     tc = cfg.train
     info = describe_host(tf_matmul_peak(seconds=0.5))
-    print(f"host: {host_line(info)}")
+    logger.info(f"host: {host_line(info)}")
     policy, reason = choose_policy(tc.precision)
-    print(f"precision: {policy} ({reason}); saved models float32")
+    logger.info(f"precision: {policy} ({reason}); saved models float32")
 
     def new_teacher(weights: str):
         return build_teacher(cfg.teacher.arch, n, size, weights,
@@ -280,9 +283,11 @@ def run_stages(cfg, run: RunFolder, splits, stages, copy_teacher, force, current
         paths = [member_path(run.path, k) for k in range(count)]
         for k, path in enumerate(paths):
             if path.is_file() and kept.get(str(k)) == sha256_of(path):
-                print(f"\n== teacher member {k + 1} of {count}: finished earlier, kept ({path})")
+                logger.info(
+                    f"\n== teacher member {k + 1} of {count}: finished earlier, kept {path}"
+                )
                 continue
-            print(f"\n== teacher member {k + 1} of {count} (seed {seed + k})")
+            logger.info(f"\n== teacher member {k + 1} of {count} (seed {seed + k})")
             keras.utils.set_random_seed(seed + k)
             with policy_scope(policy):
                 member = new_teacher(cfg.teacher.weights)
@@ -313,7 +318,7 @@ def run_stages(cfg, run: RunFolder, splits, stages, copy_teacher, force, current
         run.record_stage("teacher", {"members": log, "seconds": seconds, "epochs": epochs,
                                      "host": info, "peak_rss_mb": peak_rss_mb()})  # fmt: skip
         run.set_stage("teacher", "done", cfg, sha256=sha256_of(saved), members=kept)
-        print(f"teacher: ensemble of {count} {cfg.teacher.arch} members saved as {saved}")
+        logger.info(f"teacher: ensemble of {count} {cfg.teacher.arch} members saved as {saved}")
         current["stage"] = None
         return ensemble
 
@@ -335,7 +340,7 @@ def run_stages(cfg, run: RunFolder, splits, stages, copy_teacher, force, current
     teacher_tap = cfg.teacher.feature_layer
     if cfg.teacher.from_user:
         teacher, teacher_tap, described = prepare_teacher(cfg, splits, "distill" in stages, force)
-        print(f"teacher: {described}")
+        logger.info(f"teacher: {described}")
         source = cfg.teacher.path or cfg.teacher.ensemble
         # the fingerprints later commands check: the run's copy (or, not copied, the user's
         # .keras file itself) and every SavedModel inside the view
@@ -346,7 +351,7 @@ def run_stages(cfg, run: RunFolder, splits, stages, copy_teacher, force, current
             recorded["sha256"] = sha256_of(cfg.teacher.path)
         run.set_stage("teacher", "done", cfg, **recorded)
     elif "teacher" in stages and run.stage_done("teacher", cfg) and teacher_file.is_file():
-        print(f"\n== stage teacher: finished earlier, kept ({teacher_file})")
+        logger.info(f"\n== stage teacher: finished earlier, kept ({teacher_file})")
         teacher = saved_teacher()
     elif "teacher" in stages and cfg.teacher.members > 1:
         teacher = train_members(t_epochs, t_lr)
@@ -361,7 +366,7 @@ def run_stages(cfg, run: RunFolder, splits, stages, copy_teacher, force, current
             continue
         target = run.model_path(STAGE_MODELS[stage])
         if run.stage_done(stage, cfg) and target.is_file():
-            print(f"\n== stage {stage}: finished earlier, kept ({target})")
+            logger.info(f"\n== stage {stage}: finished earlier, kept ({target})")
             continue
         if stage == "distill" and teacher is None:
             if not teacher_file.is_file():

@@ -20,6 +20,7 @@ Sources (`teacher.path`):
 
 from __future__ import annotations
 
+import logging
 from dataclasses import dataclass
 
 import keras
@@ -41,6 +42,8 @@ from kd_keras.models.taps import model_output
 from kd_keras.runtimes import keras_predictor, predict_probs
 
 # ---------------------------------------------------------------- the teacher's view
+
+logger = logging.getLogger(__name__)
 
 
 @dataclass
@@ -165,7 +168,7 @@ def check_teacher(
     auc = "n/a" if metrics["roc_auc"] is None else f"{metrics['roc_auc']:.3f}"
     line = (f"teacher check on validation ({name}; {len(splits.val)} images, {view.describe()}): "
             f"balanced accuracy {metrics['balanced_accuracy']:.3f}, AUC {auc}")  # fmt: skip
-    print(line)
+    logger.info(line)
     chance = 1.0 / splits.num_classes
     if metrics["balanced_accuracy"] <= chance + 0.05 and not force:
         raise KDError(

@@ -29,6 +29,7 @@ from kd_keras.evaluation.verdict import (
     verdict_rows,
 )
 from kd_keras.io import write_json, write_text
+from kd_keras.prog import command
 from kd_keras.run.files import MODEL_STAGES
 from kd_keras.run.folder import RunFolder
 
@@ -55,7 +56,7 @@ def _finished(path: str | os.PathLike) -> RunFolder:
         raise KDError(f"run folder not found: {run.path}")
     if not run.finished:
         raise KDError(f"run folder {run.path} has no report.json: it is not finished "
-                      f"(evaluate it with `python cli.py evaluate --run {run.path}`)")  # fmt: skip
+                      f"(evaluate it with `{command(f'evaluate --run {run.path}')}`)")  # fmt: skip
     return run
 
 

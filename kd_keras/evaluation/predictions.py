@@ -15,13 +15,11 @@ from kd_keras.run.folder import RunFolder
 def save_confusion_matrix(path: str | Path, matrix: list[list[int]], class_names: list[str],
                           title: str) -> Path:  # fmt: skip
     """Confusion matrix as a PNG (rows: true class, columns: predicted class)."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    from matplotlib.figure import Figure  # no pyplot: no global backend, no figure registry
 
     m = np.asarray(matrix)
-    fig, ax = plt.subplots(figsize=(1.2 * len(class_names) + 2.5, 1.2 * len(class_names) + 2))
+    fig = Figure(figsize=(1.2 * len(class_names) + 2.5, 1.2 * len(class_names) + 2))
+    ax = fig.subplots()
     ax.imshow(m, cmap="Blues")
     ax.set_xticks(range(len(class_names)), class_names, rotation=30, ha="right")
     ax.set_yticks(range(len(class_names)), class_names)
@@ -33,10 +31,7 @@ def save_confusion_matrix(path: str | Path, matrix: list[list[int]], class_names
             color = "white" if m[i, j] > m.max() / 2 else "black"
             ax.text(j, i, str(m[i, j]), ha="center", va="center", color=color)
     fig.tight_layout()
-    try:
-        return atomic_write(path, lambda tmp: fig.savefig(tmp, dpi=100))
-    finally:
-        plt.close(fig)
+    return atomic_write(path, lambda tmp: fig.savefig(tmp, dpi=100))
 
 
 def save_confusion(run: RunFolder, model_name: str, result: dict, class_names: list[str]) -> None:

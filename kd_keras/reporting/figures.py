@@ -1,7 +1,8 @@
-"""Figures of the HTML reports, drawn with matplotlib (Agg) from already computed numbers.
+"""Figures of the HTML reports, drawn with matplotlib from already computed numbers.
 
-Every function takes plain arrays or tables and returns a matplotlib `Figure`; `png_bytes`
-renders one and closes it. Nothing here reads a file or runs a model:
+Every function takes plain arrays or tables and returns a matplotlib `Figure`, made directly
+(no pyplot: no global backend is chosen and no figure registry holds them); `png_bytes`
+renders one. Nothing here reads a file or runs a model:
 `kd_keras.reporting.run_report` reads the run folder and decides what to draw.
 """
 
@@ -10,35 +11,28 @@ from __future__ import annotations
 import io
 from collections.abc import Sequence
 
-import matplotlib
+import numpy as np
+import pandas as pd
+from matplotlib.figure import Figure
 
-matplotlib.use("Agg")
-
-import matplotlib.pyplot as plt  # noqa: E402
-import numpy as np  # noqa: E402
-import pandas as pd  # noqa: E402
-from matplotlib.figure import Figure  # noqa: E402
-
-from kd_keras.evaluation.predictions import Predictions  # noqa: E402
+from kd_keras.evaluation.predictions import Predictions
 
 LOSS_TERMS = ("loss", "ce", "kd", "feat")
 PANEL_WIDTH, PANEL_HEIGHT = 3.4, 2.8
 
 
 def png_bytes(fig: Figure, dpi: int = 90) -> bytes:
-    """The figure as PNG bytes; the figure is closed."""
+    """The figure as PNG bytes."""
     buf = io.BytesIO()
-    try:
-        fig.savefig(buf, format="png", dpi=dpi)
-    finally:
-        plt.close(fig)
+    fig.savefig(buf, format="png", dpi=dpi)
     return buf.getvalue()
 
 
 def _panels(n: int, cols: int, width: float = PANEL_WIDTH, height: float = PANEL_HEIGHT):
     cols = max(1, min(cols, n))
     rows = int(np.ceil(n / cols))
-    fig, axes = plt.subplots(rows, cols, figsize=(width * cols, height * rows), squeeze=False)
+    fig = Figure(figsize=(width * cols, height * rows))
+    axes = fig.subplots(rows, cols, squeeze=False)
     flat = axes.ravel()
     for ax in flat[n:]:
         ax.set_visible(False)

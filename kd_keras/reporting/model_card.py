@@ -14,6 +14,7 @@ from pathlib import Path
 from kd_keras.errors import KDError
 from kd_keras.evaluation.evaluate import imbalanced_subset_table, metrics_table
 from kd_keras.io import read_json, write_text
+from kd_keras.prog import command
 from kd_keras.reporting.run_report import export_table_markdown
 from kd_keras.run.folder import RunFolder
 from kd_keras.text import fmt
@@ -171,7 +172,7 @@ def _metrics(run: RunFolder, report: dict, export: dict | None) -> list[str]:
     models = report.get("models", {})
     student = models.get("student", {})
     if "test" not in student:
-        return lines + ["No test metrics in report.json: run `python cli.py evaluate`.", ""]
+        return lines + [f"No test metrics in report.json: run `{command('evaluate')}`.", ""]
     t = student["test"]
     threshold = student.get("threshold")
     rule = (f"class {report['class_names'][1]} when P({report['class_names'][1]}) ≥ "

@@ -27,6 +27,7 @@ from kd_keras.evaluation.evaluate import report_markdown
 from kd_keras.evaluation.predictions import Predictions, load_predictions
 from kd_keras.host import host_line
 from kd_keras.io import read_json, write_text
+from kd_keras.prog import command
 from kd_keras.reporting.figures import (
     deployment_figure,
     mistakes_figure,
@@ -54,7 +55,7 @@ def _evaluated(report: dict) -> bool:
 
 def _summary_section(report: dict) -> str:
     if not _evaluated(report):
-        return note_html("no report.json with metrics yet — run `python cli.py evaluate`")
+        return note_html(f"no report.json with metrics yet — run `{command('evaluate')}`")
     return markdown_html(report_markdown(report))
 
 
@@ -82,7 +83,7 @@ def _training_section(run: RunFolder) -> str:
         ))  # fmt: skip
     if not parts:
         return note_html("no `history_<stage>.csv` in this run (the models were not trained "
-                         "by `cli.py distill`)")  # fmt: skip
+                         f"by `{command('distill')}`)")  # fmt: skip
     return "\n".join(parts)
 
 
@@ -106,8 +107,8 @@ def _evaluation_section(run: RunFolder, report: dict, preds: dict[str, Predictio
         parts.append(
             note_html(
                 "no `predictions_<model>.npz` in this run (evaluated before "
-                "they were saved): run `python cli.py evaluate --run "
-                f"{run.path}` for ROC, precision-recall and calibration"
+                f"they were saved): run `{command(f'evaluate --run {run.path}')}` for ROC, "
+                "precision-recall and calibration"
             )
         )
         return "\n".join(parts)  # fmt: skip
@@ -209,15 +210,15 @@ def _deployment_section(run: RunFolder, export_dir: str | os.PathLike | None) ->
     parts = []
     if export is None:
         parts.append(note_html(f"not exported yet (no {run.export_file(export_dir)}): "
-                               f"`python cli.py export --onnx --int8 --run {run.path}`, then "
-                               f"`python cli.py report --run {run.path}`"))  # fmt: skip
+                               f"`{command(f'export --onnx --int8 --run {run.path}')}`, then "
+                               f"`{command(f'report --run {run.path}')}`"))  # fmt: skip
     else:
         parts += [f"<h3>Exported files ({esc(folder)}, {export.get('n_images', '?')} test "
                   "images)</h3>", markdown_html(export_table_markdown(export))]  # fmt: skip
     if bench is None:
         parts.append(note_html(f"not benchmarked yet (no {run.benchmark_file(export_dir)}): "
-                               f"`python cli.py benchmark --run {run.path}`, then "
-                               f"`python cli.py report --run {run.path}`"))  # fmt: skip
+                               f"`{command(f'benchmark --run {run.path}')}`, then "
+                               f"`{command(f'report --run {run.path}')}`"))  # fmt: skip
         return "\n".join(parts)
     parts += [f"<h3>{esc(bench.get('title', 'Benchmark'))}</h3>",
               note_html(bench.get("machine", "")),

@@ -278,15 +278,13 @@ def rank_correlation_line(rows: list[dict]) -> str:
 
 def heatmap(path: Path, rows: list[dict]) -> None:
     """Temperature x alpha; each square shows the cell best on validation among other keys."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    from matplotlib.figure import Figure  # no pyplot: no global backend, no figure registry
 
     cells = [r for r in rows if "distill.temperature" in r["setting"]]
     temps = sorted({r["setting"]["distill.temperature"] for r in cells})
     alphas = sorted({r["setting"]["distill.alpha"] for r in cells})
-    fig, axes = plt.subplots(1, 2, figsize=(4 + 1.2 * len(temps) * 2, 1.0 * len(alphas) + 2.5))
+    fig = Figure(figsize=(4 + 1.2 * len(temps) * 2, 1.0 * len(alphas) + 2.5))
+    axes = fig.subplots(1, 2)
     for ax, (label, title) in zip(axes, (("val_bal_acc", "validation"), ("test_bal_acc", "test"))):
         grid = np.full((len(alphas), len(temps)), np.nan)
         for i, a in enumerate(alphas):
@@ -307,10 +305,7 @@ def heatmap(path: Path, rows: list[dict]) -> None:
                     ax.text(j, i, f"{grid[i, j]:.3f}", ha="center", va="center", color="w")
         fig.colorbar(im, ax=ax, shrink=0.8)
     fig.tight_layout()
-    try:
-        atomic_write(path, lambda tmp: fig.savefig(tmp, dpi=100))
-    finally:
-        plt.close(fig)
+    atomic_write(path, lambda tmp: fig.savefig(tmp, dpi=100))
 
 
 METRICS = (

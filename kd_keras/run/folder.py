@@ -17,6 +17,7 @@ from kd_keras.data.sources import load_splits
 from kd_keras.errors import KDError
 from kd_keras.io import read_json, sha256_of, write_json
 from kd_keras.models.loading import load_model, trust_saved_model
+from kd_keras.prog import command
 from kd_keras.run.files import (
     BENCHMARK_FILE,
     CHECKPOINT_DIR,
@@ -94,11 +95,17 @@ class RunFolder:
         return run
 
     @classmethod
-    def find(
-        cls, run: str | os.PathLike | None = None, runs_dir: str | os.PathLike = "runs"
-    ) -> RunFolder:
-        """The run folder `run`, or the most recently modified run under `runs_dir` ("modified":
-        the newest file inside, so re-training a run makes it the latest)."""
+    def find(cls, run: str | os.PathLike | None = None, runs_dir: str | os.PathLike = "runs",
+             config: str | os.PathLike | None = None) -> RunFolder:  # fmt: skip
+        """The run folder `run`, else the run folder of the config file `config` (both given
+        must agree), else the most recently modified run under `runs_dir` ("modified": the
+        newest file inside, so re-training a run makes it the latest)."""
+        if config is not None:
+            own = load_config(config).run_dir
+            if run is not None and Path(run).resolve() != own.resolve():
+                raise KDError(f"--run {run} is not the run folder of --config {config} ({own}); "
+                              "give one")  # fmt: skip
+            run = own
         if run is not None:
             path = Path(run)
             if not path.is_dir():
@@ -112,12 +119,9 @@ class RunFolder:
         if not runs:
             raise KDError(
                 f"no run found under {root}/ — train one with "
-                "`python cli.py distill --config configs/xray.toml` or pass --run"
+                f"`{command('distill --config configs/xray.toml')}` or pass --run"
             )
-
-        def newest(folder: Path) -> float:
-            return max([folder.stat().st_mtime] + [f.stat().st_mtime for f in folder.iterdir()])
-
+        newest = lambda f: max([f.stat().st_mtime] + [g.stat().st_mtime for g in f.iterdir()])  # noqa: E731
         return cls(max(runs, key=newest))
 
     # ------------------------------------------------------------ paths
@@ -241,7 +245,7 @@ class RunFolder:
             raise KDError(
                 f"{path} changed since stage {MODEL_STAGES[name]} saved it (its sha256 differs "
                 f"from the one in {self.state_path}); restore the run's own file, or retrain "
-                f"with `python cli.py distill --config {self.config_path} --overwrite`"
+                f"with `{command(f'distill --config {self.config_path} --overwrite')}`"
             )
 
     def check_fingerprints(self) -> None:
@@ -429,18 +433,17 @@ class RunFolder:
             if not self.stage_done(stage, cfg):
                 raise KDError(
                     f"{path} does not belong to this run's config (stage {stage} did not finish "
-                    f"under it); finish the run with `python cli.py distill --config "
-                    f"{self.config_path} --resume`, or retrain with --overwrite"
+                    f"under it); finish the run with "
+                    f"`{command(f'distill --config {self.config_path} --resume')}`, or retrain "
+                    "with --overwrite"
                 )
             stale_report = (
                 report and self.report_path.is_file()
                 and self.report_path.stat().st_mtime < path.stat().st_mtime
             )  # fmt: skip
             if stale_report:
-                raise KDError(
-                    f"{self.report_path} is older than {path.name}: re-run `python cli.py "
-                    f"evaluate --run {self.path}`"
-                )
+                raise KDError(f"{self.report_path} is older than {path.name}: re-run "
+                              f"`{command(f'evaluate --run {self.path}')}`")  # fmt: skip
 
     def load_splits(self):
         """The run's train/val/test splits, from its saved config (nothing is mutated)."""

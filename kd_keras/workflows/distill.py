@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import logging
+import os
 from pathlib import Path
 
 from kd_keras.config import Config
@@ -11,24 +13,32 @@ from kd_keras.distill import distribute
 from kd_keras.distill.stages import check_stages, run_stages
 from kd_keras.errors import Interrupted, KDError
 from kd_keras.evaluation.evaluate import evaluate_run
+from kd_keras.prog import command
 from kd_keras.reporting.run_report import write_run_report
 from kd_keras.run.folder import RunFolder
+
+logger = logging.getLogger(__name__)
 
 
 def write_report_after_evaluation(run: RunFolder) -> Path | None:
     """`report.html` of a just-evaluated run. The metrics are already saved: a failure here
-    is printed as a warning and never fails the evaluation (`cli.py report` retries it)."""
+    is printed as a warning and never fails the evaluation (the `report` command retries it)."""
     try:
         return write_run_report(run)
-    except Exception as err:  # noqa: BLE001 - the report is a view; the results are saved
-        print(f"warning: {run.report_html_path} not written ({type(err).__name__}: {err}); "
-              f"retry with `python cli.py report --run {run.path}`")  # fmt: skip
+    # Broad on purpose: report.html is a best-effort view of metrics already saved, and no
+    # failure while drawing it (matplotlib, an odd report.json) may fail the evaluation. The
+    # traceback goes to the debug log, so a bug in the report is still visible.
+    except Exception as err:  # noqa: BLE001
+        logger.debug("writing %s failed", run.report_html_path, exc_info=True)
+        logger.warning(f"warning: {run.report_html_path} not written "
+                       f"({type(err).__name__}: {err}); "
+                       f"retry with `{command(f'report --run {run.path}')}`")  # fmt: skip
         return None
 
 
-def evaluate_and_report(run_dir, splits=None) -> dict:
+def evaluate_and_report(run: str | os.PathLike | RunFolder | None, splits=None) -> dict:
     """`evaluate.evaluate_run`, then the run's `report.html`; returns the report dict."""
-    run = run_dir if isinstance(run_dir, RunFolder) else RunFolder.find(run_dir)
+    run = run if isinstance(run, RunFolder) else RunFolder.find(run)
     report = evaluate_run(run, splits=splits)
     write_report_after_evaluation(run)
     return report
@@ -78,8 +88,7 @@ def run_distill(
         run.drop_snapshot()
         raise Interrupted(
             f"interrupted{where}; completed stages and the last completed epoch are kept in "
-            f"{run.path}; continue with: python cli.py distill --config {run.config_path} "
-            "--resume"
+            f"{run.path}; continue with: {command(f'distill --config {run.config_path} --resume')}"
         ) from None
     except BaseException as err:
         if not current["finished"]:  # nothing of this command stands: leave nothing changed

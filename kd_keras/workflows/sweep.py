@@ -23,6 +23,7 @@ selected on the test split: every choice uses the validation balanced accuracy.
 from __future__ import annotations
 
 import itertools
+import logging
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -32,6 +33,8 @@ from kd_keras.errors import KDError
 from kd_keras.reporting.sweep_report import run_row, summarize, write_results
 from kd_keras.run.folder import RunFolder
 from kd_keras.workflows.distill import run_distill
+
+logger = logging.getLogger(__name__)
 
 
 def parse_grid(items: list[str]) -> dict[str, list]:
@@ -82,7 +85,7 @@ class SweepProgress:
         if self.trained:
             per_run = (now - self.started) / self.trained
             line += f", about {_duration(per_run * (self.total - self.index + 1))} left"
-        print(line, flush=True)
+        logger.info(line)
         return line
 
     def done(self, trained: bool) -> None:
@@ -97,7 +100,7 @@ def _run(base: Config, raw: dict, base_dir: Path, folder: Path, overrides: list[
     if progress is not None:
         progress.start(label or folder.name)
     if run.finished:
-        print(f"skip (finished): {folder}")
+        logger.info(f"skip (finished): {folder}")
         if progress is not None:
             progress.done(trained=False)
         return run.report

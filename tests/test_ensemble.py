@@ -145,5 +145,5 @@ def test_ensemble_end_to_end(members, real_npz, tmp_path):
     assert "ensemble of 2: [0]" in out
     report = json.loads((tmp_path / "ens" / "report.json").read_text())
     assert list(report["models"]) == ["teacher", "student"]
-    assert report["models"]["teacher"]["arch"] == "teacher_ensemble"
+    assert report["models"]["teacher"]["arch"] == "ensemble of 2"
     assert report["models"]["teacher"]["image_size"] == 48

@@ -76,6 +76,9 @@ def test_members_train_with_their_own_seeds_and_the_run_teaches_their_ensemble(t
     assert [e["member"] for e in log["members"]] == [0, 1] and log["seconds"] > 0
     report = json.loads(run.report_path.read_text())
     assert report["models"]["teacher"]["members"] == 2
+    # one name for a model everywhere: report.json, the run folder (exports, benchmarks, card)
+    assert report["models"]["teacher"]["arch"] == run.arch("teacher") == "ensemble of 2 resnet8x3"
+    assert report["models"]["student"]["arch"] == run.arch("student") == "resnet8x3"
     assert "ensemble of 2 members of 1 epochs" in out
     state = run.state()["stages"]["teacher"]
     assert state["status"] == "done" and set(state["members"]) == {"0", "1"}

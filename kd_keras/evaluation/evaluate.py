@@ -138,7 +138,7 @@ def evaluate_run(run_dir: str | Path | RunFolder, splits=None) -> dict:
         stage = log.get(MODEL_STAGES[name], {})
         entry = {
             "file": path.name,
-            "arch": model.name,
+            "arch": run.arch(name),  # the one name reports, exports and the model card use
             "image_size": image_size_of(model),
             "params": int(model.count_params()),
             "size_mb": path.stat().st_size / 1e6,

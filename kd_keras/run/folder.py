@@ -56,9 +56,8 @@ class RunFolder:
     # ------------------------------------------------------------ opening
 
     @classmethod
-    def create(
-        cls, cfg: Config, mode: str = "new", stages: list[str] | None = None, check=None
-    ) -> RunFolder:
+    def create(cls, cfg: Config, mode: str = "new", stages: list[str] | None = None,
+               check=None) -> RunFolder:  # fmt: skip
         """The folder of `cfg` (made if needed) with `cfg`, data source resolved, saved in it.
 
         `mode` says what may happen to a folder that already holds results: `"new"` refuses it;
@@ -66,8 +65,7 @@ class RunFolder:
         last epoch) and refuses a config that changes any stage's result; `"overwrite"`
         replaces the `stages` to run and removes what no longer belongs to the new config.
         `check(cfg)` (for example the data checks) runs after these checks and before anything
-        is written or removed, so a failing run leaves no folder behind.
-        """
+        is written or removed, so a failing run leaves no folder behind."""
         if mode not in ("new", "resume", "overwrite"):
             raise ValueError(f"mode must be new, resume or overwrite, got {mode!r}")
         cfg = resolve_data_source(cfg)
@@ -275,12 +273,13 @@ class RunFolder:
                 trust_saved_model(path, sha)
 
     def arch(self, name: str) -> str:
-        """The architecture of model `name` as reports, exports and benchmarks name it: the
-        configured one, `ensemble of k` for an ensemble, `own teacher <file>` for a teacher the
-        user gave (whose architecture the config does not know: `teacher.arch` is ignored)."""
+        """Model `name`'s architecture as every output names it: the configured one, `ensemble
+        of k [<arch>]`, or `own teacher <file>` for a teacher the user gave."""
         tc = self.cfg.teacher
         if name != "teacher":
             return self.cfg.student.arch
+        if tc.members > 1:
+            return f"ensemble of {tc.members} {tc.arch}"
         if tc.ensemble:
             return f"ensemble of {len(tc.ensemble)}"
         if tc.path:

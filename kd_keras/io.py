@@ -84,3 +84,8 @@ def sha256_of(path: str | os.PathLike) -> str:
             for block in iter(lambda: fh.read(1 << 20), b""):
                 digest.update(block)
     return digest.hexdigest()
+
+
+def newest_mtime(folder: Path) -> float:
+    """The modification time of `folder` or of the newest entry directly inside it."""
+    return max([folder.stat().st_mtime] + [f.stat().st_mtime for f in folder.iterdir()])

@@ -15,7 +15,7 @@ from typing import Any
 from kd_keras.config import Config, load_config
 from kd_keras.data.sources import load_splits
 from kd_keras.errors import KDError
-from kd_keras.io import read_json, sha256_of, write_json
+from kd_keras.io import newest_mtime, read_json, sha256_of, write_json
 from kd_keras.models.loading import load_model, trust_saved_model
 from kd_keras.prog import command
 from kd_keras.run.files import (
@@ -119,8 +119,7 @@ class RunFolder:
                 f"no run found under {root}/ — train one with "
                 f"`{command('distill --config configs/xray.toml')}` or pass --run"
             )
-        newest = lambda f: max([f.stat().st_mtime] + [g.stat().st_mtime for g in f.iterdir()])  # noqa: E731
-        return cls(max(runs, key=newest))
+        return cls(max(runs, key=newest_mtime))
 
     # ------------------------------------------------------------ paths
 
@@ -273,8 +272,8 @@ class RunFolder:
                 trust_saved_model(path, sha)
 
     def arch(self, name: str) -> str:
-        """Model `name`'s architecture as every output names it: the configured one, `ensemble
-        of k [<arch>]`, or `own teacher <file>` for a teacher the user gave."""
+        """Model `name`'s architecture as report.json, exports and the model card name it:
+        the configured one, `ensemble of k [<arch>]`, or `own teacher <file>`."""
         tc = self.cfg.teacher
         if name != "teacher":
             return self.cfg.student.arch

@@ -252,22 +252,43 @@ def run_stages(cfg, run: RunFolder, splits, stages, copy_teacher, force, current
         return build_student(cfg.student.arch, n, size, weights, cfg.student.patch_size,
                              tiny=cfg.student.variant == "tiny")  # fmt: skip
 
-    def train(stage: str, model, build, teacher, epochs, learning_rate, tap=None):
+    def train(
+        stage: str,
+        model,
+        build,
+        teacher,
+        epochs,
+        learning_rate,
+        tap=None,
+        *,
+        path: Path | None = None,
+        record=None,
+        running: dict | None = None,
+    ):
+        """Fit `model` for `stage`, refuse it at chance, save its float32 copy to `path` (the
+        stage's model file unless given), then `record(result, sha256)` in the run state
+        (default: the stage is done) before its checkpoint goes, so a kill in between resumes
+        from the checkpoint. `running`: extra run-state fields while it trains."""
         current["stage"] = stage
-        run.set_stage(stage, "running", cfg)
+        run.set_stage(stage, "running", cfg, **(running or {}))
         result = fit_stage(cfg, splits, stage, model, teacher, epochs, learning_rate, run, tap)
         try:
             check_not_chance(stage, result, cfg, splits, learning_rate, force)
         except KDError:
             run.drop_checkpoint(stage)  # resuming it would only end at chance again
             raise
-        saved = save_model(float32_copy(model, lambda: build("none")),
-                           run.model_path(STAGE_MODELS[stage]))  # fmt: skip
-        run.record_stage(stage, {**result.__dict__, "host": info, "peak_rss_mb": peak_rss_mb()})
-        run.set_stage(stage, "done", cfg, sha256=sha256_of(saved))
-        run.drop_checkpoint(stage)
-        run.drop_snapshot()  # this stage's results replace the old ones
-        current["stage"], current["finished"] = None, True
+        path = path or run.model_path(STAGE_MODELS[stage])
+        path.parent.mkdir(parents=True, exist_ok=True)
+        sha = sha256_of(save_model(float32_copy(model, lambda: build("none")), path))
+        if record is None:
+            run.record_stage(stage, {**result.__dict__, "host": info, "peak_rss_mb": peak_rss_mb()})
+            run.set_stage(stage, "done", cfg, sha256=sha)
+            current["stage"] = None
+        else:
+            record(result, sha)
+        run.drop_checkpoint(stage)  # the next model of the stage starts from its own seed
+        run.drop_snapshot()  # this model's results replace the old ones (resume keeps them)
+        current["finished"] = True
 
     def train_members(epochs: int, learning_rate: float):
         """`teacher.members` teachers of `teacher.arch`, member k from seed run.seed + k, then
@@ -291,25 +312,17 @@ def run_stages(cfg, run: RunFolder, splits, stages, copy_teacher, force, current
             keras.utils.set_random_seed(seed + k)
             with policy_scope(policy):
                 member = new_teacher(cfg.teacher.weights)
-            current["stage"] = "teacher"
-            run.set_stage("teacher", "running", cfg, members=kept)
-            result = fit_stage(cfg, splits, "teacher", member, None, epochs, learning_rate, run)
-            try:
-                check_not_chance("teacher", result, cfg, splits, learning_rate, force)
-            except KDError:
-                run.drop_checkpoint("teacher")
-                raise
-            path.parent.mkdir(parents=True, exist_ok=True)
-            kept[str(k)] = sha256_of(save_model(float32_copy(member, lambda: new_teacher("none")),
-                                                path))  # fmt: skip
-            log.append({"member": k, "seed": seed + k, **result.__dict__})
-            run.record_stage(
-                "teacher", {"members": log, "host": info, "peak_rss_mb": peak_rss_mb()}
-            )
-            run.set_stage("teacher", "running", cfg, members=kept)
-            run.drop_checkpoint("teacher")  # the next member starts from its own seed
-            run.drop_snapshot()  # a finished member stands (resume keeps it)
-            current["finished"] = True
+
+            def record(result: StageResult, sha: str, k: int = k) -> None:
+                kept[str(k)] = sha
+                log.append({"member": k, "seed": seed + k, **result.__dict__})
+                run.record_stage(
+                    "teacher", {"members": log, "host": info, "peak_rss_mb": peak_rss_mb()}
+                )
+                run.set_stage("teacher", "running", cfg, members=kept)
+
+            train("teacher", member, new_teacher, None, epochs, learning_rate, path=path,
+                  record=record, running={"members": kept})  # fmt: skip
         ensemble = build_ensemble(
             [load_model(p, f"teacher member {k}") for k, p in enumerate(paths)]
         )

@@ -241,7 +241,7 @@ def benchmark_run(
             say(f"rebuilding {name} ({arch}) at {size} px …")
             model, note = rebuild_at_size(run, name, model, size, len(class_names))
             note += f"; accuracy not measured (trained at {trained} px)"
-            candidates = fresh_candidates(name, model.name, model, Path(tmp), formats, threads,
+            candidates = fresh_candidates(name, arch, model, Path(tmp), formats, threads,
                                           calibration, note, say, provider)  # fmt: skip
             rows += benchmark_candidates(candidates, images, batch, **timing)
     result["rows"] = rows

@@ -3,7 +3,7 @@
 
 A predictor is a function from a float32 batch of [0, 255] RGB NHWC pixels to logits (numpy).
 Evaluation, export parity checks and the benchmark all call models through it, so every format
-is measured the same way. Also here: softmax, console output helpers and file sizes.
+is measured the same way. Also here: softmax, file metadata and file sizes.
 """
 
 from __future__ import annotations
@@ -239,24 +239,6 @@ def read_metadata(path: str | os.PathLike) -> dict[str, str]:
 def size_mb(path: Path | None) -> float | None:
     """Size of a file in MB (10^6 bytes), None when there is no file."""
     return round(path.stat().st_size / 1e6, 3) if path is not None and path.is_file() else None
-
-
-def console(stderr: bool = False):
-    """A rich console; 120 columns when output is not a terminal (logs, CI, pipes)."""
-    import sys
-
-    from rich.console import Console
-
-    stream = sys.stderr if stderr else sys.stdout
-    return Console(stderr=stderr, width=None if stream.isatty() else 120)
-
-
-def printer(quiet: bool) -> Callable[[str], None]:
-    """A progress printer on stderr (a no-op when `quiet`)."""
-    if quiet:
-        return lambda text: None
-    err = console(stderr=True)
-    return lambda text: err.print(text, highlight=False)
 
 
 def output_shapes(session) -> list[dict[str, Any]]:

@@ -163,6 +163,20 @@ def write_cifar_batches(folder: Path, per_batch: int = 30, seed: int = 0) -> Pat
     return folder
 
 
+def render(renderables: list) -> str:
+    """The text a list of rich renderables (a table, then note lines) shows on a 120-column
+    console, as the command line prints them."""
+    import io
+
+    from rich.console import Console
+
+    out = io.StringIO()
+    console = Console(file=out, width=120)
+    for item in renderables:
+        console.print(item, highlight=False)
+    return out.getvalue()
+
+
 def run_cli(*args: str) -> tuple[int, str, str]:
     """Run the CLI in this process (no TensorFlow start-up per call): (exit code, stdout,
     stderr). Use a subprocess only where the process itself is what is tested."""

@@ -208,3 +208,43 @@ def test_importing_the_library_changes_no_process_state_and_prints_nothing():
                          cwd=PACKAGE.parent, env=env, timeout=300)  # fmt: skip
     assert res.returncode == 0, res.stderr
     assert "not shown" not in res.stdout + res.stderr
+
+
+PRINTING_CALLS = ("print", "Console", "echo", "secho")  # builtin, rich, typer / click
+
+
+def printing(tree: ast.AST) -> list[tuple[int, str]]:
+    """(line, call) of every call in `tree` that prints: `print` (the builtin or a console's
+    `.print`), a rich `Console`, `typer.echo`, `sys.stdout.write` / `sys.stderr.write`."""
+    found = []
+    for node in ast.walk(tree):
+        if not isinstance(node, ast.Call):
+            continue
+        func = node.func
+        name = func.id if isinstance(func, ast.Name) else getattr(func, "attr", None)
+        stream = func.value if isinstance(func, ast.Attribute) else None
+        if name in PRINTING_CALLS:
+            found.append((node.lineno, name))
+        elif name == "write" and getattr(stream, "attr", None) in ("stdout", "stderr"):
+            found.append((node.lineno, f"{stream.attr}.write"))
+    return sorted(found)
+
+
+def test_only_the_command_line_prints():
+    """Library code returns its results and logs (docs/architecture.md, Output); the command
+    line (`kd_keras/cli/`) prints them."""
+    found = []
+    for module, path in modules().items():
+        if module.startswith("kd_keras.cli"):
+            continue
+        tree = ast.parse(path.read_text(encoding="utf-8"))
+        found += [f"{module}:{line}: {call}" for line, call in printing(tree)]
+    assert not found, "printing outside kd_keras/cli:\n" + "\n".join(found)
+
+
+def test_the_printing_check_finds_prints():
+    code = ("print(1)\nout = Console()\nout.print(t)\ntyper.echo('x')\nsys.stderr.write('y')\n"
+            "logger.info('z')\nsys.stdout.isatty()\n")  # fmt: skip
+    assert printing(ast.parse(code)) == [
+        (1, "print"), (2, "Console"), (3, "print"), (4, "echo"), (5, "stderr.write"),
+    ]  # fmt: skip

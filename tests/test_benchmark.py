@@ -1,17 +1,20 @@
 """Benchmark: the documented row fields, files, ratios, other image sizes and user errors."""
 
 import json
+import logging
 import time
 
 import keras
 import numpy as np
 import pytest
-from conftest import make_run, tiny_classifier
+from conftest import make_run, render, run_cli, tiny_classifier
 
 from kd_keras.deploy.benchmark import benchmark_arch, benchmark_run
 from kd_keras.deploy.rebuild import rebuild_at_size
+from kd_keras.deploy.tables import benchmark_renderables
 from kd_keras.deploy.timing import time_predictor
 from kd_keras.errors import KDError
+from kd_keras.evaluation.evaluate import evaluate_run
 from kd_keras.host import has_vnni, isa_level
 from kd_keras.models.registry import build_student
 from kd_keras.models.taps import image_size_of
@@ -37,6 +40,11 @@ def test_rows_files_and_ratios(tmp_path, real_npz):
                    calibration_samples=16)  # fmt: skip
     export_run(run, tmp_path / "export", formats="onnx,tflite", int8=True, limit=32, quiet=True)
     result = benchmark_run(run, tmp_path / "export", threads=1, provider="cpu", **FAST)
+    # the run's architectures (config: efficientnet_b3 teacher, resnet18 student), which are
+    # not the names of the Keras models in its files (tiny_teacher, tiny_student)
+    arch = {name: RunFolder(run).arch(name) for name in models}
+    assert arch == {"teacher": "efficientnet_b3", "student": "resnet18"}
+    assert all(arch[name] != model.name for name, model in models.items())
 
     rows = result["rows"]
     assert [(r["model"], r["format"]) for r in rows] == [
@@ -47,7 +55,7 @@ def test_rows_files_and_ratios(tmp_path, real_npz):
                 "tflite_int8": "LiteRT (ai-edge-litert) CPU"}  # fmt: skip
     for row in rows:
         assert set(row) == ROW_FIELDS
-        assert row["arch"] == f"tiny_{row['model']}", "arch is read from the model file"
+        assert row["arch"] == arch[row["model"]], "arch is the run's (RunFolder.arch)"
         assert 0 < row["p50_ms"] <= row["p90_ms"] <= row["p99_ms"]
         assert row["mean_ms"] > 0 and row["std_ms"] >= 0 and row["calls"] >= 3
         assert row["throughput_ips"] > 0 and row["throughput_iters"] == 2
@@ -82,10 +90,16 @@ def test_rows_files_and_ratios(tmp_path, real_npz):
     assert f"peak resident memory of this command: {result['peak_rss_mb']:.0f} MB" in md
     assert ("int8_speed_note" in result) == (not has_vnni())
 
+    # report.json names each model as its benchmark rows do
+    report = evaluate_run(run)
+    assert {name: entry["arch"] for name, entry in report["models"].items()} == arch
+    assert {r["model"]: r["arch"] for r in rows} == arch
 
-def test_missing_files_are_reported_not_timed(tmp_path, real_npz):
+
+def test_missing_files_are_reported_not_timed(tmp_path, real_npz, capsys, caplog):
     run = make_run(tmp_path / "solo", real_npz, {"student": tiny_classifier("tiny_student", 4)})
-    result = benchmark_run(run, tmp_path / "export", **FAST)
+    caplog.set_level(logging.INFO, logger="kd_keras")
+    result = benchmark_run(run, tmp_path / "export", **{**FAST, "quiet": False})
     rows = {(r["model"], r["format"]): r for r in result["rows"]}
     assert rows[("student", "keras")]["p50_ms"] > 0
     assert rows[("student", "onnx")]["p50_ms"] is None
@@ -94,6 +108,31 @@ def test_missing_files_are_reported_not_timed(tmp_path, real_npz):
     assert "export --tflite --int8" in rows[("student", "tflite_int8")]["note"]
     assert rows[("teacher", "keras")]["note"] == "run has no teacher.keras"
     assert result["ratios"] == []
+
+    # the library logs its progress (quiet=False) and prints no table: the CLI renders it
+    progress = [r.getMessage() for r in caplog.records if r.name == "kd_keras.deploy.benchmark"]
+    assert progress[0].startswith("measuring this machine's float32 peak")
+    assert "timing student (resnet18) as keras …" in progress
+    assert "Benchmark of run solo" not in capsys.readouterr().out
+    caplog.clear()
+    benchmark_run(run, tmp_path / "export", formats=("keras",), **FAST)
+    assert not [r for r in caplog.records if r.name.startswith("kd_keras.deploy")], "quiet"
+
+    text = render(benchmark_renderables(result))
+    assert "Benchmark of run solo" in text and "run has no teacher.keras" in text
+    assert "student onnx: no student.onnx: run `python cli.py export --onnx` first" in text
+    assert f"written to {result['json']} and {result['md']}" in text.replace("\n", "")
+
+
+def test_the_cli_prints_the_benchmark_table_and_its_progress_on_stderr(tmp_path, real_npz):
+    run = make_run(tmp_path / "solo", real_npz, {"student": tiny_classifier("tiny_student", 4)})
+    code, out, err = run_cli("benchmark", "--run", str(run), "--export-dir", str(tmp_path / "e"),
+                             "--format", "keras", "--warmup", "1", "--iters", "3",
+                             "--min-time", "0", "--batch", "4", "--threads", "1")  # fmt: skip
+    assert code == 0, err
+    assert "Benchmark of run solo" in out and "run has no teacher.keras" in out
+    assert "written to" in out and "benchmark.json" in out.replace("\n", "")
+    assert "timing student (resnet18) as keras …" in err and "timing student" not in out
 
 
 def test_other_image_size_rebuilds_with_trained_weights(tmp_path, real_npz):
@@ -104,6 +143,7 @@ def test_other_image_size_rebuilds_with_trained_weights(tmp_path, real_npz):
 
     student = next(r for r in result["rows"] if r["model"] == "student")
     assert student["image_size"] == 64 and student["p50_ms"] > 0
+    assert student["arch"] == RunFolder(run).arch("student") == "resnet18"
     assert student["balanced_accuracy"] is None
     assert "with the trained weights" in student["note"]
     assert "accuracy not measured (trained at 32 px)" in student["note"]

@@ -134,6 +134,7 @@ def run_folder(path):
 def calls(monkeypatch):
     """The library functions the commands call, replaced by recorders: {name: (args, kwargs)}."""
     import kd_keras.deploy.benchmark
+    import kd_keras.deploy.tables
     import kd_keras.reporting.run_report
     import kd_keras.workflows.distill
     import kd_keras.workflows.export
@@ -150,6 +151,8 @@ def calls(monkeypatch):
     monkeypatch.setattr(kd_keras.workflows.export, "export_run", recorder("export_run"))
     monkeypatch.setattr(kd_keras.deploy.benchmark, "benchmark_run", recorder("benchmark_run"))
     monkeypatch.setattr(kd_keras.deploy.benchmark, "benchmark_arch", recorder("benchmark_arch"))
+    for renderer in ("summary_renderables", "benchmark_renderables"):  # no result to render
+        monkeypatch.setattr(kd_keras.deploy.tables, renderer, lambda result: [])
     monkeypatch.setattr(
         kd_keras.reporting.run_report, "write_run_report", recorder("write_run_report", "x")
     )
@@ -419,3 +422,13 @@ def test_the_cli_shows_library_messages_on_stdout_as_plain_lines():
         logging.getLogger("kd_keras.workflows.distill").warning("warning: x not written")
         logging.getLogger("kd_keras.data.checks").debug("hidden")
     assert out.getvalue() == "\n== stage distill: kept\nwarning: x not written\n"
+
+    # while a command whose stdout is its result table runs, they go to stderr
+    from kd_keras.cli.app import messages_on_stderr
+
+    out, err = io.StringIO(), io.StringIO()
+    with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+        with messages_on_stderr():
+            logging.getLogger("kd_keras.deploy.export").info("student: converting …")
+        logging.getLogger("kd_keras.workflows.sweep").info("after")
+    assert err.getvalue() == "student: converting …\n" and out.getvalue() == "after\n"

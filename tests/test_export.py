@@ -1,6 +1,7 @@
 """ONNX export: parity with Keras on real test images, INT8, metadata, and the user's mistakes."""
 
 import json
+import logging
 from pathlib import Path
 
 import keras
@@ -8,9 +9,10 @@ import numpy as np
 import onnx
 import onnxruntime as ort
 import pytest
-from conftest import CLASSES, make_run, tiny_classifier
+from conftest import CLASSES, make_run, render, run_cli, tiny_classifier
 
 from kd_keras.deploy import export
+from kd_keras.deploy.tables import summary_renderables
 from kd_keras.errors import KDError
 from kd_keras.models.registry import build_student, build_teacher
 from kd_keras.runtimes import read_metadata
@@ -152,11 +154,30 @@ def test_parity_failure_deletes_the_file_and_raises(tmp_path, real_npz, monkeypa
     assert not (tmp_path / "export" / "bad" / "export.json").exists()
 
 
-def test_missing_teacher_is_skipped(tmp_path, real_npz):
+def test_missing_teacher_is_skipped(tmp_path, real_npz, capsys, caplog):
     run = make_run(tmp_path / "solo", real_npz, {"student": tiny_classifier()})
+    caplog.set_level(logging.INFO, logger="kd_keras")
     result = export_run(run, tmp_path / "export", limit=32, quiet=True)
     assert list(result["artefacts"]) == ["student"]
     assert result["skipped"] == {"teacher": "run has no teacher.keras"}
+    # the library returns the summary and prints nothing; quiet: it logs no progress either
+    assert "Export of run" not in capsys.readouterr().out
+    assert not [r for r in caplog.records if r.name.startswith("kd_keras.deploy")]
+    text = render(summary_renderables(result))
+    assert "Export of run solo (32 test images)" in text and "PASS" in text
+    assert "skipped teacher: run has no teacher.keras" in text
+    assert f"written to {tmp_path / 'export' / 'solo'}" in text.replace("\n", "")
+
+
+def test_the_cli_prints_the_export_summary_and_its_progress_on_stderr(tmp_path, real_npz):
+    run = make_run(tmp_path / "solo", real_npz, {"student": tiny_classifier()})
+    code, out, err = run_cli("export", "--onnx", "--run", str(run),
+                             "--out", str(tmp_path / "export"))  # fmt: skip
+    assert code == 0, err
+    assert "Export of run solo (624 test images)" in out and "PASS" in out
+    assert "skipped teacher: run has no teacher.keras" in out
+    assert "student: converting student.keras (resnet18, 32 px) to ONNX …" in err
+    assert "converting" not in out
 
 
 def test_run_without_student_is_an_error(tmp_path, real_npz):

@@ -1,15 +1,21 @@
 """`predict`: exported models on image files, preprocessed as the training data was."""
 
 import csv
+import logging
 
 import keras
 import numpy as np
 import pytest
 import tensorflow as tf
-from conftest import CLASSES, make_run, run_cli, tiny_classifier
+from conftest import CLASSES, make_run, render, run_cli, tiny_classifier
 from PIL import Image
 
-from kd_keras.deploy.predict import describe_recipe, preprocessing_recipe
+from kd_keras.deploy.predict import (
+    describe_recipe,
+    predict_files,
+    predictions_renderables,
+    preprocessing_recipe,
+)
 from kd_keras.runtimes import keras_predictor, softmax
 from kd_keras.workflows.export import export_run
 
@@ -74,7 +80,7 @@ def test_predict_folder_matches_keras_and_reports_the_corrupt_file(tmp_path, rea
         assert "medmnist: centre square (short edge) crop, greyscale" in stdout
 
 
-def test_keras_file_in_a_run_folder_uses_the_run_recipe(tmp_path, real_npz):
+def test_keras_file_in_a_run_folder_uses_the_run_recipe(tmp_path, real_npz, capsys, caplog):
     model = tiny_classifier("tiny_student", 4)
     run = make_run(tmp_path / "r", real_npz, {"student": model}, threshold=0.5)
     write_test_images(tmp_path / "imgs")
@@ -91,6 +97,20 @@ def test_keras_file_in_a_run_folder_uses_the_run_recipe(tmp_path, real_npz):
                                    "--out", str(tmp_path / "q.csv"))  # fmt: skip
     assert code == 0 and "not in a run folder: plain RGB resize" in stderr
     assert "decision: argmax" in stdout
+
+    # the library returns the rows and prints no table; its note is logged, not when quiet
+    caplog.set_level(logging.INFO, logger="kd_keras")
+    caplog.clear()  # the commands' records above
+    result = predict_files(alone, [tmp_path / "imgs"], out=None)
+    assert "Predictions of" not in capsys.readouterr().out
+    notes = [r.getMessage() for r in caplog.records if r.name == "kd_keras.deploy.predict"]
+    assert notes == [result["note"]] and "not in a run folder" in result["note"]
+    caplog.clear()
+    predict_files(alone, [tmp_path / "imgs"], out=None, quiet=True)
+    assert not [r for r in caplog.records if r.name == "kd_keras.deploy.predict"]
+    text = render(predictions_renderables(result))
+    assert "Predictions of alone.keras" in text and "a_grey.png" in text
+    assert "decision: argmax" in text and "written to" not in text
 
 
 @pytest.mark.parametrize(

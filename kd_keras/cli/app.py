@@ -1,9 +1,11 @@
 """The typer app and what every command shares: the lazy loader of the heavy layers (`api`),
+the handler that shows the library's messages, the console results are printed on (`show`),
 the one-line error (`fail`) and note, the `--run` / `--config` lookup, `--format` parsing, and
 the global `--version` / `--debug` options."""
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import sys
 from pathlib import Path
@@ -27,7 +29,7 @@ USAGE_ERROR = next(c for c in typer.BadParameter.__mro__ if c.__name__ == "Usage
 def api(*names: str):
     """The named functions of the heavy layers (TensorFlow, Keras), imported on first use so
     `--help` and argument errors stay fast: one object for one name, else a tuple."""
-    from kd_keras.deploy import benchmark, predict, timing
+    from kd_keras.deploy import benchmark, predict, tables, timing
     from kd_keras.deploy import export as export_files
     from kd_keras.evaluation import compare, evaluate
     from kd_keras.reporting import run_report
@@ -40,6 +42,9 @@ def api(*names: str):
         EXPORT_FORMATS=export_files.FORMATS,
         BENCHMARK_FORMATS=timing.FORMATS,
         predict_files=predict.predict_files,
+        predictions_renderables=predict.predictions_renderables,
+        summary_renderables=tables.summary_renderables,
+        benchmark_renderables=tables.benchmark_renderables,
         compare_runs=compare.compare_runs,
         comparison_markdown=compare.comparison_markdown,
         write_comparison=compare.write_comparison,
@@ -57,14 +62,18 @@ def api(*names: str):
 
 
 class StdoutHandler(logging.Handler):
-    """Records of the `kd_keras` loggers on the current `sys.stdout`, message only: the text
-    the library's progress lines had when they were prints (tests swap `sys.stdout`)."""
+    """Records of the `kd_keras` loggers on the current `sys.stdout` (`sys.stderr` inside
+    `messages_on_stderr`), message only: the text the library's progress lines had when they
+    were prints (tests swap `sys.stdout`)."""
+
+    stream = "stdout"
 
     def emit(self, record: logging.LogRecord) -> None:
         try:
-            sys.stdout.write(self.format(record) + "\n")
-            sys.stdout.flush()
-        except (OSError, ValueError):  # a closed or broken stdout
+            out = getattr(sys, self.stream)
+            out.write(self.format(record) + "\n")
+            out.flush()
+        except (OSError, ValueError):  # a closed or broken stream
             self.handleError(record)
 
 
@@ -74,6 +83,36 @@ def show_library_messages() -> None:
     if not any(isinstance(h, StdoutHandler) for h in logger.handlers):
         logger.addHandler(StdoutHandler())
     logger.setLevel(logging.INFO)
+
+
+@contextlib.contextmanager
+def messages_on_stderr():
+    """The library's messages on stderr while a command whose stdout is its result table runs
+    (`export`, `predict`, `benchmark`, `benchmark-arch`): progress and notes stay apart from
+    the result, as they were when the library printed them there."""
+    handlers = [h for h in logging.getLogger("kd_keras").handlers if isinstance(h, StdoutHandler)]
+    for handler in handlers:
+        handler.stream = "stderr"
+    try:
+        yield
+    finally:
+        for handler in handlers:
+            handler.stream = "stdout"
+
+
+def console():
+    """The rich console result tables are printed on: stdout, 120 columns when it is not a
+    terminal (logs, CI, pipes)."""
+    from rich.console import Console
+
+    return Console(width=None if sys.stdout.isatty() else 120)
+
+
+def show(renderables: list) -> None:
+    """Print a result's renderables (a table, then its note lines) on stdout."""
+    out = console()
+    for item in renderables:
+        out.print(item, highlight=False)
 
 
 def fail(message: str) -> None:

@@ -1,4 +1,7 @@
-"""Commands of the deployment side: `export`, `predict`, `benchmark`, `benchmark-arch`."""
+"""Commands of the deployment side: `export`, `predict`, `benchmark`, `benchmark-arch`.
+
+Each prints its result table on stdout (the library returns it, `show` renders it); the
+library's progress lines and notes go to stderr meanwhile (`messages_on_stderr`)."""
 
 from __future__ import annotations
 
@@ -14,9 +17,11 @@ from kd_keras.cli.app import (
     app,
     command_line,
     fail,
+    messages_on_stderr,
     note,
     parse_formats,
     run_folder,
+    show,
 )
 
 
@@ -61,15 +66,17 @@ def export(
     if not formats:
         fail("choose a format: --onnx and/or --tflite (or --format onnx,tflite)")
     folder = run_folder(run, config)
-    export_run = api("export_run")
-    export_run(
-        folder,
-        out_dir=out,
-        models=("student", "teacher") if teacher else ("student",),
-        int8=int8,
-        tolerance=tolerance,
-        formats=formats,
-    )
+    export_run, summary_renderables = api("export_run", "summary_renderables")
+    with messages_on_stderr():
+        result = export_run(
+            folder,
+            out_dir=out,
+            models=("student", "teacher") if teacher else ("student",),
+            int8=int8,
+            tolerance=tolerance,
+            formats=formats,
+        )
+    show(summary_renderables(result))
 
 
 @app.command(name="predict")
@@ -91,9 +98,12 @@ def predict_cmd(
     """Classify image files with an exported model, preprocessed as its training data was.
 
     Exit status 1 when any file could not be read (its row says why), else 0."""
-    predict_files = api("predict_files")
+    predict_files, predictions_renderables = api("predict_files", "predictions_renderables")
 
-    result = predict_files(model_file, list(images or []), out=out, batch=batch, threads=threads)
+    with messages_on_stderr():
+        result = predict_files(model_file, list(images or []), out=out, batch=batch,
+                               threads=threads)  # fmt: skip
+    show(predictions_renderables(result))
     if result["failed"]:
         raise typer.Exit(1)
 
@@ -199,8 +209,10 @@ def benchmark(
               "written)")  # fmt: skip
         export_dir = out
     folder = run_folder(run, config)
-    benchmark_run = api("benchmark_run")
-    benchmark_run(folder, export_dir=export_dir, image_size=image_size, **timing)
+    benchmark_run, benchmark_renderables = api("benchmark_run", "benchmark_renderables")
+    with messages_on_stderr():
+        result = benchmark_run(folder, export_dir=export_dir, image_size=image_size, **timing)
+    show(benchmark_renderables(result))
 
 
 @app.command(name="benchmark-arch")
@@ -244,4 +256,7 @@ def benchmark_arch(
 
 
 def _benchmark_arch(teacher: str, student: str, image_size: int, **options) -> None:
-    api("benchmark_arch")(teacher, student, image_size, **options)
+    benchmark_arch, benchmark_renderables = api("benchmark_arch", "benchmark_renderables")
+    with messages_on_stderr():
+        result = benchmark_arch(teacher, student, image_size, **options)
+    show(benchmark_renderables(result))

@@ -50,6 +50,7 @@ Runtime's calibration memory grows with the batch (a 224 px ResNet50 at batch 64
 
 from __future__ import annotations
 
+import logging
 import os
 import tempfile
 import time
@@ -70,7 +71,7 @@ from kd_keras.deploy.rebuild import (
     rebuild_at_size,
     trained_candidates,
 )
-from kd_keras.deploy.tables import benchmark_markdown, int8_note, machine_summary, print_benchmark
+from kd_keras.deploy.tables import benchmark_markdown, int8_note, machine_summary
 from kd_keras.deploy.timing import FORMATS, MODELS, benchmark_candidates, ratios, untimed_rows
 from kd_keras.deprecations import warn_renamed
 from kd_keras.errors import KDError
@@ -80,7 +81,9 @@ from kd_keras.io import check_writable_dir, write_json, write_text
 from kd_keras.models.flops import FLOPS_METHOD, matmul_peak
 from kd_keras.models.registry import STUDENTS, TEACHERS, build_student, build_teacher
 from kd_keras.run.folder import RunFolder
-from kd_keras.runtimes import PROVIDER_CHOICES, default_threads, predict, printer, softmax
+from kd_keras.runtimes import PROVIDER_CHOICES, default_threads, predict, softmax
+
+logger = logging.getLogger(__name__)  # progress lines, INFO (none when quiet)
 
 
 def set_tensorflow_threads(threads: int | None) -> str:
@@ -181,7 +184,8 @@ def benchmark_run(
             this process may use).
         formats: any of `keras`, `onnx`, `int8`, `tflite`, `tflite_int8`.
         limit: evaluate accuracy on the first `limit` test images only.
-        quiet: do not print progress and the table.
+        quiet: log no progress lines (nothing is printed either way: the table is
+            `kd_keras.deploy.tables.benchmark_renderables(result)`).
         provider: ONNX Runtime execution provider: `auto`, `cpu` or `cuda`.
     """
     formats = check_settings(warmup, iters, batch, threads, formats, min_time, provider)
@@ -192,7 +196,7 @@ def benchmark_run(
     out = check_writable_dir(run.export_dir(export_dir))
     trained = int(run.report.get("image_size") or run.cfg.data.image_size)
     size = int(image_size or trained)
-    say = printer(quiet)
+    say = (lambda text: None) if quiet else logger.info
 
     splits = run.load_splits()
     class_names = run.report.get("class_names") or splits.class_names
@@ -237,7 +241,7 @@ def benchmark_run(
             say(f"rebuilding {name} ({arch}) at {size} px …")
             model, note = rebuild_at_size(run, name, model, size, len(class_names))
             note += f"; accuracy not measured (trained at {trained} px)"
-            candidates = fresh_candidates(name, model.name, model, Path(tmp), formats, threads,
+            candidates = fresh_candidates(name, arch, model, Path(tmp), formats, threads,
                                           calibration, note, say, provider)  # fmt: skip
             rows += benchmark_candidates(candidates, images, batch, **timing)
     result["rows"] = rows
@@ -248,8 +252,6 @@ def benchmark_run(
     result["json"], result["md"] = str(out / f"{stem}.json"), str(out / f"{stem}.md")
     write_text(result["md"], benchmark_markdown(result))
     write_json(result["json"], result)
-    if not quiet:
-        print_benchmark(result)
     return result
 
 
@@ -277,7 +279,8 @@ def benchmark_arch(
     """Latency of freshly built (untrained) teacher and student architectures at `image_size`:
     latency does not depend on weight values, so no trained run is needed. Static INT8
     calibrates on `data` (a MedMNIST .npz) when given, else on random pixels. Writes
-    `<out>/latency_<N>px.json` and `.md` (default folder `export/`)."""
+    `<out>/latency_<N>px.json` and `.md` (default folder `export/`); returns that result.
+    `quiet`: log no progress lines (the table is `tables.benchmark_renderables(result)`)."""
     formats = check_settings(warmup, iters, batch, threads, formats, min_time, provider)
     for kind, arch, registry in (("teacher", teacher, TEACHERS), ("student", student, STUDENTS)):
         if arch not in registry:
@@ -290,7 +293,7 @@ def benchmark_arch(
     threads = threads or default_threads()
     keras_threads = set_tensorflow_threads(threads)
     folder = check_writable_dir(Path(out or "export"))
-    say = printer(quiet)
+    say = (lambda text: None) if quiet else logger.info
     say(f"measuring this machine's float32 peak ({threads} threads) …")
     peak = matmul_peak(threads)
     calibration = calibration_images(data, image_size, calibration_samples, CALIBRATION_BATCH)
@@ -323,8 +326,6 @@ def benchmark_arch(
     result["json"], result["md"] = str(stem.with_suffix(".json")), str(stem.with_suffix(".md"))
     write_text(result["md"], benchmark_markdown(result))
     write_json(result["json"], result)
-    if not quiet:
-        print_benchmark(result)
     return result
 
 

@@ -42,6 +42,7 @@ differ; their test metrics are reported next to the FP32 ones instead.
 from __future__ import annotations
 
 import json
+import logging
 import os
 import time
 from collections.abc import Callable, Iterable
@@ -83,12 +84,12 @@ from kd_keras.runtimes import (
     onnx_session,
     output_shapes,
     predict,
-    printer,
     size_mb,
     softmax,
 )
 
 FORMATS = ("onnx", "tflite")
+logger = logging.getLogger(__name__)
 
 
 # ---------------------------------------------------------------- export_files
@@ -118,7 +119,8 @@ def export_files(
     fmt: str | Iterable[str] | None = None,
 ) -> dict[str, Any]:
     """Export a run's models to `<out_dir>/<run name>/` and check each file; returns export.json.
-    (`kd_keras.workflows.export.export_run` adds the model card and prints the summary.)
+    (`kd_keras.workflows.export.export_run` adds the model card; the console summary is
+    `kd_keras.deploy.tables.summary_renderables(result)`.)
 
     Args:
         run_dir: run folder; None picks the most recent run under `runs/`.
@@ -130,7 +132,7 @@ def export_files(
         tolerance: parity tolerance on logits (default `export.tolerance`).
         limit: check on the first `limit` test images only (default: the whole test split).
         formats: export format(s): `"onnx"`, `"tflite"`, `"onnx,tflite"` or a sequence of them.
-        quiet: do not print progress and the summary table.
+        quiet: log no progress lines (this module's logger, INFO); nothing is printed.
         fmt: the old name of `formats` (deprecated: it goes in the next release).
     """
     if fmt is not None:
@@ -157,7 +159,7 @@ def export_files(
         else:
             sources[name] = path
     out = check_writable_dir(run.export_dir(out_dir))
-    say = printer(quiet)
+    say = (lambda text: None) if quiet else logger.info
 
     splits = run.load_splits()
     class_names = run.report.get("class_names") or splits.class_names
@@ -264,7 +266,7 @@ def _export_onnx(job: ExportJob, int8: bool) -> dict[str, dict[str, Any]]:
     """`<name>.onnx` checked against Keras on the test images (+ `<name>.int8.onnx`)."""
     name, threshold = job.name, job.threshold
     onnx_path = artefact_path(job.out, name, "onnx")
-    job.say(f"[bold]{name}[/]: converting {job.source.name} ({job.arch}, {job.size} px) to ONNX …")
+    job.say(f"{name}: converting {job.source.name} ({job.arch}, {job.size} px) to ONNX …")
     to_onnx(job.model, onnx_path, job.run.cfg.export.opset,
             job.metadata(threshold, precision="float32"))  # fmt: skip
     try:
@@ -285,10 +287,10 @@ def _export_onnx(job: ExportJob, int8: bool) -> dict[str, dict[str, Any]]:
     method = plan["method"]
     if method == "none":
         int8_path.unlink(missing_ok=True)  # an older file would look like this export's
-        job.say(f"[bold]{name}[/]: {plan['reason']}")
+        job.say(f"{name}: {plan['reason']}")
         job.skipped[f"{name}.int8"] = plan["reason"]
         return entries
-    job.say(f"[bold]{name}[/]: quantizing to INT8 ({method}) …")
+    job.say(f"{name}: quantizing to INT8 ({method}) …")
     calibration = job.calibration()
     info = quantize(onnx_path, int8_path, method, calibration=calibration,
                     metadata=job.metadata(threshold, precision="int8"))  # fmt: skip

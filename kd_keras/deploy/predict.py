@@ -25,6 +25,7 @@ from __future__ import annotations
 import csv
 import io
 import json
+import logging
 import os
 from pathlib import Path
 from typing import Any
@@ -42,15 +43,15 @@ from kd_keras.models.taps import image_size_of
 from kd_keras.run.files import CONFIG_FILE, MODEL_STAGES
 from kd_keras.run.folder import RunFolder
 from kd_keras.runtimes import (
-    console,
     file_metadata,
     keras_predictor,
     load_predictor,
     onnx_session,
-    printer,
     softmax,
     tflite_interpreter,
 )
+
+logger = logging.getLogger(__name__)
 
 RECIPE_KEY = "preprocessing"
 MEDMNIST_INTERPOLATION = "bicubic"  # PIL, antialiased when shrinking; the paper names none
@@ -220,7 +221,8 @@ def predict_files(
         out: CSV file to write (None: none).
         batch: images per model call.
         threads: CPU threads of the runtime (default: its own choice).
-        quiet: do not print the table.
+        quiet: do not log the note on where the recipe, classes and threshold came from
+            (nothing is printed either way: the table is `predictions_renderables(result)`).
     """
     path = Path(model_file)
     if not path.is_file():
@@ -233,9 +235,8 @@ def predict_files(
     out = None if out is None else csv_target(out)  # decided before any prediction
     info = model_info(path)
     recipe, size = info["recipe"], info["image_size"]
-    say = printer(quiet)
-    if info["note"]:
-        say(info["note"])
+    if info["note"] and not quiet:
+        logger.info(info["note"])
     fn = keras_predictor(info["model"]) if info["model"] else load_predictor(path, threads)
 
     pixels, errors = {}, {}
@@ -277,8 +278,6 @@ def predict_files(
     }
     if out is not None:
         result["csv"] = str(write_text(out, rows_csv(rows)))
-    if not quiet:
-        print_predictions(result)
     return result
 
 
@@ -315,9 +314,11 @@ def rows_csv(rows: list[dict[str, Any]]) -> str:
     return buf.getvalue()
 
 
-def print_predictions(result: dict[str, Any]) -> None:
-    """The prediction table and how it was made, on stdout."""
+def predictions_renderables(result: dict[str, Any]) -> list:
+    """The prediction table and how it was made, for a console (the command line prints them):
+    the table, then plain-text note lines (no rich markup or highlighting). Prints nothing."""
     from rich.table import Table
+    from rich.text import Text
 
     table = Table(title=f"Predictions of {Path(result['model']).name}")
     names = result["class_names"]
@@ -329,12 +330,9 @@ def print_predictions(result: dict[str, Any]) -> None:
             "—" if row[f"p_{n}"] is None else f"{row[f'p_{n}']:.3f}" for n in names
         ]  # fmt: skip
         table.add_row(row["name"], row["predicted"] or "—", *probs, row["error"])
-    out = console()
-    out.print(table)
     lines = [f"preprocessing: {result['preprocessing']}", f"decision: {result['decision']}"]
     if result["failed"]:
         lines.append(f"{result['failed']} of {len(result['rows'])} files could not be read")
     if result.get("csv"):
         lines.append(f"written to {result['csv']}")
-    for line in lines:
-        out.print(line, highlight=False, markup=False)
+    return [table, *(Text(line) for line in lines)]

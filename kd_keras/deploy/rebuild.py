@@ -110,8 +110,10 @@ def trained_candidates(
     run: RunFolder, name: str, model, source: Path, out: Path, formats, threads: int,
     provider: str = "auto",
 ) -> list[Candidate]:  # fmt: skip
-    """The run's own files at the trained size: the .keras file and the exported files."""
-    arch, params, threshold = model.name, int(model.count_params()), run.threshold(name)
+    """The run's own files at the trained size: the .keras file and the exported files. Their
+    `arch` is `RunFolder.arch`, the name report.json and the exports give the model (not the
+    Keras model's own name)."""
+    arch, params, threshold = run.arch(name), int(model.count_params()), run.threshold(name)
     size = image_size_of(model)
     candidates = []
     if "keras" in formats:

@@ -1,4 +1,9 @@
-"""Console and markdown tables of export and benchmark results."""
+"""Console and markdown tables of export and benchmark results.
+
+The console side is pure: `summary_renderables` and `benchmark_renderables` return rich
+renderables (the table, then its note lines) and print nothing; the command line prints them
+(`kd_keras.cli.app.show`); a Python caller may pass them to a `rich.console.Console` too.
+"""
 
 from __future__ import annotations
 
@@ -11,9 +16,6 @@ from kd_keras.deploy.quantize import int8_speed_note
 from kd_keras.deploy.timing import FORMAT_NAMES
 from kd_keras.host import describe_host, host_line
 from kd_keras.models.flops import FLOPS_METHOD
-from kd_keras.runtimes import (
-    console,
-)
 from kd_keras.text import fmt, md_row
 
 
@@ -67,11 +69,16 @@ def summary_notes(result: dict[str, Any]) -> list[str]:
     return lines
 
 
-def print_summary(result: dict[str, Any]) -> None:
-    out = console()
-    out.print(summary_table(result))
-    for line in summary_notes(result):
-        out.print(line, highlight=False, markup=False)
+def summary_renderables(result: dict[str, Any]) -> list:
+    """The export summary for a console: its table, then its note lines (plain text, no rich
+    markup or highlighting), to print in that order."""
+    return [summary_table(result), *_plain(summary_notes(result))]
+
+
+def _plain(lines: list[str]) -> list:
+    from rich.text import Text
+
+    return [Text(line) for line in lines]
 
 
 def _ratio_label(r: dict[str, Any]) -> str:
@@ -166,14 +173,17 @@ def _memory_lines(result: dict[str, Any]) -> list[str]:
     return [f"peak resident memory of this command: {result['peak_rss_mb']:.0f} MB (VmHWM)"]
 
 
-def print_benchmark(result: dict[str, Any]) -> None:
-    out = console()
-    out.print(benchmark_table(result))
+def benchmark_notes(result: dict[str, Any]) -> list[str]:
+    """Lines printed under the benchmark table: ratios, row notes, INT8 speed, memory, files."""
     lines = ratio_lines(result) + _notes(result) + _speed_lines(result) + _memory_lines(result)
     if result.get("json"):
         lines.append(f"written to {result['json']} and {result['md']}")
-    for line in lines:
-        out.print(line, highlight=False, markup=False)
+    return lines
+
+
+def benchmark_renderables(result: dict[str, Any]) -> list:
+    """The benchmark result for a console: its table, then its note lines (plain text)."""
+    return [benchmark_table(result), *_plain(benchmark_notes(result))]
 
 
 def benchmark_markdown(result: dict[str, Any]) -> str:

@@ -158,9 +158,7 @@ def export_tflite(job, int8: bool) -> dict[str, dict[str, Any]]:
     """
     name, threshold = job.name, job.threshold
     path = artefact_path(job.out, name, "tflite")
-    job.say(
-        f"[bold]{name}[/]: converting {job.source.name} ({job.arch}, {job.size} px) to TFLite …"
-    )
+    job.say(f"{name}: converting {job.source.name} ({job.arch}, {job.size} px) to TFLite …")
     flatbuffer = convert(job.model)
     logits = predict(tflite_predictor(tflite_interpreter(flatbuffer)), job.test_batches)
     path.unlink(missing_ok=True)  # an older file that may disagree must not survive a failure
@@ -174,7 +172,7 @@ def export_tflite(job, int8: bool) -> dict[str, dict[str, Any]]:
         return entries
     int8_path = artefact_path(job.out, name, "tflite_int8")
     calibration = job.calibration()
-    job.say(f"[bold]{name}[/]: full-integer INT8 TFLite ({len(calibration.images)} train images) …")
+    job.say(f"{name}: full-integer INT8 TFLite ({len(calibration.images)} train images) …")
     flatbuffer = convert(job.model, calibration)
     interp = tflite_interpreter(flatbuffer)
     fn = tflite_predictor(interp)

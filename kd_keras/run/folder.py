@@ -272,8 +272,8 @@ class RunFolder:
                 trust_saved_model(path, sha)
 
     def arch(self, name: str) -> str:
-        """Model `name`'s architecture as report.json, exports and the model card name it:
-        the configured one, `ensemble of k [<arch>]`, or `own teacher <file>`."""
+        """Model `name`'s architecture as report.json, exports, benchmark rows and the model
+        card name it: the configured one, `ensemble of k [<arch>]`, or `own teacher <file>`."""
         tc = self.cfg.teacher
         if name != "teacher":
             return self.cfg.student.arch

@@ -13,10 +13,11 @@ from kd_keras.deploy.benchmark import benchmark_arch, benchmark_run
 from kd_keras.deploy.rebuild import rebuild_at_size
 from kd_keras.deploy.tables import benchmark_renderables
 from kd_keras.deploy.timing import time_predictor
+from kd_keras.distill.ensemble import build_ensemble
 from kd_keras.errors import KDError
 from kd_keras.evaluation.evaluate import evaluate_run
 from kd_keras.host import has_vnni, isa_level
-from kd_keras.models.registry import build_student
+from kd_keras.models.registry import build_student, build_teacher
 from kd_keras.models.taps import image_size_of
 from kd_keras.run.folder import RunFolder
 from kd_keras.workflows.export import export_run
@@ -279,3 +280,17 @@ def test_benchmark_fresh_is_the_deprecated_name_of_benchmark_arch(tmp_path):
     ):
         with pytest.raises(KDError, match="unknown student architecture 'vgg'"):
             benchmark_fresh("resnet50", "vgg", 32, out=tmp_path, quiet=True)
+
+
+def test_rebuild_of_a_trained_ensemble_teacher_is_the_same_ensemble_at_the_new_size(
+    tmp_path, tiny_npz
+):
+    run = RunFolder(make_run(tmp_path / "ens", tiny_npz, {}))
+    run.cfg.teacher.arch, run.cfg.teacher.members, run.cfg.teacher.variant = "resnet8x3", 2, "tiny"
+    members = [build_teacher("resnet8x3", 2, 32, tiny=True) for _ in range(2)]
+    trained = build_ensemble(members)
+    assert run.arch("teacher") == "ensemble of 2 resnet8x3"
+    model, note = rebuild_at_size(run, "teacher", trained, 48, 2)
+    assert image_size_of(model) == 48 and "with the trained weights" in note
+    assert all(np.array_equal(a, b) for a, b in zip(trained.get_weights(), model.get_weights(),
+                                                   strict=True))  # fmt: skip

@@ -26,6 +26,7 @@ from kd_keras.deploy.timing import (
     onnx_loader,
     tflite_loader,
 )
+from kd_keras.distill.ensemble import build_ensemble
 from kd_keras.errors import KDError
 from kd_keras.models.flops import onnx_flops
 from kd_keras.models.registry import build_student, build_teacher
@@ -39,13 +40,19 @@ from kd_keras.runtimes import (
 
 
 def rebuild_at_size(run: RunFolder, name: str, model, size: int, num_classes: int):
-    """The same architecture at `size` px, with the trained weights when their shapes allow."""
-    arch = run.arch(name)
+    """The same architecture at `size` px, with the trained weights when their shapes allow
+    (a teacher trained as `teacher.members` members: the same ensemble of fresh members)."""
+    tc = run.cfg.teacher
+    arch = tc.arch if name == "teacher" else run.cfg.student.arch  # one member's, for ensembles
     need = MIN_IMAGE_SIZE.get(arch)
     if need and size < need:
         raise KDError(f"image size {size} is too small for {name} {arch} (needs at least {need})")
     if name == "teacher":
-        fresh = build_teacher(arch, num_classes, size, tiny=run.cfg.teacher.variant == "tiny")
+        members = [
+            build_teacher(arch, num_classes, size, tiny=tc.variant == "tiny")
+            for _ in range(tc.members)
+        ]
+        fresh = build_ensemble(members) if len(members) > 1 else members[0]
     else:
         patch = run.cfg.student.patch_size
         if arch in TOKEN_ARCHS and not patch_grid_ok(size, patch):

@@ -125,6 +125,7 @@ def test_xla_train_step_matches_the_graph_step():
     assert logs[1]["loss"] == pytest.approx(logs[0]["loss"], rel=1e-4)
 
 
+@pytest.mark.slow  # starts TensorFlow in two fresh processes
 def test_onednn_is_on_in_every_kd_keras_process():
     """A fresh process that imports kd_keras, then TensorFlow, runs oneDNN on x86 whatever
     TensorFlow's own default for the CPU is, unless the user chose (their value wins)."""

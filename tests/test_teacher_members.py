@@ -84,6 +84,7 @@ def test_members_train_with_their_own_seeds_and_the_run_teaches_their_ensemble(t
     assert state["status"] == "done" and set(state["members"]) == {"0", "1"}
 
 
+@pytest.mark.slow  # a whole member run in a subprocess
 def test_a_killed_member_run_resumes_keeping_the_finished_members(tmp_path, tiny_npz, monkeypatch):
     fit, calls = keras.Model.fit, []
 
@@ -109,6 +110,7 @@ def test_a_killed_member_run_resumes_keeping_the_finished_members(tmp_path, tiny
     assert len(ensemble_members(RunFolder(tmp_path / "m").load_model("teacher"))) == 2
 
 
+@pytest.mark.slow  # a whole member run in a subprocess
 def test_a_tampered_member_is_trained_again_not_loaded(tmp_path, tiny_npz):
     code, _, err = member_run(tmp_path, tiny_npz)
     assert code == 0, err

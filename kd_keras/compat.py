@@ -107,3 +107,13 @@ def tf2onnx_optimizers() -> dict:
     from tf2onnx import optimizer
 
     return optimizer._get_optimizers()
+
+
+def tflite_converter_error() -> type[Exception]:
+    """The exception `tf.lite.TFLiteConverter.convert` raises when conversion fails
+    (`tensorflow.lite.python.convert_phase.ConverterError`, a direct subclass of Exception).
+    Private: TensorFlow exports no public name for it, and catching Exception instead would report
+    kd_keras's own bugs (in the representative dataset, say) as conversion failures."""
+    from tensorflow.lite.python.convert_phase import ConverterError
+
+    return ConverterError

@@ -1,4 +1,5 @@
-"""File utilities: atomic writes, JSON read/write, checksums, writable-folder checks."""
+"""File utilities: atomic writes, JSON read/write, checksums, writable-folder checks, download
+failures."""
 
 from __future__ import annotations
 
@@ -6,6 +7,7 @@ import hashlib
 import json
 import os
 import tempfile
+import urllib.error
 from collections.abc import Callable
 from pathlib import Path
 
@@ -89,3 +91,17 @@ def sha256_of(path: str | os.PathLike) -> str:
 def newest_mtime(folder: Path) -> float:
     """The modification time of `folder` or of the newest entry directly inside it."""
     return max([folder.stat().st_mtime] + [f.stat().st_mtime for f in folder.iterdir()])
+
+
+# What `keras.utils.get_file` (so also `keras.applications` weights and `keras.datasets`) raises
+# when a download fails (keras/src/utils/file_utils.py): OSError for the disk and sockets, and
+# ValueError for a file that fails its hash. An HTTPError / URLError it re-raises as a plain
+# `Exception("URL fetch failure on ...")`, recognised by `is_download_error` from its context.
+DOWNLOAD_ERRORS = (OSError, ValueError)
+
+
+def is_download_error(err: BaseException) -> bool:
+    """Whether `err` is how `keras.utils.get_file` reports a failed download (not a bug)."""
+    if isinstance(err, DOWNLOAD_ERRORS):
+        return True
+    return type(err) is Exception and isinstance(err.__context__, urllib.error.URLError)

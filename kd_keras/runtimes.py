@@ -90,8 +90,20 @@ def onnx_session(path: str | os.PathLike, threads: int | None = None, provider: 
     chosen = providers(provider)
     try:
         return ort.InferenceSession(str(path), options, providers=chosen)
-    except Exception as err:  # onnxruntime raises its own exception types for bad files
+    except onnxruntime_errors() as err:
         raise KDError(f"ONNX Runtime could not load {path}: {str(err).splitlines()[0]}") from err
+
+
+def onnxruntime_errors() -> tuple[type[Exception], ...]:
+    """ONNX Runtime's status errors (`onnxruntime.capi.onnxruntime_pybind11_state`; they derive
+    from Exception only): a missing file is NoSuchFile, an empty one InvalidArgument, a foreign
+    or truncated one InvalidProtobuf; a graph it cannot run fails with the others. Its TypeError
+    and ValueError for arguments of the wrong kind are kd_keras bugs and are not among them."""
+    from onnxruntime.capi import onnxruntime_pybind11_state as state
+
+    return (state.Fail, state.InvalidArgument, state.NoSuchFile, state.NoModel,
+            state.InvalidProtobuf, state.InvalidGraph, state.NotImplemented, state.NotFound,
+            state.RuntimeException, state.EngineError, state.EPFail)  # fmt: skip
 
 
 def onnx_predictor(session) -> Predictor:
@@ -107,7 +119,7 @@ def tflite_interpreter(source: str | os.PathLike | bytes, threads: int | None = 
     kwargs = {"model_content": source} if isinstance(source, bytes) else {"model_path": str(source)}
     try:
         return Interpreter(**kwargs, num_threads=threads or default_threads())
-    except Exception as err:
+    except ValueError as err:  # LiteRT's one type for a missing, empty or foreign file
         what = "TFLite flatbuffer" if isinstance(source, bytes) else source
         reason = str(err).strip().splitlines()[0] if str(err).strip() else repr(err)
         raise KDError(f"LiteRT could not load {what}: {reason}") from err
@@ -201,6 +213,7 @@ def compare_logits(reference: np.ndarray, candidate: np.ndarray) -> dict[str, An
 def read_tflite_metadata(path: str | os.PathLike) -> dict[str, str]:
     """The kd_keras metadata of a `.tflite` file (empty when it has none)."""
     import json
+    import struct
 
     from ai_edge_litert import schema_py_generated as schema
 
@@ -210,9 +223,16 @@ def read_tflite_metadata(path: str | os.PathLike) -> dict[str, str]:
         for i in range(model.MetadataLength()):
             entry = model.Metadata(i)
             if entry.Name() == TFLITE_METADATA_KEY.encode():
-                raw = model.Buffers(entry.Buffer()).DataAsNumpy().tobytes()
-                return json.loads(raw.decode("utf-8"))
-    except Exception as err:  # a truncated or foreign file
+                buffer = model.Buffers(entry.Buffer())
+                raw = buffer.DataAsNumpy() if buffer is not None else 0
+                if isinstance(raw, int):  # flatbuffers' 0 for a vector that is not there
+                    raise KDError(f"{path} is not a readable .tflite file: its "
+                                  f"{TFLITE_METADATA_KEY} metadata entry has no data")  # fmt: skip
+                return json.loads(raw.tobytes().decode("utf-8"))
+    # what flatbuffers raised on ~2,000 truncated and bit-flipped files: struct.error (an offset
+    # past the end), TypeError (an offset out of range, `enforce_number`), ValueError (a vector
+    # past the end; JSON and UTF-8 errors of the metadata)
+    except (struct.error, TypeError, ValueError) as err:
         raise KDError(f"{path} is not a readable .tflite file: {err}") from err
     return {}
 
@@ -222,9 +242,11 @@ def file_metadata(path: str | os.PathLike) -> dict[str, str]:
     what its suffix says is a `KDError` naming it."""
     if Path(path).suffix == ".tflite":
         return read_tflite_metadata(path)
+    from google.protobuf.message import DecodeError
+
     try:
         return read_metadata(path)
-    except Exception as err:  # onnx raises DecodeError and friends on a foreign file
+    except (DecodeError, OSError) as err:  # onnx.load on a foreign file; an unreadable one
         raise KDError(f"{path} is not a readable ONNX file: {err}") from err
 
 

@@ -193,3 +193,14 @@ def run_cli(*args: str) -> tuple[int, str, str]:
         except SystemExit as exit_:
             code = exit_.code if isinstance(exit_.code, int) else (0 if exit_.code is None else 1)
     return code, out.getvalue(), err.getvalue()
+
+
+def url_fetch_failure(*args, **kwargs):
+    """Raise what keras.utils.get_file raises when a download fails: a plain Exception whose
+    context is urllib's URLError (keras/src/utils/file_utils.py)."""
+    import urllib.error
+
+    try:
+        raise urllib.error.URLError("Name or service not known")
+    except urllib.error.URLError as err:
+        raise Exception(f"URL fetch failure on https://example.invalid: {err.reason}")  # noqa: B904

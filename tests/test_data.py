@@ -1,6 +1,6 @@
 import numpy as np
 import pytest
-from conftest import write_cifar_batches, write_images
+from conftest import url_fetch_failure, write_cifar_batches, write_images
 
 from kd_keras.config import AugmentConfig, DataConfig
 from kd_keras.data.pipeline import make_dataset, training_steps
@@ -123,3 +123,50 @@ def test_the_run_seed_reaches_every_augmentation(tiny_npz):
                            epochs=3)  # fmt: skip
     for k, (x, _) in enumerate(resumed.take(2 * steps)):
         np.testing.assert_array_equal(x.numpy(), stream[steps + k], err_msg="resumed stream")
+
+
+def _bug(exc_type):
+    def raise_bug(*args, **kwargs):
+        raise exc_type("bug")
+
+    return raise_bug
+
+
+def test_failed_downloads_are_user_errors_and_bugs_keep_their_type(tmp_path, monkeypatch):
+    import keras
+
+    monkeypatch.delenv("KD_KERAS_DATA_DIR", raising=False)
+    monkeypatch.setattr(keras.utils, "get_file", url_fetch_failure)
+    with pytest.raises(KDError, match="could not download pneumoniamnist.npz .URL fetch failure"):
+        resolve_medmnist_path("pneumoniamnist", 28, None)
+    monkeypatch.setattr(keras.utils, "get_file", _bug(ValueError))  # a file failing its md5
+    with pytest.raises(KDError, match="could not download pneumoniamnist.npz .bug"):
+        resolve_medmnist_path("pneumoniamnist", 28, None)
+    monkeypatch.setattr(keras.utils, "get_file", _bug(TypeError))
+    with pytest.raises(TypeError, match="bug"):
+        resolve_medmnist_path("pneumoniamnist", 28, None)
+
+    monkeypatch.setattr(keras.datasets.cifar10, "load_data", url_fetch_failure)
+    with pytest.raises(KDError, match="could not download CIFAR-10"):
+        load_splits(DataConfig(source="cifar10"))
+    monkeypatch.setattr(keras.datasets.cifar10, "load_data", _bug(TypeError))
+    with pytest.raises(TypeError, match="bug"):
+        load_splits(DataConfig(source="cifar10"))
+
+
+def test_cifar_batches_of_another_layout_are_user_errors_and_bugs_keep_their_type(
+    tmp_path, monkeypatch
+):
+    import pickle
+
+    import kd_keras.data.sources
+
+    folder = write_cifar_batches(tmp_path / "cifar")
+    batch = folder / "data_batch_2"
+    for content in ([1, 2, 3], {b"data": np.zeros((2, 5)), b"labels": [0, 1]}):
+        batch.write_bytes(pickle.dumps(content))
+        with pytest.raises(KDError, match="CIFAR-10 batch .*data_batch_2 is not readable"):
+            load_splits(DataConfig(source="cifar10", path=str(folder)))
+    monkeypatch.setattr(kd_keras.data.sources.pickle, "load", _bug(AssertionError))
+    with pytest.raises(AssertionError, match="bug"):
+        load_splits(DataConfig(source="cifar10", path=str(folder)))

@@ -204,3 +204,23 @@ def test_fmt_is_the_deprecated_name_of_formats(tmp_path):
     with pytest.warns(DeprecationWarning, match=r"export_run\(fmt=...\) is deprecated"):
         with pytest.raises(KDError, match="unknown export format 'coreml'; valid: onnx, tflite"):
             export_run(tmp_path, fmt="coreml")
+
+
+def test_tf2onnx_failures_are_user_errors_and_bugs_keep_their_type(tmp_path, monkeypatch):
+    import tf2onnx
+
+    from kd_keras.deploy.onnx import to_onnx
+
+    def failing(error):
+        def from_keras(*args, **kwargs):
+            raise error
+
+        return from_keras
+
+    monkeypatch.setattr(tf2onnx.convert, "from_keras", failing(ValueError("make_sure failure")))
+    with pytest.raises(KDError, match="tf2onnx could not convert 'tiny': make_sure failure"):
+        to_onnx(tiny_classifier(), tmp_path / "m.onnx")
+    monkeypatch.setattr(tf2onnx.convert, "from_keras", failing(TypeError("bug")))
+    with pytest.raises(TypeError, match="bug"):
+        to_onnx(tiny_classifier(), tmp_path / "m.onnx")
+    assert not (tmp_path / "m.onnx").exists()

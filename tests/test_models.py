@@ -6,7 +6,7 @@ from pathlib import Path
 import keras
 import numpy as np
 import pytest
-from conftest import PATCH, SIZE, build
+from conftest import PATCH, SIZE, build, url_fetch_failure
 
 from kd_keras import compat
 from kd_keras.errors import KDError
@@ -195,3 +195,50 @@ def test_every_registered_architecture_has_its_facts():
     # every convolutional student can also be trained as the teacher (teacher.members)
     convolutional = tuple(a for a in STUDENTS if a not in TOKEN_ARCHS)
     assert TEACHER_ARCHS == tuple(TEACHERS) + convolutional
+
+
+def _bug(exc_type, message="bug"):
+    def raise_bug(*args, **kwargs):
+        raise exc_type(message)
+
+    return raise_bug
+
+
+def test_bugs_while_loading_or_fetching_weights_keep_their_type(tmp_path, monkeypatch):
+    """Only the exception types Keras and keras-hub raise for a bad file or a failed download
+    become a KDError; any other type (a bug) keeps its own exception and traceback."""
+    import zipfile
+
+    import keras_hub
+
+    from kd_keras.models.backbones import hub_backbone
+
+    # a .keras archive without config.json: Keras raises KeyError, a user error
+    with zipfile.ZipFile(tmp_path / "noconfig.keras", "w") as archive:
+        archive.writestr("metadata.json", "{}")
+    with pytest.raises(KDError, match="noconfig.keras could not be loaded: .*config.json"):
+        load_model(tmp_path / "noconfig.keras")
+    monkeypatch.setattr(keras.saving, "load_model", _bug(AttributeError))
+    with pytest.raises(AttributeError, match="bug"):
+        load_model(tmp_path / "noconfig.keras")
+
+    monkeypatch.setattr(keras.applications, "ResNet50", url_fetch_failure)
+    with pytest.raises(KDError, match="could not load ImageNet weights for resnet50"):
+        build_teacher("resnet50", 2, 32, weights="imagenet")
+    monkeypatch.setattr(keras.applications, "ResNet50", _bug(TypeError))
+    with pytest.raises(TypeError, match="bug"):
+        build_teacher("resnet50", 2, 32, weights="imagenet")
+
+    (tmp_path / "empty_preset").mkdir()
+    with pytest.raises(KDError, match="could not load student.weights = .*empty_preset.*config"):
+        hub_backbone(keras_hub.models.ViTBackbone, "vit", str(tmp_path / "empty_preset"),
+                     "vit_small", "student.weights")  # fmt: skip
+
+    class Broken:
+        from_preset = staticmethod(_bug(TypeError))
+
+    with pytest.raises(TypeError, match="bug"):
+        hub_backbone(Broken, "vit", "imagenet", "vit_small", "student.weights")
+    Broken.from_preset = staticmethod(_bug(OSError, "Max retries exceeded"))
+    with pytest.raises(KDError, match="ImageNet weights for vit_small .Max retries exceeded"):
+        hub_backbone(Broken, "vit", "imagenet", "vit_small", "student.weights")

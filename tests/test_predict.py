@@ -141,3 +141,30 @@ def test_recipes():
     assert folder["crop"] is None and describe_recipe(folder) == (
         "folder: decode to RGB, resize to 224x224 (bilinear)"
     )
+
+
+def test_unreadable_images_are_reported_and_bugs_keep_their_type(tmp_path, monkeypatch):
+    """PIL's and TensorFlow's errors for a broken file are `decode_errors`; any other exception
+    while reading an image (a bug) stops `predict` with its own type and traceback."""
+    import kd_keras.deploy.predict
+    from kd_keras.data.images import decode_errors, decode_file
+    from kd_keras.deploy.predict import predict_files, source_pixels
+
+    good, bad = tmp_path / "good.png", tmp_path / "bad.png"
+    Image.fromarray(np.random.default_rng(0).integers(0, 255, (40, 40), np.uint8)).save(good)
+    bad.write_bytes(good.read_bytes()[:800])  # truncated
+    for recipe in ({"color": "grey"}, {}):
+        with pytest.raises(decode_errors()):
+            source_pixels(bad, recipe)
+    with pytest.raises(decode_errors()):
+        decode_file(str(tmp_path / "missing.png")).numpy()
+
+    model = tmp_path / "m.keras"
+    tiny_classifier().save(model)
+
+    def bug(path, recipe):
+        raise KeyError("bug")
+
+    monkeypatch.setattr(kd_keras.deploy.predict, "source_pixels", bug)
+    with pytest.raises(KeyError, match="bug"):
+        predict_files(model, [good], out=None, quiet=True)

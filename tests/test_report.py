@@ -129,6 +129,20 @@ def test_a_broken_report_never_fails_evaluation(tiny_run, monkeypatch, capsys):
     assert "report.html not written (ValueError: boom)" in out and "cli.py report" in out
 
 
+def test_a_bug_in_the_report_is_not_swallowed(monkeypatch):
+    """Files it cannot read or write are warnings (above); any other exception is a bug and keeps
+    its type and traceback."""
+    import kd_keras.workflows.distill
+    from kd_keras.workflows.distill import write_report_after_evaluation
+
+    def bug(run):
+        raise TypeError("bug")
+
+    monkeypatch.setattr(kd_keras.workflows.distill, "write_run_report", bug)
+    with pytest.raises(TypeError, match="bug"):
+        write_report_after_evaluation(object())
+
+
 def test_cli_report_rebuilds_and_old_runs_get_notes(tmp_path, tiny_npz):
     folder = make_run(tmp_path / "old", tiny_npz, {"student": tiny_classifier()})
     code, out, err = run_cli("report", "--run", str(folder))

@@ -229,3 +229,33 @@ def test_own_teacher_end_to_end(trained_symmetric_teacher, real_npz, tmp_path):
     assert report["models"]["student"]["image_size"] == 32
     assert report["models"]["teacher"]["val"]["balanced_accuracy"] > 0.7
     assert "| student |" in out
+
+
+def test_bugs_while_loading_a_teacher_keep_their_type(tmp_path, monkeypatch):
+    """A SavedModel or preset that cannot be read is a KDError; any other exception raised
+    while loading it (a bug) keeps its own type and traceback."""
+    import keras_hub
+
+    def bug(*args, **kwargs):
+        raise TypeError("bug")
+
+    folder = tmp_path / "garbage"
+    folder.mkdir()
+    (folder / "saved_model.pb").write_bytes(np.random.default_rng(0).bytes(500))
+    with pytest.raises(KDError, match="garbage is not a readable SavedModel: Cannot parse"):
+        load_teacher(str(folder))
+
+    class NoSignature(tf.Module):
+        @tf.function(input_signature=[tf.TensorSpec([None], tf.float32)])
+        def f(self, x):
+            return x
+
+    tf.saved_model.save(NoSignature(), str(tmp_path / "nosig"), signatures={})
+    with pytest.raises(KDError, match="nosig is not a readable SavedModel: 'serving_default'"):
+        load_teacher(str(tmp_path / "nosig"))
+    monkeypatch.setattr(tf.saved_model, "load", bug)
+    with pytest.raises(TypeError, match="bug"):
+        load_teacher(str(folder))
+    monkeypatch.setattr(keras_hub.models.ImageClassifier, "from_preset", bug)
+    with pytest.raises(TypeError, match="bug"):
+        load_teacher("kaggle://nobody/no-such-model/keras/none")

@@ -99,3 +99,27 @@ def test_cli_exports_both_formats_and_needs_one(tmp_path, real_npz):
     assert "student.onnx" in out and "student.tflite" in out and "PASS" in out
     code, _, err = run_cli("export", "--run", str(run))
     assert code == 2 and "choose a format: --onnx and/or --tflite" in err
+
+
+def test_conversion_failures_are_user_errors_and_bugs_keep_their_type():
+    """The converter's own errors (ConverterError; RuntimeError from the calibrator) name the
+    model; any other exception while converting (a bug) keeps its type and traceback."""
+    from kd_keras import compat
+    from kd_keras.deploy import tflite
+    from kd_keras.errors import KDError
+
+    with pytest.raises(KDError, match="TFLite could not convert 'tiny': .*resize"):
+        tflite.convert(tiny_classifier(), [np.zeros((2, 8, 8, 3), "float32")])  # wrong size
+
+    class Converter:
+        def __init__(self, error):
+            self.error = error
+
+        def convert(self):
+            raise self.error
+
+    failure = compat.tflite_converter_error()("op not supported")
+    with pytest.raises(KDError, match="TFLite could not convert 'm': op not supported"):
+        tflite._convert(Converter(failure), "m", None)
+    with pytest.raises(TypeError, match="bug"):
+        tflite._convert(Converter(TypeError("bug")), "m", None)

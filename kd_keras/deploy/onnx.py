@@ -163,7 +163,10 @@ def to_onnx(
                 model, input_signature=spec, opset=opset, custom_op_handlers=CUSTOM_OP_HANDLERS,
                 optimizers=_collecting_optimizers(),
             )  # fmt: skip
-        except Exception as err:
+        # tf2onnx's checks (`make_sure`) raise ValueError, its op handlers RuntimeError and
+        # NotImplementedError; tracing the model raises ValueError or op errors. Any other type
+        # (in kd_keras's custom op handlers or optimizer wrappers, say) is a bug.
+        except (ValueError, RuntimeError, tf.errors.OpError) as err:
             raise KDError(f"tf2onnx could not convert {model.name!r}: {err}") from err
     _finish_graph(model_proto)
     set_onnx_metadata(model_proto, metadata or {})

@@ -32,7 +32,7 @@ from typing import Any
 
 import numpy as np
 
-from kd_keras.data.images import decode_file, list_images
+from kd_keras.data.images import decode_errors, decode_file, list_images
 from kd_keras.data.pipeline import make_dataset
 from kd_keras.data.sources import Split
 from kd_keras.errors import KDError
@@ -240,10 +240,11 @@ def predict_files(
     fn = keras_predictor(info["model"]) if info["model"] else load_predictor(path, threads)
 
     pixels, errors = {}, {}
+    unreadable = decode_errors()
     for i, file in enumerate(files):
         try:
             pixels[i] = source_pixels(file, recipe)
-        except Exception as err:  # PIL and TensorFlow raise many types for unreadable files
+        except unreadable as err:
             reason = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
             errors[i] = f"unreadable image: {reason[:200]}"
     good = sorted(pixels)

@@ -29,6 +29,7 @@ from typing import Any
 
 import numpy as np
 
+from kd_keras import compat
 from kd_keras.errors import KDError
 from kd_keras.io import atomic_write
 from kd_keras.models.taps import image_size_of
@@ -99,7 +100,9 @@ def _convert(converter, name: str, calibration: Iterable | None) -> bytes:
         converter.inference_output_type = tf.int8
     try:
         return converter.convert()
-    except Exception as err:  # the converter raises ConverterError and friends
+    # ConverterError (MLIR conversion), RuntimeError (the calibrator, e.g. on images of another
+    # size), ValueError (the converter's own checks); the representative dataset's bugs pass
+    except (compat.tflite_converter_error(), RuntimeError, ValueError) as err:
         reason = str(err).strip().splitlines()[0][:300] if str(err).strip() else repr(err)
         raise KDError(f"TFLite could not convert {name!r}: {reason}") from err
 

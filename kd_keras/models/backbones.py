@@ -9,6 +9,7 @@ from pathlib import Path
 import keras
 
 from kd_keras.errors import KDError
+from kd_keras.io import is_download_error
 from kd_keras.models.layers import ImagePreprocessing
 
 
@@ -21,6 +22,21 @@ def weights_failed(arch: str, weights: str, err: Exception, key: str) -> KDError
             f'or use {key} = "none" to train from scratch'
         )
     return KDError(f"could not load {key} = {weights!r} for {arch}: {reason}")
+
+
+def preset_errors() -> tuple[type[Exception], ...]:
+    """What keras-hub's `from_preset` raises for a preset it cannot find, download or read
+    (keras_hub/src/utils/preset_utils.py, tried offline and on broken folders): ValueError (an
+    unknown name, no config.json, bad JSON), OSError (requests' and huggingface_hub's network
+    errors, FileNotFoundError) and kagglehub's own errors (credentials, backend, not found),
+    which derive from Exception only."""
+    try:
+        from kagglehub import exceptions as kaggle
+    except ImportError:  # keras-hub without kagglehub: Kaggle presets cannot be downloaded
+        return (ValueError, OSError)
+    return (ValueError, OSError, kaggle.CredentialError, kaggle.KaggleEnvironmentError,
+            kaggle.BackendError, kaggle.NotFoundError, kaggle.DataCorruptionError,
+            kaggle.UnauthenticatedError)  # fmt: skip
 
 
 def check_weights_path(weights: str, key: str) -> None:
@@ -45,7 +61,11 @@ def keras_application(app, arch, prep_mode, num_classes, image_size, weights,
     else:
         try:
             base = app(include_top=False, weights=weights, input_tensor=x)
-        except Exception as err:  # download and file errors surface as many types
+        except Exception as err:
+            # a failed download (keras.utils.get_file) or a local file Keras cannot read
+            # (OSError from h5py, ValueError for another format or other layers); else a bug
+            if not is_download_error(err):
+                raise
             raise weights_failed(arch, weights, err, key) from err
     pooled = keras.layers.GlobalAveragePooling2D(name="avg_pool")(base.output)
     return classifier_head(inputs, pooled, num_classes, name=arch, dropout=dropout)
@@ -66,5 +86,5 @@ def hub_backbone(cls, preset: str, weights: str, arch: str, key: str, **config):
     named = {"name": config["name"]} if "name" in config else {}
     try:
         return cls.from_preset(preset if weights == "imagenet" else weights, **named)
-    except Exception as err:
+    except preset_errors() as err:
         raise weights_failed(arch, weights, err, key) from err

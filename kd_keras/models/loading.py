@@ -5,6 +5,7 @@ declared input scaling and outputs.
 from __future__ import annotations
 
 import re
+import zipfile
 from pathlib import Path
 
 import keras
@@ -12,10 +13,18 @@ import keras
 from kd_keras import compat
 from kd_keras.errors import KDError
 from kd_keras.io import sha256_of
+from kd_keras.models.backbones import preset_errors
 
 # importing kd_keras.models.layers registers the layers kd_keras writes, for load_model
 from kd_keras.models.layers import ImagePreprocessing
 from kd_keras.models.taps import all_layers, model_output
+
+# What `keras.saving.load_model` raised on broken `.keras` archives (tried one by one): KeyError
+# (no config.json in the zip), ValueError (bad JSON, unknown keyword arguments, no weights file,
+# an unsafe Lambda), TypeError (a class it cannot locate or deserialise), OSError (a truncated or
+# foreign weights file, from h5py), BadZipFile (a corrupt zip member); KDError is a kd_keras
+# layer refusing its config. Any other type is a bug and keeps its traceback.
+KERAS_LOAD_ERRORS = (KeyError, ValueError, TypeError, OSError, zipfile.BadZipFile, KDError)
 
 
 def load_model(path: str | Path, what: str = "model") -> keras.Model:
@@ -23,8 +32,6 @@ def load_model(path: str | Path, what: str = "model") -> keras.Model:
     unreadable, or would need unsafe loading (a `Lambda` layer's Python code, Keras's own
     `TFSMLayer`): such a file is refused, never run. A teacher view around a SavedModel holds
     `SavedModelTeacher` (below), which loads only a SavedModel the run checked."""
-    import zipfile
-
     import keras_hub  # noqa: F401  (registers keras-hub layers)
 
     path = Path(path)
@@ -35,7 +42,7 @@ def load_model(path: str | Path, what: str = "model") -> keras.Model:
                       "(corrupt, truncated or another format)")  # fmt: skip
     try:
         return keras.saving.load_model(path, compile=False, safe_mode=True)
-    except Exception as err:  # Keras reports unreadable files with many exception types
+    except KERAS_LOAD_ERRORS as err:
         ours = _kd_error_in(err)
         if ours is not None:  # raised by a kd_keras layer while loading: already one line
             raise KDError(f"{what} file {path}: {ours}") from err
@@ -211,7 +218,7 @@ def _load_preset(handle: str) -> keras.Model:
 
     try:
         classifier = keras_hub.models.ImageClassifier.from_preset(handle)
-    except Exception as err:  # network and format errors surface as many types
+    except preset_errors() as err:  # network and format errors
         reason = str(err).strip().splitlines()[0][:200] if str(err).strip() else type(err)
         raise KDError(
             f"could not load the keras-hub preset teacher.path = {handle!r} ({reason}); without "
@@ -230,8 +237,13 @@ def _load_saved_model(path: Path) -> keras.Model:
 
     try:
         loaded = tf.saved_model.load(str(path))
+    # what it raised on broken folders: OSError (no or an unparsable saved_model.pb, missing
+    # variables), IndexError (truncated variables); ValueError and op errors from its own checks
+    except (OSError, ValueError, IndexError, tf.errors.OpError) as err:
+        raise KDError(f"teacher.path {path} is not a readable SavedModel: {err}") from err
+    try:
         signature = loaded.signatures["serving_default"]
-    except Exception as err:  # TensorFlow raises many types for unreadable folders
+    except KeyError as err:  # a SavedModel without a serving signature
         raise KDError(f"teacher.path {path} is not a readable SavedModel: {err}") from err
     specs = tf.nest.flatten(signature.structured_input_signature)
     if len(specs) != 1 or specs[0].shape.rank != 4:

@@ -21,14 +21,15 @@ logger = logging.getLogger(__name__)
 
 
 def write_report_after_evaluation(run: RunFolder) -> Path | None:
-    """`report.html` of a just-evaluated run. The metrics are already saved: a failure here
-    is printed as a warning and never fails the evaluation (the `report` command retries it)."""
+    """`report.html` of a just-evaluated run. The metrics are already saved: a file the report
+    cannot read or write is printed as a warning and does not fail the evaluation (the `report`
+    command retries it); a bug in the report keeps its own exception and traceback."""
     try:
         return write_run_report(run)
-    # Broad on purpose: report.html is a best-effort view of metrics already saved, and no
-    # failure while drawing it (matplotlib, an odd report.json) may fail the evaluation. The
-    # traceback goes to the debug log, so a bug in the report is still visible.
-    except Exception as err:  # noqa: BLE001
+    # Not a record-then-re-raise (it swallows), so not broad: OSError (writing the page, reading
+    # a figure's data), ValueError (matplotlib on odd values, JSON), KDError (a run file the user
+    # can fix). The traceback goes to the debug log.
+    except (OSError, ValueError, KDError) as err:
         logger.debug("writing %s failed", run.report_html_path, exc_info=True)
         logger.warning(f"warning: {run.report_html_path} not written "
                        f"({type(err).__name__}: {err}); "

@@ -71,6 +71,8 @@ class AugmentConfig:
     horizontal_flip: bool = _spec(True, kind=bool, help="Random left-right flip (training).")
     color_jitter: float = _spec(0.2, kind=float, lo=0.0, hi=1.0,
         help="Random brightness (± j·255) and contrast (1 ± j); 0: off.")
+    mixup: float = _spec(0.0, kind=float, lo=0.0, hi=10.0, help="MixUp strength a: each "
+        "training image blended with another of its batch, weight ~ Beta(a, a); 0: off.")
 
 
 @dataclass

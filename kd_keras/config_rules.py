@@ -55,6 +55,12 @@ def check_consistency(cfg: Any) -> None:
         )
     if cfg.data.source in ("folder", "csv") and not cfg.data.path:
         raise KDError(f"config key data.path is required when data.source = {cfg.data.source!r}")
+    if cfg.augment.mixup > 0 and cfg.teacher.cache in ("memory", "disk"):
+        raise KDError(
+            f"config keys augment.mixup = {cfg.augment.mixup} and teacher.cache = "
+            f"{cfg.teacher.cache!r} contradict each other (the teacher must label each mixed "
+            'image); set teacher.cache = "auto" or "off", or augment.mixup = 0'
+        )
     _check_teacher_sources(cfg.teacher)
 
 

@@ -92,6 +92,14 @@ class Distiller(keras.Model):
         ensemble_features: with a teacher ensemble (`kd_keras.distill.ensemble`), match the
             feature map of every member, each through its own adapter (`"all"`), or of member i
             only (i).
+        mixup: MixUp strength a (Zhang et al., 2018), 0 turns it off. Each training image is
+            blended with a partner from its batch, weight lam ~ Beta(a, a) folded to
+            max(lam, 1 - lam); the CE term mixes both labels by lam, sample weights mix alike,
+            and the teacher labels the mixed image itself (function matching: Beyer et al.,
+            2022, "Knowledge distillation: a good teacher is patient and consistent").
+            Needs the teacher to run in the step (no cached teacher outputs).
+        mixup_seed: seed of the MixUp draws; they are stateless in (mixup_seed, step), so a
+            resumed run mixes as the uninterrupted one would.
 
     Each model sees the batch at its own input size: images are resized (bilinear, antialiased)
     for the student and for the teacher when their input size differs from the batch's, so a
@@ -123,6 +131,8 @@ class Distiller(keras.Model):
         teacher_feature_layer: str | None = None,
         student_feature_layer: str | None = None,
         ensemble_features: str | int = "all",
+        mixup: float = 0.0,
+        mixup_seed: int = 0,
         **kwargs,
     ):
         super().__init__(**kwargs)
@@ -134,6 +144,8 @@ class Distiller(keras.Model):
             raise ValueError(f"beta must be >= 0, got {beta}")
         if l2_weight_decay < 0:
             raise ValueError(f"l2_weight_decay must be >= 0, got {l2_weight_decay}")
+        if mixup < 0:
+            raise ValueError(f"mixup must be >= 0, got {mixup}")
         if mode not in MODES:
             raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
         if feature_norm not in FEATURE_NORMS:
@@ -171,6 +183,8 @@ class Distiller(keras.Model):
         self.teacher_feature_layer = teacher_feature_layer
         self.student_feature_layer = student_feature_layer
         self.ensemble_features = ensemble_features
+        self.mixup = float(mixup)
+        self.mixup_seed = int(mixup_seed)
         self.uses_teacher = teacher is not None and (alpha < 1.0 or beta > 0.0)
         if teacher is not None:
             teacher.trainable = False  # frozen whether or not a term uses it
@@ -254,7 +268,9 @@ class Distiller(keras.Model):
         images, _ = self._split_inputs(inputs)
         return self.student(self._at_size(images, self.student), training=training)
 
-    def compute_terms(self, y, student_out, teacher_out, sample_weight=None, count=None) -> dict:
+    def compute_terms(
+        self, y, student_out, teacher_out, sample_weight=None, count=None, mix=None
+    ) -> dict:
         """The loss and its weighted terms for one batch (scalar tensors).
 
         `student_out` and `teacher_out` are the dicts of `_student_graph` and `teacher_outputs`.
@@ -262,12 +278,20 @@ class Distiller(keras.Model):
         `count`, the global batch size when this batch is one replica's part of it, every term
         is this replica's share (weighted sum / count; regularisation / replicas): the shares
         sum over the replicas to the terms of the global batch (`kd_keras.distill.distribute`).
+        With `mix`, the (partner labels, per-image weights lam) of a MixUp batch
+        (`mix_batch`), the CE term is lam * CE(y) + (1 - lam) * CE(partner labels); pass the
+        mixed sample weights.
         """
         ce_logits, kd_logits = student_out["ce_logits"], student_out["kd_logits"]
         kd_weight = sample_weight if self.weight_distillation else None
         if self.logit_adjustment is not None:
             ce_logits = ce_logits + ops.convert_to_tensor(self.logit_adjustment, "float32")
-        ce = losses.weighted_mean(losses.cross_entropy(y, ce_logits), sample_weight, count)
+        per_image = losses.cross_entropy(y, ce_logits)
+        if mix is not None:
+            partner_y, lam = mix
+            lam = ops.reshape(ops.cast(lam, "float32"), (-1,))
+            per_image = lam * per_image + (1.0 - lam) * losses.cross_entropy(partner_y, ce_logits)
+        ce = losses.weighted_mean(per_image, sample_weight, count)
         total = self.alpha * ce
         terms = {"ce": ce}
         if self.uses_teacher and self.alpha < 1.0:
@@ -332,10 +356,35 @@ class Distiller(keras.Model):
         out = self._teacher_graph(self._at_size(images, self.teacher), training=False)
         return {k: tf.stop_gradient(v) for k, v in out.items()}
 
-    def _replica_terms(self, y, student_out, teacher_out, sample_weight) -> dict:
+    def _replica_terms(self, y, student_out, teacher_out, sample_weight, mix=None) -> dict:
         """This replica's shares of the global batch's terms (the terms on one device)."""
         count = distribute.global_count(y)
-        return self.compute_terms(y, student_out, teacher_out, sample_weight, count=count)
+        return self.compute_terms(y, student_out, teacher_out, sample_weight, count=count, mix=mix)
+
+    def mix_batch(self, images, y, sample_weight, step) -> tuple:
+        """MixUp of one batch: (mixed images, sample weights, (partner labels, lam)).
+
+        Image i is blended with image perm[i] of the same batch, lam_i * x_i + (1 - lam_i) *
+        x_perm[i], lam_i ~ Beta(mixup, mixup) folded to max(lam, 1 - lam) so the image keeps
+        its own label as the larger share (and `accuracy` stays meaningful). Sample weights mix
+        by the same lam (None stays None). The draws are stateless in (`mixup_seed`, `step`).
+        """
+        n = ops.shape(images)[0]
+        seed = tf.stack([tf.constant(self.mixup_seed, tf.int64), tf.cast(step, tf.int64)])
+        seeds = tf.random.experimental.stateless_split(seed, num=3)
+        a = tf.constant(self.mixup, tf.float32)
+        g1 = tf.random.stateless_gamma([n], seed=seeds[0], alpha=a)
+        g2 = tf.random.stateless_gamma([n], seed=seeds[1], alpha=a)
+        lam = g1 / tf.maximum(g1 + g2, 1e-12)
+        lam = tf.maximum(lam, 1.0 - lam)
+        perm = tf.argsort(tf.random.stateless_uniform([n], seed=seeds[2]))
+        shape = [-1] + [1] * (len(images.shape) - 1)
+        lam_x = tf.cast(tf.reshape(lam, shape), images.dtype)
+        mixed = lam_x * images + (1.0 - lam_x) * tf.gather(images, perm)
+        if sample_weight is not None:
+            w = tf.cast(tf.reshape(sample_weight, (-1,)), tf.float32)
+            sample_weight = lam * w + (1.0 - lam) * tf.gather(w, perm)
+        return mixed, sample_weight, (tf.gather(y, perm), lam)
 
     def _update_metrics(self, y, student_out, shares, sample_weight):
         """Every tracker gets the global batch's value, whichever replica updates it."""
@@ -363,12 +412,20 @@ class Distiller(keras.Model):
 
     def train_step(self, data):
         x, y, sample_weight = keras.utils.unpack_x_y_sample_weight(data)
+        images, cached = self._split_inputs(x)
+        mix = None
+        if self.mixup > 0:
+            if cached is not None:
+                raise ValueError("MixUp needs the teacher to label each mixed image: train "
+                                 "without cached teacher outputs")  # fmt: skip
+            images, sample_weight, mix = self.mix_batch(images, y, sample_weight,
+                                                        self.optimizer.iterations)  # fmt: skip
+            x = images  # the teacher sees the mixed images too
         teacher_out = self.teacher_outputs(x)
-        images, _ = self._split_inputs(x)
         variables = self.trained_variables
         with tf.GradientTape() as tape:
             student_out = self.student_outputs(images, training=True)
-            shares = self._replica_terms(y, student_out, teacher_out, sample_weight)
+            shares = self._replica_terms(y, student_out, teacher_out, sample_weight, mix)
             # float16 training: a LossScaleOptimizer scales here and unscales in apply
             scaled = self.optimizer.scale_loss(shares["loss"])
         # Keras 3's TF optimizer SUMS the replicas' gradients; the shares sum to the global loss
@@ -402,6 +459,8 @@ class Distiller(keras.Model):
             "teacher_feature_layer": self.teacher_feature_layer,
             "student_feature_layer": self.student_feature_layer,
             "ensemble_features": self.ensemble_features,
+            "mixup": self.mixup,
+            "mixup_seed": self.mixup_seed,
         }
 
     @classmethod

@@ -97,7 +97,8 @@ def fit_stage(
         l2_weight_decay=tc.weight_decay if tc.weight_decay_mode == "l2" else 0.0,
         teacher_feature_layer=teacher_feature_layer,
         student_feature_layer=cfg.student.feature_layer,
-        ensemble_features=cfg.teacher.ensemble_features, name=f"{stage}_trainer",
+        ensemble_features=cfg.teacher.ensemble_features, mixup=cfg.augment.mixup,
+        mixup_seed=cfg.run.seed, name=f"{stage}_trainer",
     )  # fmt: skip
     size, batch = cfg.data.image_size, cfg.data.batch_size
     # the batch is loaded at the larger of the two resolutions; the Distiller resizes it down
@@ -135,6 +136,8 @@ def fit_stage(
     kd = ""
     if stage == "distill" and alpha < 1.0:
         kd = f", {dc.mode} KD" + (f" at T {dc.temperature}" if dc.mode != "hard" else "")
+    if cfg.augment.mixup > 0:
+        kd += f", MixUp {cfg.augment.mixup}"
     logger.info(f"\n== stage {stage}: {classifier.name}, {classifier.count_params():,} parameters, "
                 f"{epochs} epochs, lr {learning_rate}, alpha {alpha}, beta {beta}{kd}")  # fmt: skip
     history = HistoryCSV(run.history_path(stage))
@@ -187,7 +190,7 @@ def check_not_chance(stage: str, result: StageResult, cfg: Config, splits: Split
 
 def _augments(cfg: Config) -> bool:
     a = cfg.augment
-    return a.random_resized_crop or a.horizontal_flip or a.color_jitter > 0
+    return a.random_resized_crop or a.horizontal_flip or a.color_jitter > 0 or a.mixup > 0
 
 
 def _teacher_cache(cfg: Config, model: Distiller, splits: Splits, size: int, run: RunFolder):

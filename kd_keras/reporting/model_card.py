@@ -155,6 +155,8 @@ def _preprocessing(run: RunFolder) -> list[str]:
         augment.append("horizontal flip")
     if aug.color_jitter:
         augment.append(f"colour jitter {aug.color_jitter}")
+    if aug.mixup:
+        augment.append(f"MixUp (Beta({aug.mixup}, {aug.mixup}))")
     return [
         "## Preprocessing",
         "",

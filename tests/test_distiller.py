@@ -215,3 +215,24 @@ def test_registered_losses_train_through_the_distiller(pair, mode, feature):
     assert float(terms["kd"]) == pytest.approx(float(expected_kd), rel=1e-4)
     again = Distiller.from_config(d.get_config())
     assert (again.mode, again.feature_loss) == (mode, feature)
+
+
+def test_fit_traces_the_train_step_once(pair, monkeypatch):
+    """The optimizer is built before the first step: a step that creates variables would be
+    traced twice (each trace of a real-size model costs seconds to tens of seconds)."""
+    teacher, student = pair
+    traces = []
+    original = Distiller.train_step
+
+    def counted(self, data):
+        traces.append(1)
+        return original(self, data)
+
+    monkeypatch.setattr(Distiller, "train_step", counted)
+    d = Distiller(student, teacher, alpha=0.5, temperature=4.0)
+    d.compile(optimizer="adam")
+    x = np.concatenate([X] * 3)[:20]  # 20 images, batch 8: a partial last batch too
+    y = np.concatenate([Y] * 3)[:20]
+    d.fit(x, y, batch_size=8, epochs=2, verbose=0)
+    assert len(traces) == 1
+    assert d.optimizer.iterations.numpy() == 6

@@ -404,9 +404,16 @@ class Distiller(keras.Model):
         ("Attempt to convert a value (PerReplica...) to a Tensor": keras-team/keras#20585), and
         it opens an extra dataset iterator, shifting the shuffle and augmentation streams. The
         Distiller is built at construction: build only what is left (the optimizer). Documented in
-        `kd_keras.compat.symbolic_build` (an override of a private hook keeps its name)."""
+        `kd_keras.compat.symbolic_build` (an override of a private hook keeps its name).
+        Without a strategy the optimizer is built here from `trained_variables`, before the
+        first step is traced."""
         if compat.explicit_strategy(self) is None:
-            return  # no strategy: Keras builds in the first step, as it always did
+            # the optimizer's slots exist before the first step is traced: a tf.function that
+            # creates variables is traced twice (once to create them, once to run), which
+            # doubled every stage's start-up cost
+            if self.optimizer is not None and not self.optimizer.built:
+                self.optimizer.build(self.trained_variables)
+            return
         with self.distribute_strategy.scope():
             compat.symbolic_build(self, data_batch=data_batch)
 

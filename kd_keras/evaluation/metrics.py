@@ -63,17 +63,26 @@ def classification_metrics(
 
 
 def choose_threshold(y_val: np.ndarray, probs_val: np.ndarray) -> float:
-    """Binary decision threshold on P(class 1) that maximises validation balanced accuracy."""
-    candidates = np.unique(np.concatenate([probs_val[:, 1], [0.5]]))
-    best, best_score = 0.5, -1.0
-    for t in candidates:
-        score = skm.balanced_accuracy_score(y_val, (probs_val[:, 1] >= t).astype("int64"))
-        # ties go to the threshold closest to 0.5, the least surprising choice
-        if score > best_score + 1e-12 or (
-            abs(score - best_score) <= 1e-12 and abs(t - 0.5) < abs(best - 0.5)
-        ):
-            best, best_score = float(t), score
-    return best
+    """Binary decision threshold on P(class 1) that maximises validation balanced accuracy.
+
+    The candidates are 0.5 and every validation probability; ties go to the threshold closest
+    to 0.5 (the least surprising choice), then to the smaller one. Balanced accuracy is the
+    mean recall of the classes present in `y_val` (scikit-learn's `balanced_accuracy_score`),
+    counted for all candidates at once from the sorted probabilities of each class."""
+    y = np.asarray(y_val).reshape(-1)
+    p1 = np.asarray(probs_val)[:, 1]
+    candidates = np.unique(np.concatenate([p1, [0.5]]))
+    recalls = []
+    for cls in (0, 1):
+        scores = np.sort(p1[y == cls])
+        if not len(scores):
+            continue  # a class absent from y_val has no recall (as in scikit-learn)
+        below = np.searchsorted(scores, candidates, side="left")  # predicted 0: p < t
+        hits = below if cls == 0 else len(scores) - below
+        recalls.append(hits / len(scores))
+    balanced = np.mean(recalls, axis=0)
+    best = balanced >= balanced.max() - 1e-12
+    return float(candidates[best][np.argmin(np.abs(candidates[best] - 0.5))])
 
 
 def imbalanced_subset_indices(

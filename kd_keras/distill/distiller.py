@@ -11,7 +11,7 @@ import tensorflow as tf
 from keras import ops
 
 from kd_keras import compat
-from kd_keras.distill import distribute, ensemble, losses
+from kd_keras.distill import distribute, ensemble, losses, mixup
 from kd_keras.models.layers import CLS_LOGITS_LAYER, DIST_LOGITS_LAYER, resize_images
 from kd_keras.models.matmul_conv import matmul_view
 from kd_keras.models.taps import feature_and_logits, has_layer, model_output
@@ -92,14 +92,9 @@ class Distiller(keras.Model):
         ensemble_features: with a teacher ensemble (`kd_keras.distill.ensemble`), match the
             feature map of every member, each through its own adapter (`"all"`), or of member i
             only (i).
-        mixup: MixUp strength a (Zhang et al., 2018), 0 turns it off. Each training image is
-            blended with a partner from its batch, weight lam ~ Beta(a, a) folded to
-            max(lam, 1 - lam); the CE term mixes both labels by lam, sample weights mix alike,
-            and the teacher labels the mixed image itself (function matching: Beyer et al.,
-            2022, "Knowledge distillation: a good teacher is patient and consistent").
-            Needs the teacher to run in the step (no cached teacher outputs).
-        mixup_seed: seed of the MixUp draws; they are stateless in (mixup_seed, step), so a
-            resumed run mixes as the uninterrupted one would.
+        mixup: MixUp strength a, 0 turns it off (`kd_keras.distill.mixup`: the teacher labels
+            the mixed image; needs the teacher in the step, not cached outputs).
+        mixup_seed: seed of the MixUp draws, stateless in (mixup_seed, step).
 
     Each model sees the batch at its own input size: images are resized (bilinear, antialiased)
     for the student and for the teacher when their input size differs from the batch's, so a
@@ -286,11 +281,7 @@ class Distiller(keras.Model):
         kd_weight = sample_weight if self.weight_distillation else None
         if self.logit_adjustment is not None:
             ce_logits = ce_logits + ops.convert_to_tensor(self.logit_adjustment, "float32")
-        per_image = losses.cross_entropy(y, ce_logits)
-        if mix is not None:
-            partner_y, lam = mix
-            lam = ops.reshape(ops.cast(lam, "float32"), (-1,))
-            per_image = lam * per_image + (1.0 - lam) * losses.cross_entropy(partner_y, ce_logits)
+        per_image = mixup.mixed_cross_entropy(y, ce_logits, mix)
         ce = losses.weighted_mean(per_image, sample_weight, count)
         total = self.alpha * ce
         terms = {"ce": ce}
@@ -362,29 +353,9 @@ class Distiller(keras.Model):
         return self.compute_terms(y, student_out, teacher_out, sample_weight, count=count, mix=mix)
 
     def mix_batch(self, images, y, sample_weight, step) -> tuple:
-        """MixUp of one batch: (mixed images, sample weights, (partner labels, lam)).
-
-        Image i is blended with image perm[i] of the same batch, lam_i * x_i + (1 - lam_i) *
-        x_perm[i], lam_i ~ Beta(mixup, mixup) folded to max(lam, 1 - lam) so the image keeps
-        its own label as the larger share (and `accuracy` stays meaningful). Sample weights mix
-        by the same lam (None stays None). The draws are stateless in (`mixup_seed`, `step`).
-        """
-        n = ops.shape(images)[0]
-        seed = tf.stack([tf.constant(self.mixup_seed, tf.int64), tf.cast(step, tf.int64)])
-        seeds = tf.random.experimental.stateless_split(seed, num=3)
-        a = tf.constant(self.mixup, tf.float32)
-        g1 = tf.random.stateless_gamma([n], seed=seeds[0], alpha=a)
-        g2 = tf.random.stateless_gamma([n], seed=seeds[1], alpha=a)
-        lam = g1 / tf.maximum(g1 + g2, 1e-12)
-        lam = tf.maximum(lam, 1.0 - lam)
-        perm = tf.argsort(tf.random.stateless_uniform([n], seed=seeds[2]))
-        shape = [-1] + [1] * (len(images.shape) - 1)
-        lam_x = tf.cast(tf.reshape(lam, shape), images.dtype)
-        mixed = lam_x * images + (1.0 - lam_x) * tf.gather(images, perm)
-        if sample_weight is not None:
-            w = tf.cast(tf.reshape(sample_weight, (-1,)), tf.float32)
-            sample_weight = lam * w + (1.0 - lam) * tf.gather(w, perm)
-        return mixed, sample_weight, (tf.gather(y, perm), lam)
+        """MixUp of one batch at this Distiller's strength and seed (`kd_keras.distill.mixup`):
+        (mixed images, mixed sample weights, (partner labels, lam))."""
+        return mixup.mix_batch(images, y, sample_weight, self.mixup, self.mixup_seed, step)
 
     def _update_metrics(self, y, student_out, shares, sample_weight):
         """Every tracker gets the global batch's value, whichever replica updates it."""

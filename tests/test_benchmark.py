@@ -209,6 +209,7 @@ def test_no_run(tmp_path, monkeypatch):
         benchmark_run(None)
 
 
+@pytest.mark.slow
 def test_fresh_models_need_no_run(tmp_path):
     """`benchmark --fresh`: untrained architectures at a given size, files under --out."""
     result = benchmark_arch("resnet50", "resnet18", 32, out=tmp_path / "bench", warmup=1,

@@ -107,6 +107,7 @@ def test_xla_is_chosen_per_architecture():
     assert resolve_jit_compile(False, ["deit_small"]) is False
 
 
+@pytest.mark.slow
 def test_xla_train_step_matches_the_graph_step():
     """A DeiT student (XLA's "auto" pick) trains under jit_compile with the same loss."""
     import keras

@@ -60,6 +60,7 @@ def member_run(tmp_path, tiny_npz, *extra):
     )  # fmt: skip
 
 
+@pytest.mark.slow
 def test_members_train_with_their_own_seeds_and_the_run_teaches_their_ensemble(tmp_path, tiny_npz):
     code, out, err = member_run(tmp_path, tiny_npz)
     assert code == 0, err

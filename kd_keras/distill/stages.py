@@ -133,13 +133,14 @@ def fit_stage(
         class_weights(splits.train.labels, splits.num_classes)
         if tc.class_weight == "balanced" else None
     )  # fmt: skip
-    kd = ""
+    recipe = ""  # what the stage trains with beyond the weights: the KD loss, MixUp
     if stage == "distill" and alpha < 1.0:
-        kd = f", {dc.mode} KD" + (f" at T {dc.temperature}" if dc.mode != "hard" else "")
+        recipe = f", {dc.mode} KD" + (f" at T {dc.temperature}" if dc.mode != "hard" else "")
     if cfg.augment.mixup > 0:
-        kd += f", MixUp {cfg.augment.mixup}"
+        recipe += f", MixUp {cfg.augment.mixup}"
     logger.info(f"\n== stage {stage}: {classifier.name}, {classifier.count_params():,} parameters, "
-                f"{epochs} epochs, lr {learning_rate}, alpha {alpha}, beta {beta}{kd}")  # fmt: skip
+                f"{epochs} epochs, lr {learning_rate}, alpha {alpha}, beta {beta}"
+                f"{recipe}")  # fmt: skip
     history = HistoryCSV(run.history_path(stage))
     checkpoint = StageCheckpoint(run.checkpoint_dir(stage), select, history)
     term_weights = {"kd": ("1 - distill.alpha", 1.0 - alpha), "feat": ("distill.beta", beta)}

@@ -117,3 +117,22 @@ def tflite_converter_error() -> type[Exception]:
     from tensorflow.lite.python.convert_phase import ConverterError
 
     return ConverterError
+
+
+_SLOT_LISTS = {"momentum": ("_momentums", "momentums"), "velocity": ("_velocities",)}
+
+
+def optimizer_slots(optimizer, variable, *names: str) -> list:
+    """The slot variables (`"momentum"`, `"velocity"`) a Keras Adam or SGD keeps for the trained
+    `variable` (a replica's component under tf.distribute).
+
+    Private: Keras 3 has no public slot lookup (Keras 2's `get_slot` is gone); its own
+    optimizers find them with `_get_variable_index` in the lists `Adam._momentums`,
+    `Adam._velocities`, `SGD.momentums`. `kd_keras.distill.fused_updates` passes them to
+    TensorFlow's fused update kernels."""
+    index = optimizer._get_variable_index(variable)
+    found = []
+    for name in names:
+        attr = next(a for a in _SLOT_LISTS[name] if hasattr(optimizer, a))
+        found.append(getattr(optimizer, attr)[index])
+    return found

@@ -2,7 +2,10 @@
 and on 2 logical CPU devices under MirroredStrategy, same initial weights and global batch.
 
 Logical devices must be configured before TensorFlow initialises its devices, hence a process
-of its own. Prints one JSON object: {"one": [logs per step], "two": [...], "synced_bn": n}.
+of its own. The optimizer is the fused SGD kd_keras trains with (`kd_keras.distill.fused_updates`:
+its kernels update each replica's copy of a variable), with momentum and decoupled decay; the
+fused AdamW under MultiWorkerMirroredStrategy is checked by the two-worker CLI test. Prints one
+JSON object: {"one": [logs per step], "two": [...], "synced_bn": n}.
 """
 
 import json
@@ -25,6 +28,7 @@ import numpy as np  # noqa: E402
 
 from kd_keras.distill import distribute  # noqa: E402
 from kd_keras.distill.distiller import Distiller  # noqa: E402
+from kd_keras.distill.fused_updates import FusedSGD  # noqa: E402
 from kd_keras.models.registry import build_student, build_teacher  # noqa: E402
 
 STEPS, BATCH = int(sys.argv[1]), 32
@@ -52,7 +56,7 @@ def first_steps(strategy, weights, x, y) -> tuple[list[dict], int]:
         model = distiller()
         synced = distribute.sync_batch_norm(model.student)
         model.set_weights(weights)
-        model.compile(optimizer=keras.optimizers.SGD(0.1, momentum=0.9))
+        model.compile(optimizer=FusedSGD(0.1, momentum=0.9, weight_decay=1e-2))
     steps = Steps()
     model.fit(tf.data.Dataset.from_tensor_slices((x, y)).batch(BATCH), epochs=1, verbose=0,
               callbacks=[steps], class_weight={0: 1.6, 1: 0.7}, shuffle=False)  # fmt: skip

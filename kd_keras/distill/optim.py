@@ -6,11 +6,13 @@ import keras
 import numpy as np
 
 from kd_keras.config import Config, TrainConfig
+from kd_keras.distill.fused_updates import FusedAdam, FusedSGD
 
 
 def make_optimizer(tc: TrainConfig, learning_rate: float, epochs: int, steps_per_epoch: int):
     """The configured optimizer and learning-rate schedule (decoupled decay only: coupled L2
-    is a loss term, see the module docstring)."""
+    is a loss term, see the module docstring): Keras's Adam or SGD with one fused kernel per
+    variable update (`kd_keras.distill.fused_updates`)."""
     total = max(1, epochs * steps_per_epoch)
     warmup = min(tc.warmup_epochs * steps_per_epoch, total - 1)
     if tc.schedule == "cosine":
@@ -24,9 +26,9 @@ def make_optimizer(tc: TrainConfig, learning_rate: float, epochs: int, steps_per
         lr = learning_rate
     decay = tc.weight_decay if tc.weight_decay_mode == "decoupled" and tc.weight_decay else None
     if tc.optimizer == "sgd":
-        return keras.optimizers.SGD(lr, momentum=tc.momentum, weight_decay=decay)
+        return FusedSGD(lr, momentum=tc.momentum, weight_decay=decay)
     # "adam" with decoupled decay is AdamW: Keras 3 decouples decay in every optimizer
-    return keras.optimizers.Adam(lr, weight_decay=decay)
+    return FusedAdam(lr, weight_decay=decay)
 
 
 def class_weights(labels: np.ndarray, num_classes: int) -> dict[int, float]:
